@@ -1,0 +1,353 @@
+//! The one fixed cipher suite, and every crypto decision of the format.
+//!
+//! Nothing outside this module picks an algorithm, a label or a nonce layout
+//! (docs/envelope-format.md §5 and §6). There is no negotiation: a new suite
+//! means a new format version.
+//!
+//! * signatures: ECDSA P-256 / SHA-256, RFC 6979 deterministic nonces, 64-byte `r || s`,
+//!   over `context || 0x00 || message`;
+//! * key wrap: HPKE (RFC 9180) base mode, DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM;
+//! * key schedule: HKDF-SHA256 from the content key, salted with the message id;
+//! * payload: AES-256-GCM per chunk, nonce = 88-bit big-endian counter || last-chunk flag.
+
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
+use hkdf::Hkdf;
+use hpke::{Deserializable, Serializable};
+use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use rand_core::CryptoRng;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::error::Error;
+use crate::ids::MessageId;
+
+/// Format version written into headers and receipts.
+pub const FORMAT_VERSION: u32 = 1;
+/// Signature context for envelope headers.
+pub(crate) const HEADER_CONTEXT: &[u8] = b"exchange/v1 header";
+/// Signature context for receipt bodies.
+pub(crate) const RECEIPT_CONTEXT: &[u8] = b"exchange/v1 receipt";
+const HPKE_INFO_LABEL: &[u8] = b"exchange/v1 content key";
+const COMMITMENT_LABEL: &[u8] = b"exchange/v1 key commitment";
+const PAYLOAD_LABEL: &[u8] = b"exchange/v1 payload key";
+const METADATA_LABEL: &[u8] = b"exchange/v1 metadata key";
+const METADATA_AAD: &[u8] = b"exchange/v1 metadata";
+
+/// AES-GCM tag length.
+pub const TAG_LEN: usize = 16;
+/// HPKE encapsulated key length (uncompressed P-256 point).
+pub const ENC_LEN: usize = 65;
+/// Wrapped content key length (32-byte key + tag).
+pub const WRAPPED_LEN: usize = 32 + TAG_LEN;
+/// Signature length (`r || s`).
+pub const SIGNATURE_LEN: usize = 64;
+
+type Kem = hpke::kem::DhP256HkdfSha256;
+type Kdf = hpke::kdf::HkdfSha256;
+type HpkeAead = hpke::aead::AesGcm256;
+
+/// SHA-256.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Incremental SHA-256 (the ciphertext digest).
+#[derive(Clone, Default)]
+pub(crate) struct Hasher(Sha256);
+
+impl Hasher {
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+    pub(crate) fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
+}
+
+fn signed_input(context: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut input = Vec::with_capacity(context.len() + 1 + message.len());
+    input.extend_from_slice(context);
+    input.push(0);
+    input.extend_from_slice(message);
+    input
+}
+
+/// Signs `context || 0x00 || message` (RFC 6979: the same inputs give the same signature).
+pub(crate) fn sign(key: &SigningKey, context: &[u8], message: &[u8]) -> [u8; SIGNATURE_LEN] {
+    let sig: Signature = key.sign(&signed_input(context, message));
+    sig.to_bytes().into()
+}
+
+/// Verifies a signature made by [`sign`].
+pub(crate) fn verify(
+    key: &VerifyingKey,
+    context: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), Error> {
+    let sig = Signature::from_slice(signature).map_err(|_| Error::BadSignature)?;
+    key.verify(&signed_input(context, message), &sig)
+        .map_err(|_| Error::BadSignature)
+}
+
+/// A 32-byte secret (content key or derived key): zeroized on drop, never printed.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct SecretKey32([u8; 32]);
+
+impl SecretKey32 {
+    /// Wraps bytes (known-answer tests and vectors).
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+
+    /// The key bytes. For test vectors and interoperability checks only.
+    pub fn expose_secret(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub(crate) fn random(rng: &mut impl CryptoRng) -> Self {
+        let mut b = [0u8; 32];
+        rng.fill_bytes(&mut b);
+        Self(b)
+    }
+}
+
+impl std::fmt::Debug for SecretKey32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey32([redacted])")
+    }
+}
+
+/// Everything derived from one content key (docs/envelope-format.md §5.2).
+#[derive(Debug)]
+pub struct KeySchedule {
+    /// Public: published in the header so every recipient can check its content key.
+    pub commitment: [u8; 32],
+    /// Encrypts the payload chunks.
+    pub payload_key: SecretKey32,
+    /// Encrypts the inner metadata.
+    pub metadata_key: SecretKey32,
+}
+
+impl KeySchedule {
+    /// Derives the schedule: `PRK = HKDF-Extract(salt = message id, IKM = CEK)`, then one
+    /// HKDF-Expand per label.
+    pub fn derive(cek: &SecretKey32, message_id: &MessageId) -> Self {
+        let hk = Hkdf::<Sha256>::new(Some(message_id.as_bytes()), &cek.0);
+        let expand = |label: &[u8]| {
+            let mut out = [0u8; 32];
+            // 32 bytes is far below HKDF-SHA256's 8160-byte limit.
+            #[allow(clippy::expect_used)]
+            hk.expand(label, &mut out).expect("32-byte HKDF output");
+            out
+        };
+        Self {
+            commitment: expand(COMMITMENT_LABEL),
+            payload_key: SecretKey32(expand(PAYLOAD_LABEL)),
+            metadata_key: SecretKey32(expand(METADATA_LABEL)),
+        }
+    }
+}
+
+/// HPKE `info` for one recipient entry: binds the wrap to the message and the recipient key.
+fn hpke_info(message_id: &MessageId, key_fingerprint: &[u8; 32]) -> Vec<u8> {
+    let mut info = Vec::with_capacity(HPKE_INFO_LABEL.len() + 1 + 16 + 32);
+    info.extend_from_slice(HPKE_INFO_LABEL);
+    info.push(0);
+    info.extend_from_slice(message_id.as_bytes());
+    info.extend_from_slice(key_fingerprint);
+    info
+}
+
+/// Wraps the content key to one recipient's encryption key. Returns `(enc, wrapped)`.
+pub(crate) fn wrap_key(
+    cek: &SecretKey32,
+    recipient: &p256::PublicKey,
+    message_id: &MessageId,
+    key_fingerprint: &[u8; 32],
+    rng: &mut impl CryptoRng,
+) -> Result<([u8; ENC_LEN], Vec<u8>), Error> {
+    let point = recipient.to_sec1_bytes();
+    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&point)
+        .map_err(|_| Error::InvalidArgument("recipient key is not a valid P-256 point".into()))?;
+    let (enc, wrapped) = hpke::single_shot_seal_with_rng::<HpkeAead, Kdf, Kem>(
+        &hpke::OpModeS::Base,
+        &pk,
+        &hpke_info(message_id, key_fingerprint),
+        &cek.0,
+        &[],
+        rng,
+    )
+    .map_err(|_| Error::InvalidArgument("HPKE encapsulation failed".into()))?;
+    let enc_bytes = enc.to_bytes();
+    let mut enc_out = [0u8; ENC_LEN];
+    enc_out.copy_from_slice(&enc_bytes);
+    Ok((enc_out, wrapped))
+}
+
+/// Unwraps a content key with our encryption key. Opaque on failure.
+pub(crate) fn unwrap_key(
+    secret: &p256::SecretKey,
+    enc: &[u8],
+    wrapped: &[u8],
+    message_id: &MessageId,
+    key_fingerprint: &[u8; 32],
+) -> Result<SecretKey32, Error> {
+    let sk_bytes = Zeroizing::new(secret.to_bytes());
+    let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&sk_bytes).map_err(|_| Error::KeyUnwrap)?;
+    let encapped =
+        <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| Error::KeyUnwrap)?;
+    let plain = Zeroizing::new(
+        hpke::single_shot_open::<HpkeAead, Kdf, Kem>(
+            &hpke::OpModeR::Base,
+            &sk,
+            &encapped,
+            &hpke_info(message_id, key_fingerprint),
+            wrapped,
+            &[],
+        )
+        .map_err(|_| Error::KeyUnwrap)?,
+    );
+    let key: [u8; 32] = plain.as_slice().try_into().map_err(|_| Error::KeyUnwrap)?;
+    Ok(SecretKey32(key))
+}
+
+/// Constant-time comparison of the commitment.
+pub(crate) fn commitment_matches(a: &[u8; 32], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    b.len() == 32 && bool::from(a.ct_eq(b))
+}
+
+fn aead(key: &SecretKey32) -> Aes256Gcm {
+    Aes256Gcm::new(&key.0.into())
+}
+
+/// Seals the inner metadata (key is unique per message, so a zero nonce is safe).
+pub(crate) fn seal_metadata(key: &SecretKey32, plaintext: &[u8]) -> Vec<u8> {
+    let mut buf = plaintext.to_vec();
+    let tag = aead(key)
+        .encrypt_inout_detached(&[0u8; 12].into(), METADATA_AAD, buf.as_mut_slice().into())
+        // Only fails for inputs over 64 GiB.
+        .unwrap_or_default();
+    buf.extend_from_slice(&tag);
+    buf
+}
+
+/// Opens the inner metadata.
+pub(crate) fn open_metadata(key: &SecretKey32, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+    if sealed.len() < TAG_LEN {
+        return Err(Error::MetadataDecryption);
+    }
+    let (ct, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+    let mut buf = Zeroizing::new(ct.to_vec());
+    aead(key)
+        .decrypt_inout_detached(
+            &[0u8; 12].into(),
+            METADATA_AAD,
+            buf.as_mut_slice().into(),
+            tag.try_into().map_err(|_| Error::MetadataDecryption)?,
+        )
+        .map_err(|_| Error::MetadataDecryption)?;
+    Ok(buf)
+}
+
+/// The chunk cipher (docs/envelope-format.md §6): one key, a counter nonce, a last-chunk flag.
+pub(crate) struct ChunkCipher(Aes256Gcm);
+
+impl ChunkCipher {
+    pub(crate) fn new(key: &SecretKey32) -> Self {
+        Self(aead(key))
+    }
+
+    fn nonce(index: u64, last: bool) -> [u8; 12] {
+        // 88-bit counter: the top 3 bytes stay zero for any u64 index.
+        let mut n = [0u8; 12];
+        n[3..11].copy_from_slice(&index.to_be_bytes());
+        n[11] = u8::from(last);
+        n
+    }
+
+    /// Encrypts `buf` in place and appends the tag.
+    pub(crate) fn seal(&self, index: u64, last: bool, buf: &mut Vec<u8>) {
+        let tag = self
+            .0
+            .encrypt_inout_detached(
+                &Self::nonce(index, last).into(),
+                &[],
+                buf.as_mut_slice().into(),
+            )
+            // Only fails for inputs over 64 GiB; chunks are at most 16 MiB.
+            .unwrap_or_default();
+        buf.extend_from_slice(&tag);
+    }
+
+    /// Decrypts `chunk` (ciphertext || tag) in place; on success `chunk` holds the plaintext.
+    pub(crate) fn open(&self, index: u64, last: bool, chunk: &mut Vec<u8>) -> Result<(), Error> {
+        if chunk.len() < TAG_LEN {
+            return Err(Error::ChunkDecryption { index });
+        }
+        let split = chunk.len() - TAG_LEN;
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&chunk[split..]);
+        chunk.truncate(split);
+        self.0
+            .decrypt_inout_detached(
+                &Self::nonce(index, last).into(),
+                &[],
+                chunk.as_mut_slice().into(),
+                &tag.into(),
+            )
+            .map_err(|_| {
+                chunk.zeroize();
+                Error::ChunkDecryption { index }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_nonce_layout() {
+        assert_eq!(ChunkCipher::nonce(0, false), [0; 12]);
+        let n = ChunkCipher::nonce(0x0102, true);
+        assert_eq!(
+            &n[..],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0][..11]
+                .iter()
+                .chain(&[1])
+                .copied()
+                .collect::<Vec<_>>()[..]
+        );
+    }
+
+    #[test]
+    fn chunk_open_rejects_wrong_position_or_flag() {
+        let c = ChunkCipher::new(&SecretKey32([7; 32]));
+        let mut buf = b"hello".to_vec();
+        c.seal(3, false, &mut buf);
+        for (i, last) in [(2, false), (3, true), (4, false)] {
+            let mut b = buf.clone();
+            assert!(
+                matches!(c.open(i, last, &mut b), Err(Error::ChunkDecryption { index }) if index == i)
+            );
+        }
+        c.open(3, false, &mut buf).unwrap();
+        assert_eq!(buf, b"hello");
+    }
+
+    #[test]
+    fn signature_is_domain_separated() {
+        let key = SigningKey::from_slice(&[1; 32]).unwrap();
+        let sig = sign(&key, HEADER_CONTEXT, b"m");
+        verify(key.verifying_key(), HEADER_CONTEXT, b"m", &sig).unwrap();
+        assert!(matches!(
+            verify(key.verifying_key(), RECEIPT_CONTEXT, b"m", &sig),
+            Err(Error::BadSignature)
+        ));
+        // RFC 6979: deterministic.
+        assert_eq!(sig, sign(&key, HEADER_CONTEXT, b"m"));
+    }
+}
