@@ -145,6 +145,18 @@ pub struct RecipientEntry {
     wrapped: Vec<u8>,
 }
 
+impl RecipientEntry {
+    /// The HPKE encapsulated key.
+    pub fn enc(&self) -> &[u8] {
+        &self.enc
+    }
+
+    /// The HPKE-wrapped content key.
+    pub fn wrapped_key(&self) -> &[u8] {
+        &self.wrapped
+    }
+}
+
 /// The decoded public header. Trust it only through [`VerifiedHead`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -448,6 +460,11 @@ impl EnvelopeHead {
         &self.header
     }
 
+    /// The header signature (64 bytes, `r || s`).
+    pub fn signature(&self) -> &[u8] {
+        &self.signature
+    }
+
     /// SHA-256 of the signed header bytes (what receipts name).
     pub fn header_sha256(&self) -> [u8; 32] {
         suite::sha256(&self.header)
@@ -495,10 +512,10 @@ impl EnvelopeHead {
             &self.signature,
         )?;
         let header = Header::decode(&self.header)?;
-        if leaf.party()? != &header.sender || leaf.fingerprint() != header.sender_fingerprint {
+        let sender = trust.verify_identity(&chain, now)?;
+        if sender.party() != &header.sender || leaf.fingerprint() != header.sender_fingerprint {
             return Err(Error::SenderMismatch);
         }
-        let sender = trust.verify_identity(&chain, now)?;
         if header.created > now + MAX_CLOCK_SKEW {
             return Err(Error::NotYetValid);
         }
@@ -698,11 +715,16 @@ impl PayloadOpener {
     }
 
     /// Feeds ciphertext; appends authenticated plaintext of every completed chunk to `out`.
+    /// Chunks are checked in order as they complete, so the error does not
+    /// depend on how the stream was split.
     pub fn update(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        self.verifier.update(data)?;
         while !data.is_empty() {
+            if self.verifier.received() == self.verifier.expected_len {
+                return Err(Error::TrailingData);
+            }
             let want = self.chunk_ct_len() - self.buf.len();
             let take = want.min(data.len());
+            self.verifier.update(&data[..take])?;
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.buf.len() == self.chunk_ct_len() {

@@ -351,3 +351,71 @@ impl VerifiedReceipt {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::ca::{CertificateAuthority, Validity};
+
+    #[test]
+    fn receipt_naming_another_issuer_than_its_signer_is_rejected() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_780_272_000);
+        let validity = Validity::days_from(now, 30);
+        let ca = CertificateAuthority::generate("CA", validity).unwrap();
+        let trust = TrustStore::builder()
+            .anchors_pem(ca.certificate_pem().as_bytes())
+            .unwrap()
+            .build()
+            .unwrap();
+        let mallory = ca
+            .issue_party(&PartyUri::new("urn:t:mallory").unwrap(), "m", validity)
+            .unwrap();
+        let mallory = Identity::from_pem(
+            mallory.identity.cert_pem.as_bytes(),
+            mallory.identity.key_pem.as_bytes(),
+        )
+        .unwrap();
+        // Mallory signs a body that claims the payer issued it.
+        let body = proto::ReceiptBody {
+            version: 1,
+            message_id: vec![1; 16],
+            header_sha256: vec![2; 32],
+            issuer: "urn:t:payer".into(),
+            issuer_fingerprint: mallory.certificate().fingerprint().as_bytes().to_vec(),
+            role: HopRole::ThirdParty.to_wire(),
+            disposition: proto::Disposition::Delivered as i32,
+            reason: String::new(),
+            issued_ms: 1_780_272_000_000,
+        }
+        .encode_to_vec();
+        let forged = SignedReceipt {
+            signature: suite::sign(mallory.key().signing_key(), suite::RECEIPT_CONTEXT, &body)
+                .to_vec(),
+            body,
+            chain: vec![mallory.certificate().der().to_vec()],
+        };
+        assert!(matches!(forged.verify(&trust), Err(Error::SenderMismatch)));
+    }
+
+    #[test]
+    fn disposition_reason_rules() {
+        assert!(matches!(
+            Disposition::from_wire(4, String::new()),
+            Err(Error::Receipt(ReceiptError::BadReason))
+        ));
+        assert!(matches!(
+            Disposition::from_wire(2, "x".into()),
+            Err(Error::Receipt(ReceiptError::BadReason))
+        ));
+        assert!(matches!(
+            Disposition::from_wire(0, String::new()),
+            Err(Error::Format(_))
+        ));
+        assert_eq!(
+            Disposition::from_wire(4, "expired".into()).unwrap(),
+            Disposition::Rejected("expired".into())
+        );
+    }
+}

@@ -312,15 +312,12 @@ mod tests {
     #[test]
     fn chunk_nonce_layout() {
         assert_eq!(ChunkCipher::nonce(0, false), [0; 12]);
-        let n = ChunkCipher::nonce(0x0102, true);
+        // 3 zero bytes || u64 big-endian index || flag.
         assert_eq!(
-            &n[..],
-            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0][..11]
-                .iter()
-                .chain(&[1])
-                .copied()
-                .collect::<Vec<_>>()[..]
+            ChunkCipher::nonce(0x0102, true),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 1]
         );
+        assert_eq!(ChunkCipher::nonce(u64::MAX, false)[3..11], [0xff; 8]);
     }
 
     #[test]
