@@ -52,12 +52,20 @@ impl Validity {
 }
 
 /// A certificate with its private key, both PEM.
-#[derive(Debug)]
 pub struct IssuedCert {
     /// The certificate.
     pub cert_pem: String,
     /// The PKCS#8 private key.
     pub key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[redacted]")
+            .finish()
+    }
 }
 
 /// A party's four files: identity and encryption certificates and keys.
@@ -110,7 +118,7 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CertificateAuthority([key redacted])")
+        f.write_str("CertificateAuthority { key: [redacted] }")
     }
 }
 
@@ -265,4 +273,59 @@ pub fn read_crl(pem: &[u8]) -> Result<CrlState, Error> {
         })
         .collect();
     Ok(CrlState { number, revoked })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DecryptionKey, Identity};
+
+    #[test]
+    fn debug_output_never_shows_private_keys() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_272_000);
+        let ca = CertificateAuthority::generate("CA", Validity::days_from(now, 1)).unwrap();
+        let creds = ca
+            .issue_party(
+                &PartyUri::new("urn:t:p").unwrap(),
+                "p",
+                Validity::days_from(now, 1),
+            )
+            .unwrap();
+        let id = Identity::from_pem(
+            creds.identity.cert_pem.as_bytes(),
+            creds.identity.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let dk = DecryptionKey::from_pem(
+            creds.encryption.cert_pem.as_bytes(),
+            creds.encryption.key_pem.as_bytes(),
+        )
+        .unwrap();
+        // The base64 body of each key PEM, a line at a time, must appear in no Debug output.
+        let secrets: Vec<String> = [
+            ca.key_pem().as_str(),
+            creds.identity.key_pem.as_str(),
+            creds.encryption.key_pem.as_str(),
+        ]
+        .iter()
+        .flat_map(|pem| {
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+        let outputs = [
+            format!("{ca:?}"),
+            format!("{creds:?}"),
+            format!("{id:?}"),
+            format!("{dk:?}"),
+        ];
+        for out in &outputs {
+            assert!(out.contains("[redacted]"), "{out}");
+            for s in &secrets {
+                assert!(!out.contains(s.as_str()), "key material in {out}");
+            }
+        }
+    }
 }

@@ -192,11 +192,12 @@ pub struct Header {
     sealed_metadata: Vec<u8>,
 }
 
-fn to_ms(t: SystemTime) -> u64 {
+/// Unix milliseconds (docs/envelope-format.md §1); times before 1970 clamp to 0.
+pub(crate) fn to_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn from_ms(ms: u64) -> SystemTime {
+pub(crate) fn from_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 

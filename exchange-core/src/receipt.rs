@@ -6,11 +6,11 @@
 //! [`VerifiedReceipt::check_for`] ties it to one envelope and its route.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use prost::Message;
 
-use crate::envelope::VerifiedHead;
+use crate::envelope::{VerifiedHead, from_ms, to_ms};
 use crate::error::{Error, FormatError, ReceiptError};
 use crate::identity::{Certificate, Identity};
 use crate::ids::{Fingerprint, MessageId, PartyUri};
@@ -142,10 +142,6 @@ impl fmt::Debug for SignedReceipt {
     }
 }
 
-fn to_ms(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
-}
-
 impl SignedReceipt {
     /// Signs `content` as `identity`.
     pub fn issue(identity: &Identity, content: &ReceiptContent) -> Self {
@@ -253,7 +249,7 @@ impl SignedReceipt {
         if leaf.party()? != &issuer || leaf.fingerprint() != fp {
             return Err(Error::SenderMismatch);
         }
-        let issued = UNIX_EPOCH + Duration::from_millis(b.issued_ms);
+        let issued = from_ms(b.issued_ms);
         let verified_issuer = trust.verify_identity(&chain, issued)?;
         Ok(VerifiedReceipt {
             receipt: self.clone(),

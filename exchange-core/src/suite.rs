@@ -226,10 +226,11 @@ fn aead(key: &SecretKey32) -> Aes256Gcm {
 /// Seals the inner metadata (key is unique per message, so a zero nonce is safe).
 pub(crate) fn seal_metadata(key: &SecretKey32, plaintext: &[u8]) -> Vec<u8> {
     let mut buf = plaintext.to_vec();
+    // AES-GCM only refuses inputs over 64 GiB; metadata is bounded by the 1 MiB head.
+    #[allow(clippy::expect_used)]
     let tag = aead(key)
         .encrypt_inout_detached(&[0u8; 12].into(), METADATA_AAD, buf.as_mut_slice().into())
-        // Only fails for inputs over 64 GiB.
-        .unwrap_or_default();
+        .expect("metadata below the AES-GCM length limit");
     buf.extend_from_slice(&tag);
     buf
 }
@@ -270,6 +271,8 @@ impl ChunkCipher {
 
     /// Encrypts `buf` in place and appends the tag.
     pub(crate) fn seal(&self, index: u64, last: bool, buf: &mut Vec<u8>) {
+        // AES-GCM only refuses inputs over 64 GiB; chunks are at most 16 MiB.
+        #[allow(clippy::expect_used)]
         let tag = self
             .0
             .encrypt_inout_detached(
@@ -277,8 +280,7 @@ impl ChunkCipher {
                 &[],
                 buf.as_mut_slice().into(),
             )
-            // Only fails for inputs over 64 GiB; chunks are at most 16 MiB.
-            .unwrap_or_default();
+            .expect("chunk below the AES-GCM length limit");
         buf.extend_from_slice(&tag);
     }
 

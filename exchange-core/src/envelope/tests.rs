@@ -141,7 +141,8 @@ fn header_decode_rejects_inconsistent_fields() {
     let env = malicious(&net, |_, _| {});
     let head = EnvelopeHead::read_from(&mut env.as_slice()).unwrap();
     let good = head.header_unverified().unwrap().to_proto();
-    let cases: Vec<(fn(&mut proto::Header), &str)> = vec![
+    type Mutation = fn(&mut proto::Header);
+    let cases: Vec<(Mutation, &str)> = vec![
         (|h| h.version = 2, "unsupported format version 2"),
         (|h| h.recipients.clear(), "missing field recipients"),
         (
