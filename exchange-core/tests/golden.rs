@@ -12,13 +12,16 @@
 //! `cargo test -p exchange-core --test golden -- --ignored regenerate`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
+use common::metadata;
 use exchange_core::ca::{CertificateAuthority, CrlState, LeafSpec, RevokedSerial, Validity};
-use exchange_core::envelope::{EnvelopeHead, InnerMetadata, SealerBuilder, SubjectId, open_slice};
+use exchange_core::envelope::{EnvelopeHead, SealerBuilder, open_slice};
 use exchange_core::identity::{Certificate, DecryptionKey, Identity, KeyRole};
 use exchange_core::receipt::{Disposition, ReceiptContent, SignedReceipt};
 use exchange_core::route::HopRole;
@@ -78,18 +81,6 @@ fn trust() -> TrustStore {
         .require_crls()
         .build()
         .unwrap()
-}
-
-fn metadata() -> InnerMetadata {
-    InnerMetadata {
-        subject_ids: vec![SubjectId {
-            system: "urn:oid:1.2.392.100495.20.3.51.11310000013".into(),
-            value: "P-000123 (synthetic)".into(),
-        }],
-        title: "診療情報提供書".into(),
-        document_type: "57133-1".into(),
-        file_name: "referral.json".into(),
-    }
 }
 
 /// The one recipe both the generator and the checks use.
