@@ -213,6 +213,14 @@ fn check_text(s: &str, field: &'static str, required: bool) -> Result<(), Error>
     Ok(())
 }
 
+/// Whether no party appears twice on a route (relays and recipients together):
+/// receipts are matched to hops by party, so a repeated party would be ambiguous.
+fn parties_unique<'p>(parties: impl Iterator<Item = &'p PartyUri>) -> bool {
+    let mut all: Vec<&PartyUri> = parties.collect();
+    all.sort_unstable();
+    all.windows(2).all(|w| w[0] != w[1])
+}
+
 /// Number of chunks and ciphertext length for a payload (docs/envelope-format.md §6).
 pub fn ciphertext_length(payload_length: u64, chunk_size: u32) -> Option<(u64, u64)> {
     let chunks = payload_length.div_ceil(u64::from(chunk_size)).max(1);
@@ -229,8 +237,11 @@ impl Header {
         if p.recipients.is_empty() {
             return Err(FormatError::MissingField("recipients").into());
         }
-        if p.recipients.len() > MAX_RECIPIENTS || p.route.len() > MAX_RELAYS {
+        if p.recipients.len() > MAX_RECIPIENTS {
             return Err(FormatError::InvalidField("recipients").into());
+        }
+        if p.route.len() > MAX_RELAYS {
+            return Err(FormatError::InvalidField("route").into());
         }
         let recipients = p
             .recipients
@@ -266,6 +277,10 @@ impl Header {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let route_parties = relays.iter().map(|h| &h.party);
+        if !parties_unique(route_parties.chain(recipients.iter().map(|r| &r.party))) {
+            return Err(FormatError::InvalidField("route (party named twice)").into());
+        }
         if p.expires_ms <= p.created_ms {
             return Err(FormatError::InvalidField("expires").into());
         }
@@ -855,14 +870,9 @@ impl<'a> SealerBuilder<'a> {
         if self.recipients.len() > MAX_RECIPIENTS || self.relays.len() > MAX_RELAYS {
             return arg("too many recipients or relays");
         }
-        let mut fps: Vec<_> = self
-            .recipients
-            .iter()
-            .map(|(k, _)| k.fingerprint())
-            .collect();
-        fps.sort_unstable();
-        if fps.windows(2).any(|w| w[0] == w[1]) {
-            return arg("the same recipient key is named twice");
+        let relays = self.relays.iter().map(|h| &h.party);
+        if !parties_unique(relays.chain(self.recipients.iter().map(|(k, _)| k.party()))) {
+            return arg("a party is named twice on the route (as relay or recipient)");
         }
         if check_text(&self.content_type, "content_type", true).is_err() {
             return arg("content type must be 1-256 printable characters");

@@ -248,6 +248,9 @@ pub enum ReceiptError {
     /// The issuer claims a role other than the one the route gives it.
     #[error("receipt role does not match the route")]
     RoleMismatch,
+    /// The receipt claims a time before the envelope was created.
+    #[error("receipt is dated before the envelope was created")]
+    IssuedBeforeEnvelope,
     /// A REJECTED receipt without a reason, or a reason on another disposition.
     #[error("receipt reason is inconsistent with its disposition")]
     BadReason,

@@ -246,11 +246,11 @@ impl SignedReceipt {
         }
         let issuer = PartyUri::new(b.issuer)?;
         let fp = Fingerprint::from_slice(&b.issuer_fingerprint, "issuer_fingerprint")?;
-        if leaf.party()? != &issuer || leaf.fingerprint() != fp {
-            return Err(Error::SenderMismatch);
-        }
         let issued = from_ms(b.issued_ms);
         let verified_issuer = trust.verify_identity(&chain, issued)?;
+        if verified_issuer.party() != &issuer || leaf.fingerprint() != fp {
+            return Err(Error::SenderMismatch);
+        }
         Ok(VerifiedReceipt {
             receipt: self.clone(),
             issuer: verified_issuer,
@@ -339,6 +339,9 @@ impl VerifiedReceipt {
         }
         if self.header_sha256 != head.head().header_sha256() {
             return Err(ReceiptError::WrongHeader.into());
+        }
+        if self.issued + crate::envelope::MAX_CLOCK_SKEW < head.header().created {
+            return Err(ReceiptError::IssuedBeforeEnvelope.into());
         }
         match head.route().role_of(self.issuer()) {
             None => Err(ReceiptError::IssuerNotOnRoute(self.issuer().to_string()).into()),

@@ -4,7 +4,8 @@
 //! (docs/envelope-format.md §5 and §6). There is no negotiation: a new suite
 //! means a new format version.
 //!
-//! * signatures: ECDSA P-256 / SHA-256, RFC 6979 deterministic nonces, 64-byte `r || s`,
+//! * signatures: ECDSA P-256 / SHA-256, RFC 6979 deterministic nonces, 64-byte `r || s`
+//!   with low S (high-S is rejected, so signatures are not malleable),
 //!   over `context || 0x00 || message`;
 //! * key wrap: HPKE (RFC 9180) base mode, DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM;
 //! * key schedule: HKDF-SHA256 from the content key, salted with the message id;
@@ -76,7 +77,7 @@ fn signed_input(context: &[u8], message: &[u8]) -> Vec<u8> {
 /// Signs `context || 0x00 || message` (RFC 6979: the same inputs give the same signature).
 pub(crate) fn sign(key: &SigningKey, context: &[u8], message: &[u8]) -> [u8; SIGNATURE_LEN] {
     let sig: Signature = key.sign(&signed_input(context, message));
-    sig.to_bytes().into()
+    sig.normalize_s().to_bytes().into()
 }
 
 /// Verifies a signature made by [`sign`].
@@ -87,6 +88,10 @@ pub(crate) fn verify(
     signature: &[u8],
 ) -> Result<(), Error> {
     let sig = Signature::from_slice(signature).map_err(|_| Error::BadSignature)?;
+    // Only low-S signatures: each signed header or receipt has exactly one valid encoding.
+    if sig.normalize_s() != sig {
+        return Err(Error::BadSignature);
+    }
     key.verify(&signed_input(context, message), &sig)
         .map_err(|_| Error::BadSignature)
 }
@@ -348,5 +353,26 @@ mod tests {
         ));
         // RFC 6979: deterministic.
         assert_eq!(sig, sign(&key, HEADER_CONTEXT, b"m"));
+    }
+
+    #[test]
+    fn high_s_twin_of_a_valid_signature_is_rejected() {
+        let key = SigningKey::from_slice(&[1; 32]).unwrap();
+        for msg in [&b"a"[..], b"b", b"c", b"d"] {
+            let low = Signature::from_slice(&sign(&key, HEADER_CONTEXT, msg)).unwrap();
+            let (r, s) = low.split_scalars();
+            let high = Signature::from_scalars(r.to_bytes(), (-s).to_bytes()).unwrap();
+            // Mathematically valid, but a second encoding of the same signature.
+            assert!(
+                key.verifying_key()
+                    .verify(&signed_input(HEADER_CONTEXT, msg), &high)
+                    .is_ok()
+            );
+            verify(key.verifying_key(), HEADER_CONTEXT, msg, &low.to_bytes()).unwrap();
+            assert!(matches!(
+                verify(key.verifying_key(), HEADER_CONTEXT, msg, &high.to_bytes()),
+                Err(Error::BadSignature)
+            ));
+        }
     }
 }

@@ -183,6 +183,13 @@ fn unix_time(at: SystemTime) -> UnixTime {
     UnixTime::since_unix_epoch(at.duration_since(UNIX_EPOCH).unwrap_or_default())
 }
 
+fn wrong_usage(role: KeyRole) -> TrustError {
+    TrustError::WrongKeyUsage(match role {
+        KeyRole::Identity => "identity",
+        KeyRole::Encryption => "encryption",
+    })
+}
+
 fn map_webpki(e: webpki::Error) -> TrustError {
     use webpki::Error as W;
     match e {
@@ -194,7 +201,6 @@ fn map_webpki(e: webpki::Error) -> TrustError {
         W::UnknownRevocationStatus => TrustError::UnknownRevocationStatus,
         W::CrlExpired { .. } => TrustError::CrlExpired,
         W::InvalidCrlSignatureForPublicKey | W::IssuerNotCrlSigner => TrustError::InvalidCrl,
-        W::RequiredEkuNotFoundContext(_) => TrustError::WrongKeyUsage("identity"),
         W::BadDer | W::BadDerTime | W::TrailingData(_) => TrustError::Malformed,
         other => TrustError::Other(format!("{other:?}")),
     }
@@ -243,13 +249,12 @@ impl TrustStore {
             revocation,
             None,
         )
-        .map_err(|e| Error::Trust(map_webpki(e)))?;
+        .map_err(|e| match e {
+            webpki::Error::RequiredEkuNotFoundContext(_) => Error::Trust(wrong_usage(role)),
+            other => Error::Trust(map_webpki(other)),
+        })?;
         if cert.key_role() != Some(role) {
-            return Err(TrustError::WrongKeyUsage(match role {
-                KeyRole::Identity => "identity",
-                KeyRole::Encryption => "encryption",
-            })
-            .into());
+            return Err(wrong_usage(role).into());
         }
         Ok(party)
     }

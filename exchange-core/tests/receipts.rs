@@ -326,3 +326,35 @@ fn boundary_outcomes_for_other_routes() {
         matches!(&b[0].provision, Provision::Passed { boundary, receipt: 0 } if boundary.party == gateway.uri)
     );
 }
+
+#[test]
+fn receipt_dated_before_its_envelope_is_rejected() {
+    let c = claim(1, b"claim");
+    let content = ReceiptContent::for_head(
+        &c.head,
+        HopRole::ThirdParty,
+        Disposition::Delivered,
+        now() - Duration::from_secs(3600),
+    );
+    let r = SignedReceipt::issue(&c.payer.identity, &content)
+        .verify(&c.net.trust())
+        .unwrap();
+    assert!(matches!(
+        r.check_for(&c.head),
+        Err(Error::Receipt(ReceiptError::IssuedBeforeEnvelope))
+    ));
+}
+
+#[test]
+fn a_party_cannot_appear_twice_on_a_route() {
+    let c = claim(1, b"claim");
+    let err = SealerBuilder::new(&c.clinic.identity, "text/x-uke")
+        .recipient(c.net.recipient_key(&c.payer), HopRole::ThirdParty)
+        .relay(Hop {
+            party: c.payer.uri.clone(),
+            role: HopRole::Entrusted,
+        })
+        .start(now(), &mut rng(1))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(m) if m.contains("twice")));
+}

@@ -165,6 +165,27 @@ fn header_decode_rejects_inconsistent_fields() {
         ),
         (|h| h.recipients[0].role = 0, "invalid field recipient role"),
         (|h| h.sender = "not a uri".into(), "invalid party URI"),
+        (
+            |h| {
+                h.route.push(proto::Hop {
+                    party: h.recipients[0].party.clone(),
+                    role: 1,
+                })
+            },
+            "party named twice",
+        ),
+        (
+            |h| {
+                h.route = vec![
+                    proto::Hop {
+                        party: "urn:x:y".into(),
+                        role: 1
+                    };
+                    MAX_RELAYS + 1
+                ]
+            },
+            "invalid field route",
+        ),
     ];
     for (mutate, want) in cases {
         let mut p = good.clone();
