@@ -1,1 +1,353 @@
-fn main() {}
+//! `exchange`: CA and certificate tools, offline seal/open/inspect of
+//! envelopes, receipt verification, and a demo.
+//!
+//! Every failure prints one line, `error: <reason>`, and exits with status 1;
+//! nothing is written to an output unless the whole operation succeeded.
+
+#![forbid(unsafe_code)]
+
+mod ca;
+mod demo;
+mod envelope_cmd;
+mod error;
+mod files;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+use exchange_core::route::HopRole;
+
+use crate::envelope_cmd::SealArgs;
+use crate::error::Result;
+
+#[derive(Parser)]
+#[command(
+    name = "exchange",
+    version,
+    about = "Secure exchange of medical records between facilities"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Network CA: create, issue party credentials, revoke, refresh the CRL.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificate checks.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Encrypt and sign a file for one or more recipients.
+    Seal {
+        /// Sender credentials directory (identity.pem, identity.key.pem).
+        #[arg(long)]
+        from: PathBuf,
+        /// A recipient's encryption certificate (repeatable).
+        #[arg(long = "to", required = true)]
+        to: Vec<PathBuf>,
+        /// The recipients' role: third-party (第三者提供) or entrusted (委託).
+        #[arg(long, default_value = "third-party")]
+        recipient_role: HopRole,
+        /// CA certificate (trust anchor).
+        #[arg(long)]
+        trust: PathBuf,
+        /// CRL to check recipient certificates against.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Payload content type, e.g. application/fhir+json.
+        #[arg(long)]
+        content_type: String,
+        /// Patient / subject identifier (repeatable; encrypted).
+        #[arg(long = "subject")]
+        subjects: Vec<String>,
+        /// System that issued the subject identifiers.
+        #[arg(long, default_value = envelope_cmd::DEFAULT_SUBJECT_SYSTEM)]
+        subject_system: String,
+        /// Document title (encrypted).
+        #[arg(long, default_value = "")]
+        title: String,
+        /// Document type (encrypted).
+        #[arg(long, default_value = "")]
+        document_type: String,
+        /// Purpose or legal basis (public header).
+        #[arg(long, default_value = "")]
+        purpose: String,
+        /// A relay, ROLE:URI, e.g. entrusted:urn:jp:agent:1 (repeatable, in order).
+        #[arg(long)]
+        route: Vec<String>,
+        /// How long the envelope may be delivered: 30m, 12h, 7d.
+        #[arg(long, default_value = "7d")]
+        expires_in: String,
+        /// Plaintext input.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Envelope output (.exenv).
+        #[arg(long = "out")]
+        output: PathBuf,
+    },
+    /// Verify and decrypt an envelope; optionally sign a DELIVERED receipt.
+    Open {
+        /// Recipient credentials directory (encryption*.pem and keys; identity for --receipt).
+        #[arg(long = "as")]
+        as_dir: PathBuf,
+        /// CA certificate (trust anchor).
+        #[arg(long)]
+        trust: PathBuf,
+        /// CRL to check the sender against.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Envelope input.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Plaintext output (written only if everything verifies).
+        #[arg(long = "out")]
+        output: PathBuf,
+        /// Where to write the signed DELIVERED receipt (.exrcpt).
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+        /// Print the patient / subject identifiers.
+        #[arg(long)]
+        show_subjects: bool,
+    },
+    /// Show an envelope's public head; verify it with --trust.
+    Inspect {
+        /// CA certificate: verify signature, sender chain and ciphertext digest.
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// CRL (with --trust).
+        #[arg(long, requires = "trust")]
+        crl: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The envelope.
+        file: PathBuf,
+    },
+    /// Delivery receipts.
+    Receipt {
+        #[command(subcommand)]
+        command: ReceiptCommand,
+    },
+    /// Walk through a whole exchange offline: CA, clinic, hospital, seal, open, receipt.
+    Demo {
+        /// Keep everything in this directory (default: a temporary one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA: DIR/ca.pem, DIR/ca.key.pem, DIR/crl.pem.
+    Init {
+        /// Directory for the CA files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// CA name.
+        #[arg(long)]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue identity and encryption credentials for a party.
+    Issue {
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Party URI, e.g. urn:jp:mhlw:facility:1310000013.
+        #[arg(long)]
+        party: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+    },
+    /// Revoke a certificate (adds it to CA_DIR/crl.pem).
+    Revoke {
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to revoke.
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// Re-issue the CRL with a fresh nextUpdate.
+    Crl {
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Validate a certificate; print its party URI.
+    Verify {
+        /// CA certificate (trust anchor).
+        #[arg(long)]
+        trust: PathBuf,
+        /// CRL.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Validation time (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<String>,
+        /// The certificate (PEM; chain after the leaf allowed).
+        cert: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Verify a receipt offline; with --envelope, check it belongs to it and
+    /// say whether it marks the provision boundary.
+    Verify {
+        /// CA certificate (trust anchor).
+        #[arg(long)]
+        trust: PathBuf,
+        /// CRL.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// The envelope the receipt is for.
+        #[arg(long)]
+        envelope: Option<PathBuf>,
+        /// The receipt (.exrcpt).
+        file: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let now = SystemTime::now();
+    match cli.command {
+        Command::Ca { command } => match command {
+            CaCommand::Init { dir, name, days } => ca::init(&dir, &name, days, now),
+            CaCommand::Issue {
+                ca,
+                party,
+                name,
+                out,
+                days,
+            } => ca::issue(&ca, &party, &name, &out, days, now).map(drop),
+            CaCommand::Revoke { ca, cert } => ca::revoke(&ca, &cert, now),
+            CaCommand::Crl { ca } => ca::refresh_crl(&ca, now),
+        },
+        Command::Cert {
+            command:
+                CertCommand::Verify {
+                    trust,
+                    crl,
+                    at,
+                    cert,
+                },
+        } => {
+            let at = at
+                .as_deref()
+                .map(files::parse_time)
+                .transpose()?
+                .unwrap_or(now);
+            ca::verify(&trust, crl.as_deref(), at, &cert)
+        }
+        Command::Seal {
+            from,
+            to,
+            recipient_role,
+            trust,
+            crl,
+            content_type,
+            subjects,
+            subject_system,
+            title,
+            document_type,
+            purpose,
+            route,
+            expires_in,
+            input,
+            output,
+        } => {
+            let args = SealArgs {
+                from,
+                to,
+                recipient_role,
+                trust,
+                crl,
+                content_type,
+                subjects,
+                subject_system,
+                title,
+                document_type,
+                purpose,
+                route,
+                expires_in: files::parse_duration(&expires_in)?,
+                input,
+                output,
+            };
+            envelope_cmd::seal(&args, now).map(drop)
+        }
+        Command::Open {
+            as_dir,
+            trust,
+            crl,
+            input,
+            output,
+            receipt,
+            show_subjects,
+        } => envelope_cmd::open(
+            &as_dir,
+            &trust,
+            crl.as_deref(),
+            &input,
+            &output,
+            receipt.as_deref(),
+            show_subjects,
+            now,
+        )
+        .map(drop),
+        Command::Inspect {
+            trust,
+            crl,
+            json,
+            file,
+        } => envelope_cmd::inspect(
+            &file,
+            trust.as_deref().map(|t| (t, crl.as_deref())),
+            json,
+            now,
+        )
+        .map(drop),
+        Command::Receipt {
+            command:
+                ReceiptCommand::Verify {
+                    trust,
+                    crl,
+                    envelope,
+                    file,
+                },
+        } => envelope_cmd::verify_receipt(&trust, crl.as_deref(), envelope.as_deref(), &file, now)
+            .map(drop),
+        Command::Demo { dir } => demo::run(dir.as_deref()),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

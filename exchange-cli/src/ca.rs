@@ -1,0 +1,245 @@
+//! `exchange ca …` and `exchange cert verify`: a network CA for test and small
+//! networks (rcgen through `exchange_core::ca`), and certificate checks.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use exchange_core::ca::{CertificateAuthority, CrlState, RevokedSerial, Validity, read_crl};
+use exchange_core::identity::{Certificate, KeyRole};
+use exchange_core::{PartyUri, TrustError};
+
+use crate::error::{CliError, Result};
+use crate::files::{self, fmt_time};
+
+/// How long a CRL stays fresh after it is issued.
+const CRL_DAYS: u64 = 30;
+
+fn crl_window(now: SystemTime) -> (SystemTime, SystemTime) {
+    (
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(CRL_DAYS * 86_400),
+    )
+}
+
+/// `ca init`: a new CA in `dir` (ca.pem, ca.key.pem, crl.pem).
+pub(crate) fn init(dir: &Path, name: &str, days: u32, now: SystemTime) -> Result<()> {
+    let (cert, key, crl) = (
+        dir.join("ca.pem"),
+        dir.join("ca.key.pem"),
+        dir.join("crl.pem"),
+    );
+    for p in [&cert, &key, &crl] {
+        if p.exists() {
+            return Err(CliError::Exists(p.clone()));
+        }
+    }
+    files::create_dir(dir)?;
+    let ca = CertificateAuthority::generate(name, Validity::days_from(now, days))?;
+    let (this, next) = crl_window(now);
+    let crl_pem = ca.crl(
+        &CrlState {
+            number: 1,
+            revoked: Vec::new(),
+        },
+        this,
+        next,
+    )?;
+    files::write_new(&key, ca.key_pem().as_bytes(), true)?;
+    files::write_new(&cert, ca.certificate_pem().as_bytes(), false)?;
+    files::write_new(&crl, crl_pem.as_bytes(), false)?;
+    println!("CA \"{name}\" created in {}", dir.display());
+    println!("  {}  trust anchor: give it to every party", cert.display());
+    println!(
+        "  {}  private key (mode 0600): keep it offline",
+        key.display()
+    );
+    println!("  {}  CRL, fresh until {}", crl.display(), fmt_time(next));
+    Ok(())
+}
+
+fn load_ca(dir: &Path) -> Result<CertificateAuthority> {
+    let cert = files::read(&dir.join("ca.pem"))?;
+    let key = files::read(&dir.join("ca.key.pem"))?;
+    let text = |b: Vec<u8>, p: &str| {
+        String::from_utf8(b)
+            .map_err(|_| CliError::Usage(format!("{}/{p} is not PEM text", dir.display())))
+    };
+    Ok(CertificateAuthority::from_pem(
+        &text(cert, "ca.pem")?,
+        &text(key, "ca.key.pem")?,
+    )?)
+}
+
+/// `ca issue`: identity and encryption credentials for one party.
+pub(crate) fn issue(
+    ca_dir: &Path,
+    party: &str,
+    name: &str,
+    out: &Path,
+    days: u32,
+    now: SystemTime,
+) -> Result<Vec<PathBuf>> {
+    let party = PartyUri::new(party)?;
+    let ca = load_ca(ca_dir)?;
+    let names = [
+        "identity.pem",
+        "identity.key.pem",
+        "encryption.pem",
+        "encryption.key.pem",
+    ];
+    let paths: Vec<PathBuf> = names.iter().map(|n| out.join(n)).collect();
+    if let Some(p) = paths.iter().find(|p| p.exists()) {
+        return Err(CliError::Exists(p.clone()));
+    }
+    let creds = ca.issue_party(&party, name, Validity::days_from(now, days))?;
+    files::create_dir(out)?;
+    files::write_new(&paths[1], creds.identity.key_pem.as_bytes(), true)?;
+    files::write_new(&paths[0], creds.identity.cert_pem.as_bytes(), false)?;
+    files::write_new(&paths[3], creds.encryption.key_pem.as_bytes(), true)?;
+    files::write_new(&paths[2], creds.encryption.cert_pem.as_bytes(), false)?;
+    println!("issued {party} (\"{name}\") into {}", out.display());
+    println!("  identity.pem / identity.key.pem      signs envelopes and receipts, TLS");
+    println!(
+        "  encryption.pem / encryption.key.pem  receives envelopes (give encryption.pem to senders)"
+    );
+    Ok(paths)
+}
+
+/// `ca revoke`: adds the certificate's serial to the CA's CRL.
+pub(crate) fn revoke(ca_dir: &Path, cert_path: &Path, now: SystemTime) -> Result<()> {
+    let ca = load_ca(ca_dir)?;
+    let cert = first_cert(cert_path)?;
+    // Only certificates this CA issued (valid chain at some point of their life).
+    let trust = files::trust(&ca_dir.join("ca.pem"), None)?;
+    let at = cert.not_before() + Duration::from_secs(1);
+    let issued_here = match cert.key_role() {
+        Some(KeyRole::Encryption) => trust.verify_encryption(&cert, at).map(drop),
+        _ => trust
+            .verify_identity(std::slice::from_ref(&cert), at)
+            .map(drop),
+    };
+    if let Err(
+        e @ exchange_core::Error::Trust(
+            TrustError::UnknownIssuer | TrustError::BadCertificateSignature,
+        ),
+    ) = issued_here
+    {
+        return Err(CliError::About {
+            what: format!("{} was not issued by this CA", cert_path.display()),
+            source: e,
+        });
+    }
+    let crl_path = ca_dir.join("crl.pem");
+    let mut state = read_crl(&files::read(&crl_path)?)?;
+    let serial =
+        hex::decode(cert.serial_hex()).map_err(|_| CliError::Usage("bad serial".into()))?;
+    if state.revoked.iter().any(|r| r.serial == serial) {
+        println!(
+            "{} (serial {}) is already revoked",
+            cert_path.display(),
+            cert.serial_hex()
+        );
+        return Ok(());
+    }
+    state.revoked.push(RevokedSerial {
+        serial,
+        revoked_at: now,
+    });
+    state.number += 1;
+    let (this, next) = crl_window(now);
+    files::write_atomic(&crl_path, ca.crl(&state, this, next)?.as_bytes())?;
+    let who = cert
+        .party()
+        .map(ToString::to_string)
+        .unwrap_or_else(|_| cert.subject().to_owned());
+    println!(
+        "revoked {who} (serial {}); {} now lists {} certificate(s), CRL number {}, fresh until {}",
+        cert.serial_hex(),
+        crl_path.display(),
+        state.revoked.len(),
+        state.number,
+        fmt_time(next)
+    );
+    Ok(())
+}
+
+/// `ca crl`: re-issues the CRL with a fresh nextUpdate.
+pub(crate) fn refresh_crl(ca_dir: &Path, now: SystemTime) -> Result<()> {
+    let ca = load_ca(ca_dir)?;
+    let crl_path = ca_dir.join("crl.pem");
+    let mut state = read_crl(&files::read(&crl_path)?)?;
+    state.number += 1;
+    let (this, next) = crl_window(now);
+    files::write_atomic(&crl_path, ca.crl(&state, this, next)?.as_bytes())?;
+    println!(
+        "{}: CRL number {}, {} revoked, fresh until {}",
+        crl_path.display(),
+        state.number,
+        state.revoked.len(),
+        fmt_time(next)
+    );
+    Ok(())
+}
+
+fn first_cert(path: &Path) -> Result<Certificate> {
+    Certificate::from_pem(&files::read(path)?)
+        .map_err(CliError::about(path.display().to_string()))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| CliError::Usage(format!("no certificate in {}", path.display())))
+}
+
+/// `cert verify`: validates an identity or encryption certificate and prints its party.
+pub(crate) fn verify(
+    trust_path: &Path,
+    crl: Option<&Path>,
+    at: SystemTime,
+    cert_path: &Path,
+) -> Result<()> {
+    let trust = files::trust(trust_path, crl)?;
+    let chain = Certificate::from_pem(&files::read(cert_path)?)
+        .map_err(CliError::about(cert_path.display().to_string()))?;
+    let leaf = &chain[0];
+    let about = CliError::about(cert_path.display().to_string());
+    let (party, role) = match leaf.key_role() {
+        Some(KeyRole::Identity) => (
+            trust
+                .verify_identity(&chain, at)
+                .map_err(about)?
+                .party()
+                .clone(),
+            "identity",
+        ),
+        Some(KeyRole::Encryption) => (
+            trust
+                .verify_encryption(leaf, at)
+                .map_err(about)?
+                .party()
+                .clone(),
+            "encryption",
+        ),
+        None => {
+            return Err(about(
+                TrustError::WrongKeyUsage("identity or encryption").into(),
+            ));
+        }
+    };
+    println!("{party}");
+    println!(
+        "  {role} certificate of {}, serial {}",
+        leaf.common_name().unwrap_or(leaf.subject()),
+        leaf.serial_hex()
+    );
+    println!(
+        "  valid {} to {}; checked at {}{}",
+        fmt_time(leaf.not_before()),
+        fmt_time(leaf.not_after()),
+        fmt_time(at),
+        if crl.is_some() {
+            ", against the CRL"
+        } else {
+            " (no CRL given: revocation not checked)"
+        }
+    );
+    Ok(())
+}
