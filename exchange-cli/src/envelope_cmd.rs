@@ -1,6 +1,6 @@
 //! `exchange seal`, `open`, `inspect` and `receipt verify`: offline envelopes.
 
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -19,38 +19,53 @@ const IO_BUF: usize = 256 * 1024;
 /// Default subject-identifier system when `--subject-system` is not given.
 pub(crate) const DEFAULT_SUBJECT_SYSTEM: &str = "urn:exchange:patient-id";
 
-/// What to seal.
-#[derive(Debug, Clone)]
+/// What to seal (the `seal` command's arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SealArgs {
-    /// Sender credentials directory.
+    /// Sender credentials directory (identity.pem, identity.key.pem).
+    #[arg(long)]
     pub(crate) from: PathBuf,
-    /// Recipient encryption certificates.
+    /// A recipient's encryption certificate (repeatable).
+    #[arg(long = "to", required = true)]
     pub(crate) to: Vec<PathBuf>,
-    /// Role of the recipients.
+    /// The recipients' role: third-party (第三者提供) or entrusted (委託).
+    #[arg(long, default_value = "third-party")]
     pub(crate) recipient_role: HopRole,
-    /// CA certificate.
+    /// CA certificate (trust anchor).
+    #[arg(long)]
     pub(crate) trust: PathBuf,
-    /// Optional CRL.
+    /// CRL to check the sender and recipient certificates against.
+    #[arg(long)]
     pub(crate) crl: Option<PathBuf>,
-    /// Content type.
+    /// Payload content type, e.g. application/fhir+json.
+    #[arg(long)]
     pub(crate) content_type: String,
-    /// Subject identifiers.
+    /// Patient / subject identifier (repeatable; encrypted).
+    #[arg(long = "subject")]
     pub(crate) subjects: Vec<String>,
-    /// Their system.
+    /// System that issued the subject identifiers.
+    #[arg(long, default_value = DEFAULT_SUBJECT_SYSTEM)]
     pub(crate) subject_system: String,
-    /// Document title.
+    /// Document title (encrypted).
+    #[arg(long, default_value = "")]
     pub(crate) title: String,
-    /// Document type.
+    /// Document type (encrypted).
+    #[arg(long, default_value = "")]
     pub(crate) document_type: String,
-    /// Purpose or legal basis.
+    /// Purpose or legal basis (public header).
+    #[arg(long, default_value = "")]
     pub(crate) purpose: String,
-    /// Relays (`role:URI`).
+    /// A relay, ROLE:URI, e.g. entrusted:urn:jp:agent:1 (repeatable, in travel order).
+    #[arg(long)]
     pub(crate) route: Vec<String>,
-    /// Lifetime.
+    /// How long the envelope may be delivered: 30m, 12h, 7d.
+    #[arg(long, default_value = "7d", value_parser = files::parse_duration)]
     pub(crate) expires_in: Duration,
     /// Plaintext input.
+    #[arg(long = "in")]
     pub(crate) input: PathBuf,
-    /// Envelope output.
+    /// Envelope output (.exenv).
+    #[arg(long = "out")]
     pub(crate) output: PathBuf,
 }
 
@@ -322,24 +337,11 @@ pub(crate) fn inspect(
         None => None,
         Some((ca, crl)) => {
             let trust = files::trust(ca, crl)?;
-            let mut res = head.verify(&trust, now).map(drop);
-            if res.is_ok() {
-                // Relay-style check of the stream, without decrypting.
-                let mut v = head.verify(&trust, now)?.ciphertext_verifier();
-                let mut buf = vec![0u8; IO_BUF];
-                res = loop {
-                    match r.read(&mut buf) {
-                        Ok(0) => break v.finish(),
-                        Ok(n) => {
-                            if let Err(e) = v.update(&buf[..n]) {
-                                break Err(e);
-                            }
-                        }
-                        Err(e) => break Err(e.into()),
-                    }
-                };
-            }
-            Some(res)
+            // Signature, chain, expiry, then the stream's length and digest, as a relay checks it.
+            Some(
+                head.verify(&trust, now)
+                    .and_then(|vh| vh.ciphertext_verifier().verify_stream(&mut r)),
+            )
         }
     };
     let sender_name = chain.first().and_then(|c| c.common_name()).unwrap_or("?");

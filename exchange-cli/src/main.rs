@@ -17,7 +17,6 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
-use exchange_core::route::HopRole;
 
 use crate::envelope_cmd::SealArgs;
 use crate::error::Result;
@@ -46,53 +45,7 @@ enum Command {
         command: CertCommand,
     },
     /// Encrypt and sign a file for one or more recipients.
-    Seal {
-        /// Sender credentials directory (identity.pem, identity.key.pem).
-        #[arg(long)]
-        from: PathBuf,
-        /// A recipient's encryption certificate (repeatable).
-        #[arg(long = "to", required = true)]
-        to: Vec<PathBuf>,
-        /// The recipients' role: third-party (第三者提供) or entrusted (委託).
-        #[arg(long, default_value = "third-party")]
-        recipient_role: HopRole,
-        /// CA certificate (trust anchor).
-        #[arg(long)]
-        trust: PathBuf,
-        /// CRL to check recipient certificates against.
-        #[arg(long)]
-        crl: Option<PathBuf>,
-        /// Payload content type, e.g. application/fhir+json.
-        #[arg(long)]
-        content_type: String,
-        /// Patient / subject identifier (repeatable; encrypted).
-        #[arg(long = "subject")]
-        subjects: Vec<String>,
-        /// System that issued the subject identifiers.
-        #[arg(long, default_value = envelope_cmd::DEFAULT_SUBJECT_SYSTEM)]
-        subject_system: String,
-        /// Document title (encrypted).
-        #[arg(long, default_value = "")]
-        title: String,
-        /// Document type (encrypted).
-        #[arg(long, default_value = "")]
-        document_type: String,
-        /// Purpose or legal basis (public header).
-        #[arg(long, default_value = "")]
-        purpose: String,
-        /// A relay, ROLE:URI, e.g. entrusted:urn:jp:agent:1 (repeatable, in order).
-        #[arg(long)]
-        route: Vec<String>,
-        /// How long the envelope may be delivered: 30m, 12h, 7d.
-        #[arg(long, default_value = "7d")]
-        expires_in: String,
-        /// Plaintext input.
-        #[arg(long = "in")]
-        input: PathBuf,
-        /// Envelope output (.exenv).
-        #[arg(long = "out")]
-        output: PathBuf,
-    },
+    Seal(SealArgs),
     /// Verify and decrypt an envelope; optionally sign a DELIVERED receipt.
     Open {
         /// Recipient credentials directory (encryption*.pem and keys; identity for --receipt).
@@ -261,42 +214,7 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or(now);
             ca::verify(&trust, crl.as_deref(), at, &cert)
         }
-        Command::Seal {
-            from,
-            to,
-            recipient_role,
-            trust,
-            crl,
-            content_type,
-            subjects,
-            subject_system,
-            title,
-            document_type,
-            purpose,
-            route,
-            expires_in,
-            input,
-            output,
-        } => {
-            let args = SealArgs {
-                from,
-                to,
-                recipient_role,
-                trust,
-                crl,
-                content_type,
-                subjects,
-                subject_system,
-                title,
-                document_type,
-                purpose,
-                route,
-                expires_in: files::parse_duration(&expires_in)?,
-                input,
-                output,
-            };
-            envelope_cmd::seal(&args, now).map(drop)
-        }
+        Command::Seal(args) => envelope_cmd::seal(&args, now).map(drop),
         Command::Open {
             as_dir,
             trust,

@@ -664,6 +664,19 @@ impl CiphertextVerifier {
         self.received
     }
 
+    /// Reads `r` to its end through the checker, then [`finish`](Self::finish)es.
+    pub fn verify_stream(mut self, r: &mut impl Read) -> Result<(), Error> {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return self.finish(),
+                Ok(n) => self.update(&buf[..n])?,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Checks that the whole stream arrived and matches the signed digest.
     pub fn finish(self) -> Result<(), Error> {
         if self.received < self.expected_len {

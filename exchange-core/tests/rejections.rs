@@ -572,3 +572,25 @@ proptest! {
         })?;
     }
 }
+
+#[test]
+fn relay_stream_check_rejects_truncated_and_extended_streams() {
+    let f = fixture();
+    let head = f.head.verify(&f.net.trust(), now()).unwrap();
+    let ct = &f.env[f.ct..];
+    head.ciphertext_verifier()
+        .verify_stream(&mut &ct[..])
+        .unwrap();
+    let err = head
+        .ciphertext_verifier()
+        .verify_stream(&mut &ct[..ct.len() - 1])
+        .unwrap_err();
+    assert!(matches!(err, Error::Truncated { .. }), "{err:?}");
+    let mut longer = ct.to_vec();
+    longer.push(0);
+    let err = head
+        .ciphertext_verifier()
+        .verify_stream(&mut longer.as_slice())
+        .unwrap_err();
+    assert!(matches!(err, Error::TrailingData), "{err:?}");
+}
