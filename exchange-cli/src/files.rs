@@ -168,7 +168,9 @@ pub(crate) fn rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
 /// RFC 3339 in UTC, to the millisecond (the precision of envelope and receipt times).
 pub(crate) fn fmt_time(t: SystemTime) -> String {
     let t = OffsetDateTime::from(t);
-    let ms = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    let ms = t
+        .replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
+        .unwrap_or(t);
     ms.format(&Rfc3339).unwrap_or_else(|_| "?".into())
 }
 
