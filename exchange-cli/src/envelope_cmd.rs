@@ -155,28 +155,27 @@ pub(crate) fn seal(a: &SealArgs, now: SystemTime) -> Result<VerifiedHead> {
                     b.set_position(n);
                 }
             })
-            .map_err(|e| match e {
-                exchange_core::Error::Io(source) => CliError::Read {
-                    path: a.input.clone(),
-                    source,
-                },
-                other => other.into(),
-            })?;
+            .map_err(CliError::about(format!(
+                "sealing {} into {}",
+                a.input.display(),
+                a.output.display()
+            )))?;
         w.flush().map_err(write_err)?;
         head
     };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    // Self-check before anything is published.
+    let verified = head
+        .verify(&trust, now)
+        .map_err(CliError::about("the envelope just sealed"))?;
     let mut out = files::temp_for(&a.output)?;
     out.write_all(&head.file_prefix()).map_err(write_err)?;
     ct.seek(SeekFrom::Start(0)).map_err(write_err)?;
     std::io::copy(&mut ct, &mut out).map_err(write_err)?;
     files::publish(out, &a.output)?;
 
-    let verified = head
-        .verify(&trust, now)
-        .map_err(CliError::about("the envelope just sealed"))?;
     let h = verified.header();
     println!("sealed {} -> {}", a.input.display(), a.output.display());
     println!("  message id   {}", h.message_id);
