@@ -107,11 +107,6 @@ impl Certificate {
         &self.der
     }
 
-    /// PEM encoding.
-    pub fn to_pem(&self) -> String {
-        pem_encode("CERTIFICATE", &self.der)
-    }
-
     /// The single URI SubjectAltName, or why there is none.
     pub fn party(&self) -> Result<&PartyUri, Error> {
         self.party.as_ref().map_err(|e| Error::Trust(e.clone()))
@@ -221,32 +216,6 @@ fn key_role(cert: &X509Certificate<'_>) -> Option<KeyRole> {
     } else {
         None
     }
-}
-
-/// PEM-encodes `der` under `label`.
-pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
-    use std::fmt::Write;
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(B64[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
-    }
-    let _ = writeln!(out, "-----END {label}-----");
-    out
 }
 
 /// The identity (signing) private key. Zeroized on drop; never printed.
