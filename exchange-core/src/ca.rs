@@ -152,6 +152,27 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues a subordinate (intermediate) CA signed by this one. Parties it
+    /// issues present `[leaf, intermediate]` as their chain.
+    pub fn issue_subordinate(&self, name: &str, validity: Validity) -> Result<Self, Error> {
+        let key = new_key()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = OffsetDateTime::from(validity.not_before);
+        params.not_after = OffsetDateTime::from(validity.not_after);
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
     /// Loads a CA from its certificate and PKCS#8 key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
         let key = KeyPair::from_pem(key_pem).map_err(|_| FormatError::PrivateKey)?;

@@ -236,3 +236,78 @@ proptest! {
         prop_assert_eq!(out, plain);
     }
 }
+
+#[test]
+fn sender_under_an_intermediate_ca() {
+    use exchange_core::ca::Validity;
+    use exchange_core::identity::{Certificate, Identity};
+    use exchange_core::trust::TrustStore;
+    use exchange_core::{Error, TrustError};
+
+    let root = Net::new("Root CA");
+    let validity = Validity {
+        not_before: now() - 30 * DAY,
+        not_after: now() + 365 * DAY,
+    };
+    let sub = root
+        .ca
+        .issue_subordinate("Prefecture Sub CA", validity)
+        .unwrap();
+    let sub_cert = Certificate::from_pem(sub.certificate_pem().as_bytes())
+        .unwrap()
+        .remove(0);
+    let creds = sub
+        .issue_party(
+            &PartyUri::new("urn:jp:mhlw:facility:1310000013").unwrap(),
+            "clinic",
+            validity,
+        )
+        .unwrap();
+    let leaf = Certificate::from_pem(creds.identity.cert_pem.as_bytes())
+        .unwrap()
+        .remove(0);
+    let hospital = root.party("urn:jp:mhlw:facility:1310000021");
+
+    let seal_with = |chain: Vec<Certificate>| {
+        let id = Identity::new(
+            chain,
+            exchange_core::identity::IdentityKey::from_pkcs8_pem(creds.identity.key_pem.as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+        SealerBuilder::new(&id, "text/plain")
+            .recipient(root.recipient_key(&hospital), HopRole::ThirdParty)
+            .start(now(), &mut rng(4))
+            .unwrap()
+            .seal_to_vec(b"via the prefecture CA")
+    };
+    let keys = std::slice::from_ref(&hospital.key);
+    // The head carries [leaf, intermediate]: the root alone is enough to verify.
+    let (head, _, plain) = open_slice(
+        &seal_with(vec![leaf.clone(), sub_cert.clone()]),
+        &root.trust(),
+        keys,
+        now(),
+    )
+    .unwrap();
+    assert_eq!(plain, b"via the prefecture CA");
+    assert_eq!(
+        head.sender().party().as_str(),
+        "urn:jp:mhlw:facility:1310000013"
+    );
+    // Leaf only: the intermediate is missing...
+    let bare = seal_with(vec![leaf]);
+    let err = open_slice(&bare, &root.trust(), keys, now()).unwrap_err();
+    assert!(
+        matches!(err, Error::Trust(TrustError::UnknownIssuer)),
+        "{err:?}"
+    );
+    // ...unless the verifier has it configured.
+    let with_sub = TrustStore::builder()
+        .anchors_pem(root.ca_pem.as_bytes())
+        .unwrap()
+        .intermediate_der(sub_cert.der().to_vec())
+        .build()
+        .unwrap();
+    open_slice(&bare, &with_sub, keys, now()).unwrap();
+}
