@@ -1,0 +1,171 @@
+//! Load generator: two daemons on loopback (real mutual TLS, real SQLite with
+//! synchronous=FULL), one local client sending small referrals concurrently.
+//!
+//! Prints accepted messages per second (Send returns once the sealed envelope
+//! is durable) and end-to-end messages per second (until every message has
+//! its DELIVERED receipt back at the sender), with the ratio to the bound set
+//! by the public-key operations of one round trip.
+//!
+//!     cargo bench -p exchange-daemon --bench load -- [MESSAGES] [CONCURRENCY] [BYTES]
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use exchange_daemon::proto::StatusRequest;
+
+fn arg(n: usize, default: usize) -> usize {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .nth(n)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let messages = arg(0, 1000);
+    let concurrency = arg(1, 32);
+    let bytes = arg(2, 4096);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(messages, concurrency, bytes));
+}
+
+async fn run(messages: usize, concurrency: usize, bytes: usize) {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    net.configure(&hospital, &[&clinic], &[], "");
+    let c = start(&clinic).await;
+    let h = start(&hospital).await;
+    let payload = vec![b'x'; bytes];
+
+    println!(
+        "load: {messages} messages of {bytes} bytes, {concurrency} concurrent senders, clinic -> hospital on loopback"
+    );
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    let per = messages.div_ceil(concurrency);
+    for w in 0..concurrency {
+        let mut app = client_of(&net, &clinic, &emr);
+        let payload = payload.clone();
+        let hospital = hospital.clone();
+        let n = per.min(messages.saturating_sub(w * per));
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(n);
+            for _ in 0..n {
+                ids.push(
+                    send(&mut app, referral_start(&[&hospital], &[], "treatment"), &payload)
+                        .await
+                        .unwrap(),
+                );
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::with_capacity(messages);
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    let accepted = t0.elapsed();
+    // Every delivery done (no pending work) means every DELIVERED receipt is stored.
+    while c.node().store().pending_count().await.unwrap() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = t0.elapsed();
+    let mut app = client_of(&net, &clinic, &emr);
+    for id in ids.iter().step_by((ids.len() / 20).max(1)) {
+        let s = app
+            .status(StatusRequest {
+                message_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.state, "DELIVERED", "{s:#?}");
+    }
+    let inbox = h.node().store().inbox(true).await.unwrap().len();
+    assert_eq!(inbox, ids.len());
+
+    let rate = |d: Duration| ids.len() as f64 / d.as_secs_f64();
+    println!(
+        "accepted (sealed + durable):      {:>8.0} msg/s  ({} in {:.2} s)",
+        rate(accepted),
+        ids.len(),
+        accepted.as_secs_f64()
+    );
+    println!(
+        "end to end (DELIVERED receipts):  {:>8.0} msg/s  ({} in {:.2} s)",
+        rate(delivered),
+        ids.len(),
+        delivered.as_secs_f64()
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bound = core_round_trips(&net, &clinic, &hospital, &payload) * cores as f64;
+    println!(
+        "bound: exchange-core round trip (seal, open, receipt sign + verify) {:.0}/s per core x {cores} cores = {:.0}/s",
+        bound / cores as f64,
+        bound
+    );
+    println!(
+        "ratio: end to end / bound = {:.2} (both daemons and the client share the {cores} cores)",
+        rate(delivered) / bound
+    );
+    c.shutdown().await;
+    h.shutdown().await;
+}
+
+/// Round trips per second of the bare library on one core, measured now.
+fn core_round_trips(net: &Net, clinic: &Party, hospital: &Party, payload: &[u8]) -> f64 {
+    use exchange_core::envelope::{SealerBuilder, open_slice};
+    use exchange_core::identity::{Certificate, DecryptionKey};
+    use exchange_core::receipt::{Disposition, ReceiptContent, SignedReceipt};
+    use exchange_core::route::HopRole;
+    use exchange_core::trust::TrustStore;
+
+    let trust = TrustStore::builder()
+        .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+        .unwrap()
+        .crls_pem(&std::fs::read(net.path("crl.pem")).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let sender = clinic.identity();
+    let receiver = hospital.identity();
+    let key = DecryptionKey::from_pem(
+        &std::fs::read(hospital.file("encryption.pem")).unwrap(),
+        &std::fs::read(hospital.file("encryption.key.pem")).unwrap(),
+    )
+    .unwrap();
+    let to = Certificate::from_pem(&std::fs::read(hospital.file("encryption.pem")).unwrap())
+        .unwrap()
+        .remove(0);
+    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+    let n = 300;
+    let t = Instant::now();
+    for _ in 0..n {
+        let now = std::time::SystemTime::now();
+        let env = SealerBuilder::new(&sender, "application/fhir+json")
+            .recipient(trust.verify_encryption(&to, now).unwrap(), HopRole::ThirdParty)
+            .purpose("treatment")
+            .start(now, &mut rng)
+            .unwrap()
+            .seal_to_vec(payload);
+        let (head, _, _) = open_slice(&env, &trust, std::slice::from_ref(&key), now).unwrap();
+        let r = SignedReceipt::issue(
+            &receiver,
+            &ReceiptContent::for_head(&head, HopRole::ThirdParty, Disposition::Delivered, now),
+        );
+        r.verify(&trust).unwrap().check_for(&head).unwrap();
+    }
+    f64::from(n) / t.elapsed().as_secs_f64()
+}

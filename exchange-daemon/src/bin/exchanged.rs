@@ -1,0 +1,102 @@
+//! `exchanged --config FILE.toml`: one facility's exchange daemon.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use exchange_daemon::{Config, Daemon};
+
+const USAGE: &str = "usage: exchanged --config FILE.toml";
+
+fn args() -> Result<PathBuf, String> {
+    let mut args = std::env::args_os().skip(1);
+    match (args.next(), args.next(), args.next()) {
+        (Some(flag), Some(path), None) if flag == "--config" => Ok(PathBuf::from(path)),
+        (Some(flag), None, None) if flag == "--help" || flag == "-h" => Err(String::new()),
+        (Some(flag), None, None) if flag == "--version" || flag == "-V" => {
+            Err(format!("exchanged {}", env!("CARGO_PKG_VERSION")))
+        }
+        _ => Err(USAGE.to_owned()),
+    }
+}
+
+fn init_logging(level: &str) {
+    let level = level
+        .parse::<tracing::Level>()
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(config: Config) -> Result<(), exchange_daemon::Error> {
+    let daemon = Daemon::start(config).await?;
+    wait_for_signal().await;
+    daemon.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn main() -> ExitCode {
+    let path = match args() {
+        Ok(p) => p,
+        Err(msg) if msg.is_empty() => {
+            println!("{USAGE}\n\nSee docs/operations.md for the configuration reference.");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) if msg.starts_with("exchanged ") => {
+            println!("{msg}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(reason = e.reason_code(), "{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The client service: local applications send, watch, read and acknowledge.
+//!
+//! Each request is made by a local client identified by its TLS certificate;
+//! its configured role decides what it may do (`send_to`, `purposes`,
+//! `read_purposes`). Inbox items a client may not read are reported as not
+//! found, so that their existence is not disclosed either.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use exchange_core::envelope::{InnerMetadata, SealerBuilder, SubjectId};
+use exchange_core::receipt::{Disposition, VerifiedReceipt};
+use exchange_core::route::{HopRole, Provision};
+use exchange_core::{MessageId, PartyUri};
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::ClientConfig;
+use crate::error::Error;
+use crate::node::{Node, first_hops, position, unix_ms};
+use crate::peer::peer_of;
+use crate::proto::client_server::Client;
+use crate::proto::{
+    self, AckRequest, AckResponse, FetchHeader, FetchRequest, FetchResponse, HopState, InboxItem,
+    ListInboxRequest, ListInboxResponse, MessageStatus, RecipientProvision, SendRequest,
+    SendResponse, StatusRequest, SubjectIdentifier, fetch_response, send_request,
+};
+use crate::sink::Sink;
+use crate::store::{
+    Accepted, DeliveryKind, DeliveryState, MessageKind, MessageRecord, NewDelivery, NewEnvelope,
+};
+
+/// Plaintext slice per streamed message.
+const SLICE: usize = 256 * 1024;
+
+/// The client gRPC service.
+#[derive(Debug, Clone)]
+pub struct ClientService {
+    node: Arc<Node>,
+}
+
+impl ClientService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn client<T>(&self, req: &Request<T>) -> Result<&ClientConfig, Status> {
+        let party = peer_of(req)?;
+        self.node.client(&party).map_err(|e| {
+            tracing::warn!(client = %party, "request from an unknown local client");
+            e.into()
+        })
+    }
+}
+
+fn message_id(bytes: &[u8]) -> Result<MessageId, Error> {
+    MessageId::from_slice(bytes).map_err(|_| Error::BadRequest("message_id must be 16 bytes".into()))
+}
+
+fn refuse(client: &ClientConfig, what: &str, e: Error) -> Status {
+    tracing::warn!(client = %client.name, reason = e.reason_code(), "{what} refused: {e}");
+    e.into()
+}
+
+impl Node {
+    /// Seals what a local client streams and stores it for delivery.
+    async fn send(
+        &self,
+        client: &ClientConfig,
+        start: proto::SendStart,
+        mut stream: Streaming<SendRequest>,
+    ) -> Result<SendResponse, Error> {
+        let now = SystemTime::now();
+        if !client.may_send_for(&start.purpose) {
+            return Err(Error::Forbidden(format!(
+                "client {} may not send for purpose {:?}",
+                client.name, start.purpose
+            )));
+        }
+        if start.recipients.is_empty() {
+            return Err(Error::BadRequest("no recipient".into()));
+        }
+        if start.content_type.is_empty() {
+            return Err(Error::BadRequest("no content type".into()));
+        }
+        let mut builder = SealerBuilder::new(&self.identity, start.content_type.clone());
+        for r in &start.recipients {
+            let party = PartyUri::new(r.clone())?;
+            if !client.may_send_to(&party) {
+                return Err(Error::Forbidden(format!(
+                    "client {} may not send to {party}",
+                    client.name
+                )));
+            }
+            let cert = self
+                .peers
+                .get(&party)
+                .and_then(|p| p.encryption.as_ref())
+                .ok_or_else(|| {
+                    Error::UnknownPeer(format!("{party} (no encryption certificate configured)"))
+                })?;
+            let key = self.trust.verify_encryption(cert, now)?;
+            if key.party() != &party {
+                return Err(Error::Config(format!(
+                    "the encryption certificate configured for {party} names {}",
+                    key.party()
+                )));
+            }
+            let role = if start.entrusted_recipients.contains(r) {
+                HopRole::Entrusted
+            } else {
+                HopRole::ThirdParty
+            };
+            builder = builder.recipient(key, role);
+        }
+        for relay in &start.relays {
+            builder = builder.relay(Node::parse_relay(relay)?);
+        }
+        if start.lifetime_seconds > 0 {
+            builder = builder.lifetime(Duration::from_secs(start.lifetime_seconds));
+        } else {
+            builder = builder.lifetime(Duration::from_secs(
+                self.config.delivery.default_lifetime_seconds,
+            ));
+        }
+        let metadata = InnerMetadata {
+            subject_ids: start
+                .subject_ids
+                .into_iter()
+                .map(|s| SubjectId {
+                    system: s.system,
+                    value: s.value,
+                })
+                .collect(),
+            title: start.title,
+            document_type: start.document_type,
+            file_name: start.file_name,
+        };
+        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+        let mut sealer = builder
+            .purpose(start.purpose.clone())
+            .metadata(metadata)
+            .start(now, &mut rng)?;
+        let id = sealer.message_id();
+
+        let limit = self.config.limits.max_envelope_bytes;
+        let mut sink = Sink::new(
+            self.store.clone(),
+            0,
+            self.config.limits.inline_ciphertext_bytes,
+        )?;
+        let mut total = 0u64;
+        let mut out = Vec::with_capacity(SLICE + 1024);
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| Error::Transport(format!("receiving plaintext: {}", s.message())))?
+        {
+            let Some(send_request::Part::Chunk(data)) = msg.part else {
+                return Err(Error::Protocol("a second SendStart".into()));
+            };
+            sealer.update(&data, &mut out);
+            total += out.len() as u64;
+            if total > limit {
+                return Err(Error::TooLarge { len: total, limit });
+            }
+            if !out.is_empty() {
+                sink.write(std::mem::replace(&mut out, Vec::with_capacity(SLICE + 1024)))
+                    .await?;
+            }
+        }
+        let head = sealer.finish(&mut out);
+        total += out.len() as u64;
+        if total > limit {
+            return Err(Error::TooLarge { len: total, limit });
+        }
+        sink.write(out).await?;
+        let ciphertext = sink.finish().await?;
+        // Our own head must pass what every hop will check (a revoked or
+        // expired identity fails here, not at each peer).
+        let verified = head.verify(&self.trust, now)?;
+        let header = verified.header();
+        let hops = first_hops(&verified);
+        for hop in &hops {
+            if !self.peers.contains_key(hop) {
+                return Err(Error::UnknownPeer(hop.to_string()));
+            }
+        }
+        let accepted = self
+            .store
+            .accept(NewEnvelope {
+                id,
+                header_sha256: head.header_sha256(),
+                kind: MessageKind::Outbound,
+                head: head.as_bytes().to_vec(),
+                ciphertext,
+                ciphertext_len: total,
+                sender: self.party.clone(),
+                upstream: None,
+                local_client: Some(client.name.clone()),
+                content_type: header.content_type.clone(),
+                purpose: header.purpose.clone(),
+                created_ms: unix_ms(header.created),
+                expires_ms: unix_ms(header.expires),
+                received_ms: unix_ms(now),
+                our_receipt: None,
+                deliveries: hops
+                    .into_iter()
+                    .map(|target| NewDelivery {
+                        target,
+                        kind: DeliveryKind::Envelope,
+                        expires_ms: unix_ms(header.expires),
+                    })
+                    .collect(),
+            })
+            .await?;
+        if let Accepted::Duplicate(_) = accepted {
+            // A fresh random 128-bit id cannot collide unless the RNG is broken.
+            return Err(Error::Replay(id.to_string()));
+        }
+        tracing::info!(message = %id, client = %client.name, bytes = total, "envelope sealed and stored");
+        self.work.notify_one();
+        Ok(SendResponse {
+            message_id: id.as_bytes().to_vec(),
+            ciphertext_length: total,
+        })
+    }
+
+    /// An outbound message `client` sent.
+    async fn own_outbound(
+        &self,
+        client: &ClientConfig,
+        id: MessageId,
+    ) -> Result<MessageRecord, Error> {
+        match self.store.message(id).await? {
+            Some(r)
+                if r.kind == MessageKind::Outbound
+                    && r.local_client.as_deref() == Some(client.name.as_str()) =>
+            {
+                Ok(r)
+            }
+            _ => Err(Error::NotFound(id.to_string())),
+        }
+    }
+
+    /// An inbound message `client` may read.
+    async fn readable_inbound(
+        &self,
+        client: &ClientConfig,
+        id: MessageId,
+    ) -> Result<MessageRecord, Error> {
+        match self.store.message(id).await? {
+            Some(r) if r.kind == MessageKind::Inbound && client.may_read(&r.purpose) => Ok(r),
+            _ => Err(Error::NotFound(id.to_string())),
+        }
+    }
+
+    /// The status of an outbound message: hops, receipts, provision boundaries.
+    async fn status(&self, record: &MessageRecord) -> Result<MessageStatus, Error> {
+        let head = self.verify_stored(record)?;
+        let deliveries = self.store.deliveries(record.id).await?;
+        let stored = self.store.receipts(record.id).await?;
+        let verified: Vec<VerifiedReceipt> = stored
+            .iter()
+            .map(|r| self.check_receipt(&head, &r.signed))
+            .collect::<Result<_, _>>()?;
+        let provisions = head.route().provision_boundaries(&verified);
+        let boundary_receipts: Vec<usize> = provisions
+            .iter()
+            .filter_map(|p| match p.provision {
+                Provision::Passed { receipt, .. } => Some(receipt),
+                _ => None,
+            })
+            .collect();
+        let receipts = verified
+            .iter()
+            .enumerate()
+            .map(|(i, r)| proto::Receipt {
+                signed: r.signed().to_bytes(),
+                issuer: r.issuer().to_string(),
+                issuer_name: r
+                    .issuer_certificate()
+                    .common_name()
+                    .unwrap_or_default()
+                    .to_owned(),
+                role: r.role().as_str().to_owned(),
+                disposition: r.disposition().as_str().to_owned(),
+                reason: match r.disposition() {
+                    Disposition::Rejected(reason) => reason.clone(),
+                    _ => String::new(),
+                },
+                issued_ms: unix_ms(r.issued()),
+                provision_boundary: boundary_receipts.contains(&i),
+            })
+            .collect();
+        let hops: Vec<HopState> = deliveries
+            .iter()
+            .filter(|d| d.kind == DeliveryKind::Envelope)
+            .map(|d| HopState {
+                party: d.target.to_string(),
+                state: d.state.as_str().to_owned(),
+                attempts: d.attempts,
+                last_error: match &d.state {
+                    DeliveryState::Failed(reason) => reason.clone(),
+                    _ => d.last_error.clone().unwrap_or_default(),
+                },
+                next_attempt_ms: d.next_attempt_ms,
+            })
+            .collect();
+        let recipients = head.route().recipients;
+        let has = |party: &PartyUri, d: &[Disposition]| {
+            verified
+                .iter()
+                .any(|r| r.issuer() == party && d.contains(r.disposition()))
+        };
+        let rejected = verified
+            .iter()
+            .any(|r| matches!(r.disposition(), Disposition::Rejected(_)));
+        let state = if rejected || hops.iter().any(|h| h.state == "FAILED") {
+            "FAILED"
+        } else if recipients
+            .iter()
+            .all(|h| has(&h.party, &[Disposition::Processed]))
+        {
+            "PROCESSED"
+        } else if recipients
+            .iter()
+            .all(|h| has(&h.party, &[Disposition::Delivered, Disposition::Processed]))
+        {
+            "DELIVERED"
+        } else if !hops.is_empty() && hops.iter().all(|h| h.state == "DELIVERED") {
+            "RELAYED"
+        } else {
+            "PENDING"
+        };
+        Ok(MessageStatus {
+            message_id: record.id.as_bytes().to_vec(),
+            state: state.to_owned(),
+            created_ms: record.created_ms,
+            expires_ms: record.expires_ms,
+            hops,
+            receipts,
+            provisions: provisions
+                .into_iter()
+                .map(|p| {
+                    let (name, boundary, receipt) = match p.provision {
+                        Provision::NotAProvision => ("NOT_A_PROVISION", String::new(), None),
+                        Provision::Pending { boundary } => {
+                            ("PENDING", boundary.party.to_string(), None)
+                        }
+                        Provision::Passed { boundary, receipt } => (
+                            "PASSED",
+                            boundary.party.to_string(),
+                            u32::try_from(receipt).ok(),
+                        ),
+                        Provision::Rejected { boundary, receipt } => (
+                            "REJECTED",
+                            boundary.party.to_string(),
+                            u32::try_from(receipt).ok(),
+                        ),
+                    };
+                    RecipientProvision {
+                        recipient: p.recipient.to_string(),
+                        provision: name.to_owned(),
+                        boundary,
+                        receipt,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// Signs and keeps a PROCESSED receipt for an inbox item (idempotent).
+    async fn acknowledge(&self, record: &MessageRecord) -> Result<Vec<u8>, Error> {
+        let head = self.verify_stored(record)?;
+        let pos = position(&head, &self.party)?;
+        let now = SystemTime::now();
+        let receipt = self.sign_receipt(&head, pos.role, Disposition::Processed, now);
+        let verified = receipt.verify(&self.trust)?;
+        let keep = self.keep_receipt(record, &verified);
+        if self.store.acknowledge(record.id, unix_ms(now), keep).await? {
+            self.work.notify_one();
+            return Ok(receipt.to_bytes());
+        }
+        // Acknowledged before: return the receipt signed then.
+        self.store
+            .receipts(record.id)
+            .await?
+            .into_iter()
+            .find(|r| r.issuer == self.party && r.disposition == Disposition::Processed.as_str())
+            .map(|r| r.signed)
+            .ok_or_else(|| Error::Store(crate::error::StoreError::Corrupt(
+                "acknowledged message without a PROCESSED receipt".into(),
+            )))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Client for ClientService {
+    async fn send(
+        &self,
+        req: Request<Streaming<SendRequest>>,
+    ) -> Result<Response<SendResponse>, Status> {
+        let client = self.client(&req)?;
+        let mut stream = req.into_inner();
+        let start = match stream.message().await? {
+            Some(SendRequest {
+                part: Some(send_request::Part::Start(start)),
+            }) => start,
+            _ => {
+                return Err(refuse(
+                    client,
+                    "send",
+                    Error::Protocol("the first message must be SendStart".into()),
+                ));
+            }
+        };
+        self.node
+            .send(client, start, stream)
+            .await
+            .map(Response::new)
+            .map_err(|e| refuse(client, "send", e))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<MessageStatus>, Status> {
+        let client = self.client(&req)?;
+        let id = message_id(&req.get_ref().message_id)?;
+        let record = self.node.own_outbound(client, id).await?;
+        Ok(Response::new(self.node.status(&record).await?))
+    }
+
+    type WatchStatusStream = BoxStream<MessageStatus>;
+
+    async fn watch_status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let client = self.client(&req)?;
+        let id = message_id(&req.get_ref().message_id)?;
+        let record = self.node.own_outbound(client, id).await?;
+        let node = self.node.clone();
+        let mut events = node.events.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let status = match node.status(&record).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let done = matches!(status.state.as_str(), "PROCESSED" | "FAILED");
+                if last.as_ref() != Some(&status) {
+                    last = Some(status.clone());
+                    if tx.send(Ok(status)).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
+                // Wake on our message's events; poll now and then in case
+                // events were dropped under load.
+                let wait = async {
+                    loop {
+                        match events.recv().await {
+                            Ok(changed) if changed == id => return,
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = wait => {}
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_inbox(
+        &self,
+        req: Request<ListInboxRequest>,
+    ) -> Result<Response<ListInboxResponse>, Status> {
+        let client = self.client(&req)?;
+        let items = self
+            .node
+            .store
+            .inbox(req.get_ref().include_acked)
+            .await
+            .map_err(Error::from)?
+            .into_iter()
+            .filter(|r| client.may_read(&r.purpose))
+            .map(|r| InboxItem {
+                message_id: r.id.as_bytes().to_vec(),
+                sender: r.sender.to_string(),
+                content_type: r.content_type,
+                purpose: r.purpose,
+                received_ms: r.received_ms,
+                payload_length: r.ciphertext_len,
+                acked: r.acked_ms.is_some(),
+            })
+            .collect();
+        Ok(Response::new(ListInboxResponse { items }))
+    }
+
+    type FetchStream = BoxStream<FetchResponse>;
+
+    async fn fetch(
+        &self,
+        req: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let client = self.client(&req)?;
+        let id = message_id(&req.get_ref().message_id)?;
+        let record = self.node.readable_inbound(client, id).await?;
+        let head = self
+            .node
+            .verify_stored(&record)
+            .map_err(|e| refuse(client, "fetch", e))?;
+        let mut opener = head
+            .open(&self.node.keys)
+            .map_err(|e| refuse(client, "fetch", e.into()))?;
+        let meta = opener.metadata().clone();
+        let header = head.header();
+        let first = FetchHeader {
+            message_id: id.as_bytes().to_vec(),
+            sender: head.sender().party().to_string(),
+            sender_name: head
+                .sender()
+                .certificate()
+                .common_name()
+                .unwrap_or_default()
+                .to_owned(),
+            content_type: header.content_type.clone(),
+            purpose: header.purpose.clone(),
+            title: meta.title,
+            document_type: meta.document_type,
+            file_name: meta.file_name,
+            subject_ids: meta
+                .subject_ids
+                .into_iter()
+                .map(|s| SubjectIdentifier {
+                    system: s.system,
+                    value: s.value,
+                })
+                .collect(),
+            payload_length: header.payload_length,
+            created_ms: unix_ms(header.created),
+        };
+        let ciphertext = self
+            .node
+            .store
+            .ciphertext(id)
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(message = %id, client = %client.name, "inbox item fetched");
+        let (tx, rx) = mpsc::channel::<Result<FetchResponse, Status>>(4);
+        let chunk = |data| FetchResponse {
+            part: Some(fetch_response::Part::Chunk(data)),
+        };
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            if tx
+                .blocking_send(Ok(FetchResponse {
+                    part: Some(fetch_response::Part::Header(first)),
+                }))
+                .is_err()
+            {
+                return;
+            }
+            let run = || -> Result<(), Status> {
+                let mut r = ciphertext
+                    .reader()
+                    .map_err(|e| Status::internal(format!("store: {e}")))?;
+                let mut buf = vec![0u8; SLICE];
+                let mut out = Vec::with_capacity(SLICE);
+                loop {
+                    let n = r
+                        .read(&mut buf)
+                        .map_err(|e| Status::internal(format!("store: {e}")))?;
+                    if n == 0 {
+                        break;
+                    }
+                    opener
+                        .update(&buf[..n], &mut out)
+                        .map_err(|e| Status::from(Error::from(e)))?;
+                    if !out.is_empty()
+                        && tx
+                            .blocking_send(Ok(chunk(std::mem::take(&mut out))))
+                            .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                // The last-chunk flag and the whole digest: an error here
+                // ends the stream with an error, so the client discards
+                // what it received.
+                opener.finish().map_err(|e| Status::from(Error::from(e)))?;
+                Ok(())
+            };
+            if let Err(status) = run() {
+                let _ = tx.blocking_send(Err(status));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let client = self.client(&req)?;
+        let id = message_id(&req.get_ref().message_id)?;
+        let record = self.node.readable_inbound(client, id).await?;
+        let receipt = self
+            .node
+            .acknowledge(&record)
+            .await
+            .map_err(|e| refuse(client, "ack", e))?;
+        tracing::info!(message = %id, client = %client.name, "inbox item acknowledged");
+        Ok(Response::new(AckResponse { receipt }))
+    }
+}

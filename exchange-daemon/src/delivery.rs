@@ -1,0 +1,311 @@
+//! Delivery workers: move stored envelopes to their next hop and receipts
+//! back towards the origin, with exponential backoff and jitter until the
+//! message expires (DESIGN.md §6).
+//!
+//! Work is claimed from the store with a lease, so a crashed worker's items
+//! come back; receiving is idempotent by message id, so an item delivered
+//! just before a crash and delivered again makes no second inbox entry.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use exchange_core::envelope::EnvelopeHead;
+use exchange_core::receipt::Disposition;
+use exchange_core::route::HopRole;
+use tokio::sync::{Semaphore, watch};
+use tonic::Code;
+
+use crate::error::{Error, status_reason};
+use crate::node::{Node, unix_ms};
+use crate::proto::peer_client::PeerClient;
+use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
+use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt};
+
+/// How long a claim lasts before another worker may take the item.
+const LEASE: Duration = Duration::from_secs(120);
+/// How often the queue is polled when nothing wakes the loop.
+const POLL: Duration = Duration::from_millis(200);
+/// Ciphertext slice per gRPC message.
+const SLICE: usize = 256 * 1024;
+
+/// The delay before attempt `attempts + 1`: doubling from `initial`, capped,
+/// with up to 25% random jitter so that retries from many senders spread out.
+pub(crate) fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
+    let base = initial_ms
+        .saturating_mul(1u64 << attempts.min(30))
+        .min(max_ms);
+    let mut r = [0u8; 8];
+    let jitter = match getrandom::fill(&mut r) {
+        Ok(()) => u64::from_le_bytes(r) % (base / 4 + 1),
+        Err(_) => 0,
+    };
+    base - base / 8 + jitter
+}
+
+/// Runs until `shutdown` turns true.
+pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let owner = node.config.delivery.node_name.clone();
+    let permits = Arc::new(Semaphore::new(node.config.delivery.concurrency));
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let free = permits.available_permits();
+        let mut full = false;
+        if free > 0 {
+            let now = unix_ms(SystemTime::now());
+            match node
+                .store
+                .claim_due(&owner, now, now + unix_ms_of(LEASE), free)
+                .await
+            {
+                Ok(items) => {
+                    full = items.len() == free;
+                    for item in items {
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            node.attempt(item).await;
+                            drop(permit);
+                            node.work.notify_one();
+                        });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot claim deliveries"),
+            }
+        }
+        if full {
+            // More may be due: claim again once a worker frees up.
+            tokio::select! {
+                () = node.work.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            () = node.work.notified() => {}
+            () = tokio::time::sleep(POLL) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn unix_ms_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A refusal by the peer (it will refuse again) rather than a failure to reach it.
+fn is_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::ResourceExhausted
+            | Code::NotFound
+    )
+}
+
+impl Node {
+    async fn attempt(&self, item: DeliveryRecord) {
+        let id = item.message_id;
+        let result = match &item.kind {
+            DeliveryKind::Envelope => self.deliver_envelope(&item).await,
+            DeliveryKind::Receipt(r) => self.return_receipt(&item, r).await.map(|()| Vec::new()),
+        };
+        let now = unix_ms(SystemTime::now());
+        let (outcome, receipts) = match result {
+            Ok(receipts) => (AttemptOutcome::Done, receipts),
+            Err((e, receipts)) => {
+                let next = now.saturating_add(backoff(
+                    item.attempts,
+                    self.config.delivery.initial_backoff_ms,
+                    self.config.delivery.max_backoff_ms,
+                ));
+                if e.is_transient() && next < item.expires_ms {
+                    tracing::info!(message = %id, to = %item.target, attempt = item.attempts + 1, error = %e, "delivery failed; will retry");
+                    (
+                        AttemptOutcome::Retry {
+                            error: e.to_string(),
+                            next_attempt_ms: next,
+                        },
+                        receipts,
+                    )
+                } else {
+                    let reason = if e.is_transient() {
+                        format!("expired: {e}")
+                    } else {
+                        e.to_string()
+                    };
+                    tracing::warn!(message = %id, to = %item.target, reason = %reason, "delivery failed for good");
+                    (AttemptOutcome::Failed(reason), receipts)
+                }
+            }
+        };
+        if let Err(e) = self.store.finish_attempt(item.id, outcome, receipts).await {
+            tracing::error!(message = %id, error = %e, "cannot record delivery attempt");
+        }
+        let _ = self.events.send(id);
+    }
+
+    /// One attempt to deliver an envelope; the receipts it brought back.
+    async fn deliver_envelope(
+        &self,
+        item: &DeliveryRecord,
+    ) -> Result<Vec<NewReceipt>, (Error, Vec<NewReceipt>)> {
+        let fail = |e: Error| (e, Vec::new());
+        let record = self
+            .store
+            .message(item.message_id)
+            .await
+            .map_err(|e| fail(e.into()))?
+            .ok_or_else(|| fail(Error::NotFound(item.message_id.to_string())))?;
+        let head = self.verify_stored(&record).map_err(fail)?;
+        let now = SystemTime::now();
+        if now > head.header().expires {
+            return Err(fail(Error::Core(exchange_core::Error::Expired {
+                at: head.header().expires,
+            })));
+        }
+        let channel = self.channel(&item.target).map_err(fail)?;
+        let ciphertext = self
+            .store
+            .ciphertext(item.message_id)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<DeliverRequest>(4);
+        let head_bytes = EnvelopeHead::as_bytes(head.head()).to_vec();
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Read;
+            let msg = |part| DeliverRequest { part: Some(part) };
+            if tx
+                .blocking_send(msg(deliver_request::Part::Head(head_bytes)))
+                .is_err()
+            {
+                return Ok(());
+            }
+            let mut r = ciphertext.reader()?;
+            loop {
+                let mut buf = vec![0u8; SLICE];
+                let mut n = 0;
+                while n < SLICE {
+                    match r.read(&mut buf[n..])? {
+                        0 => break,
+                        k => n += k,
+                    }
+                }
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                if tx
+                    .blocking_send(msg(deliver_request::Part::Chunk(buf)))
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+        });
+        let response = PeerClient::new(channel)
+            .max_decoding_message_size(exchange_core::receipt::MAX_RECEIPT_LEN * 2)
+            .deliver(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(fail(Error::Store(crate::error::StoreError::Io {
+                    op: "read ciphertext",
+                    path: std::path::PathBuf::from(item.message_id.to_string()),
+                    source: e,
+                })));
+            }
+            Err(_) => return Err(fail(Error::Shutdown)),
+        }
+        let receipt = match response {
+            Ok(r) => r.into_inner().receipt,
+            Err(status) => {
+                let reason = status_reason(&status).unwrap_or("transport").to_owned();
+                return Err(fail(if is_refusal(status.code()) {
+                    Error::Refused {
+                        party: item.target.to_string(),
+                        reason,
+                    }
+                } else {
+                    Error::Transport(format!("{}: {}", item.target, status.message()))
+                }));
+            }
+        };
+        let verified = self.check_receipt(&head, &receipt).map_err(|e| {
+            fail(Error::Transport(format!(
+                "{} returned an unacceptable receipt: {e}",
+                item.target
+            )))
+        })?;
+        if verified.issuer() != &item.target {
+            return Err(fail(Error::Transport(format!(
+                "receipt issued by {}, not {}",
+                verified.issuer(),
+                item.target
+            ))));
+        }
+        let kept = vec![self.keep_receipt(&record, &verified)];
+        let route = head.route();
+        let is_relay = route.relays.iter().any(|h| h.party == item.target);
+        match verified.disposition() {
+            Disposition::Rejected(reason) => Err((
+                Error::Refused {
+                    party: item.target.to_string(),
+                    reason: reason.clone(),
+                },
+                kept,
+            )),
+            Disposition::AcceptedForRelay if is_relay => Ok(kept),
+            Disposition::Delivered | Disposition::Processed if !is_relay => {
+                if record.kind == MessageKind::Outbound
+                    && verified.role() == HopRole::ThirdParty
+                {
+                    self.note_boundaries(&head, std::slice::from_ref(&verified));
+                }
+                Ok(kept)
+            }
+            other => Err((
+                Error::Transport(format!(
+                    "{} returned {other}, not a custody receipt",
+                    item.target
+                )),
+                kept,
+            )),
+        }
+    }
+
+    /// Returns one receipt to the party upstream.
+    async fn return_receipt(
+        &self,
+        item: &DeliveryRecord,
+        receipt: &[u8],
+    ) -> Result<(), (Error, Vec<NewReceipt>)> {
+        let fail = |e: Error| (e, Vec::new());
+        let channel = self.channel(&item.target).map_err(fail)?;
+        PeerClient::new(channel)
+            .return_receipts(ReturnReceiptsRequest {
+                message_id: item.message_id.as_bytes().to_vec(),
+                receipts: vec![receipt.to_vec()],
+            })
+            .await
+            .map_err(|status| {
+                let reason = status_reason(&status).unwrap_or("transport").to_owned();
+                fail(if is_refusal(status.code()) {
+                    Error::Refused {
+                        party: item.target.to_string(),
+                        reason,
+                    }
+                } else {
+                    Error::Transport(format!("{}: {}", item.target, status.message()))
+                })
+            })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! The crate's one error type and its single mapping to gRPC status.
+//!
+//! Every rejection has a stable reason code (the same codes exchange-core
+//! uses where the reason is the core's), carried to the peer in the status
+//! message and the `x-exchange-reason` metadata, and written to the log.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+/// Metadata key carrying the stable reason code on every error status.
+pub const REASON_METADATA: &str = "x-exchange-reason";
+
+/// Everything that can go wrong in the daemon.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration file is unreadable or inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A file named by the configuration could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An envelope, receipt or certificate was rejected by exchange-core.
+    #[error(transparent)]
+    Core(#[from] exchange_core::Error),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// TLS setup failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Binding or accepting on a listener failed.
+    #[error("listener {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS peer is not the hop before us on the envelope's route.
+    #[error("peer {peer} may not deliver this envelope (expected {expected})")]
+    PeerNotUpstream {
+        /// The authenticated peer.
+        peer: String,
+        /// Who the route says delivers to us.
+        expected: String,
+    },
+    /// This daemon is neither a relay nor a recipient on the envelope's route.
+    #[error("this facility is not on the envelope's route")]
+    NotOnRoute,
+    /// An envelope exceeds the configured size limit.
+    #[error("envelope too large: {len} bytes (limit {limit})")]
+    TooLarge {
+        /// Declared or received length.
+        len: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// A message id already stored with a different header.
+    #[error("message id {0} already received with a different header")]
+    Replay(String),
+    /// A local client asked for something its role does not allow.
+    #[error("not permitted: {0}")]
+    Forbidden(String),
+    /// A local client's certificate names no configured client.
+    #[error("unknown local client {0}")]
+    UnknownClient(String),
+    /// No address is configured for a party.
+    #[error("no peer directory entry for {0}")]
+    UnknownPeer(String),
+    /// The message does not exist (or is not visible to this client).
+    #[error("no such message {0}")]
+    NotFound(String),
+    /// A request is malformed.
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    /// A request stream broke the protocol (order, missing head, extra data).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// Connecting to or talking with a peer failed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// A peer refused the envelope with a REJECTED receipt or an error status.
+    #[error("refused by {party}: {reason}")]
+    Refused {
+        /// Who refused.
+        party: String,
+        /// Its reason code.
+        reason: String,
+    },
+    /// The daemon is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database holds something we cannot read back.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer version.
+    #[error("store schema version {found} is newer than this daemon's ({supported})")]
+    SchemaTooNew {
+        /// Version in the file.
+        found: u32,
+        /// Newest known here.
+        supported: u32,
+    },
+    /// The store's writer has stopped.
+    #[error("store closed")]
+    Closed,
+    /// The message or delivery an operation names is not stored.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A value the store cannot keep (out of range or inconsistent).
+    #[error("invalid value: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// A stable, short reason code (status metadata, logs, REJECTED receipts).
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Self::Core(e) => e.reason_code(),
+            Self::Store(StoreError::NotFound(_)) => "not-found",
+            Self::Config(_) | Self::ReadFile { .. } => "config",
+            Self::Store(_) => "store",
+            Self::Tls(_) | Self::Listen { .. } => "tls",
+            Self::PeerNotUpstream { .. } => "identity-mismatch",
+            Self::NotOnRoute => "not-on-route",
+            Self::TooLarge { .. } => "oversize",
+            Self::Replay(_) => "replay",
+            Self::Forbidden(_) => "policy-violation",
+            Self::UnknownClient(_) => "unknown-client",
+            Self::UnknownPeer(_) => "unknown-peer",
+            Self::NotFound(_) => "not-found",
+            Self::BadRequest(_) => "invalid-argument",
+            Self::Protocol(_) => "malformed",
+            Self::Transport(_) => "transport",
+            Self::Refused { .. } => "refused",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether retrying the same delivery later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Transport(_) | Self::Store(_) | Self::Shutdown | Self::UnknownPeer(_)
+        )
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            Self::Core(exchange_core::Error::Trust(_))
+            | Self::PeerNotUpstream { .. }
+            | Self::UnknownClient(_) => Code::PermissionDenied,
+            Self::Core(exchange_core::Error::Expired { .. }) => Code::FailedPrecondition,
+            Self::Core(exchange_core::Error::Io(_)) => Code::Internal,
+            Self::Core(_) | Self::BadRequest(_) | Self::Protocol(_) | Self::NotOnRoute => {
+                Code::InvalidArgument
+            }
+            Self::Forbidden(_) => Code::PermissionDenied,
+            Self::TooLarge { .. } => Code::ResourceExhausted,
+            Self::Replay(_) => Code::AlreadyExists,
+            Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
+            Self::UnknownPeer(_) | Self::Refused { .. } => Code::FailedPrecondition,
+            Self::Transport(_) | Self::Shutdown => Code::Unavailable,
+            Self::Config(_)
+            | Self::ReadFile { .. }
+            | Self::Store(_)
+            | Self::Tls(_)
+            | Self::Listen { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let reason = e.reason_code();
+        // Internal detail (paths, SQL) stays in our log; the peer gets the reason.
+        let message = match e.code() {
+            Code::Internal => format!("{reason}: internal error"),
+            _ => format!("{reason}: {e}"),
+        };
+        let mut status = Status::new(e.code(), message);
+        if let Ok(v) = reason.parse() {
+            status.metadata_mut().insert(REASON_METADATA, v);
+        }
+        status
+    }
+}
+
+/// The reason code a peer or daemon put on an error status, if any.
+pub fn status_reason(status: &Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(REASON_METADATA)
+        .and_then(|v| v.to_str().ok())
+}

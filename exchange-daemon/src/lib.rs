@@ -1,0 +1,38 @@
+//! # exchange-daemon
+//!
+//! `exchanged`: one facility's daemon (DESIGN.md §6). It accepts records from
+//! local applications (the client service), seals them, stores them durably
+//! and delivers them to other facilities over mutual TLS (the peer service),
+//! through relays when the route names some, retrying until they expire; it
+//! receives envelopes for its facility or to relay, and keeps every signed
+//! receipt, marking the one at the provision boundary (責任分界点).
+//!
+//! * [`config`]: the TOML configuration and network profiles;
+//! * [`tls`]: rustls mutual TLS, verification through exchange-core's trust store;
+//! * [`store`]: the durable store trait and its SQLite backend;
+//! * [`peer`], [`client_service`]: the two gRPC services;
+//! * [`client`]: a client library for local applications (used by the `exchange` CLI);
+//! * [`Daemon`]: start and stop a daemon in-process.
+//!
+//! The envelope and receipt rules are exchange-core's; this crate moves bytes
+//! between the network, the store and the core, and decides who may do what.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod client_service;
+pub mod config;
+mod delivery;
+pub mod error;
+mod node;
+pub mod peer;
+pub mod proto;
+mod server;
+mod sink;
+pub mod store;
+pub mod tls;
+
+pub use config::Config;
+pub use error::{Error, StoreError};
+pub use node::{Node, from_unix_ms, unix_ms};
+pub use server::Daemon;

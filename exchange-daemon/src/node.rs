@@ -1,0 +1,368 @@
+//! One facility's daemon state and the rules it applies at its edges.
+//!
+//! Envelope and receipt rules are exchange-core's (verify heads, check
+//! receipts against heads, find the provision boundary); this module only
+//! decides *who may do what here*: which TLS peer may deliver an envelope
+//! (the hop before us on its route), which local client may send where and
+//! read what, and what is stored and forwarded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
+use exchange_core::identity::{Certificate, DecryptionKey, Identity};
+use exchange_core::receipt::{Disposition, ReceiptContent, SignedReceipt, VerifiedReceipt};
+use exchange_core::route::{Hop, HopRole};
+use exchange_core::trust::TrustStore;
+use exchange_core::{MessageId, PartyUri};
+use tokio::sync::{Notify, broadcast};
+use tonic::transport::Channel;
+
+use crate::config::{ClientConfig, Config};
+use crate::error::Error;
+use crate::store::{MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
+use crate::tls::{self, TlsIdentity};
+
+/// How long receipts keep travelling upstream after the envelope expired (ms).
+pub(crate) const RECEIPT_GRACE_MS: u64 = 7 * 86_400_000;
+
+/// Unix milliseconds.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// From Unix milliseconds.
+pub fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A peer directory entry, loaded.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) address: String,
+    pub(crate) encryption: Option<Certificate>,
+}
+
+/// Where this facility stands on an envelope's route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Position {
+    /// Relay or final recipient.
+    pub(crate) kind: MessageKind,
+    /// Our role on the route.
+    pub(crate) role: HopRole,
+    /// Who must deliver it to us.
+    pub(crate) upstream: PartyUri,
+    /// Whom we deliver it to next (empty for a final recipient).
+    pub(crate) next: Vec<PartyUri>,
+}
+
+/// The hops the holder of an envelope delivers to: the first relay, or every
+/// recipient when there is none.
+pub(crate) fn first_hops(head: &VerifiedHead) -> Vec<PartyUri> {
+    let route = head.route();
+    match route.relays.first() {
+        Some(r) => vec![r.party.clone()],
+        None => route.recipients.into_iter().map(|h| h.party).collect(),
+    }
+}
+
+/// Where `us` stands on `head`'s route, or [`Error::NotOnRoute`].
+pub(crate) fn position(head: &VerifiedHead, us: &PartyUri) -> Result<Position, Error> {
+    let route = head.route();
+    let sender = head.sender().party().clone();
+    if let Some(i) = route.relays.iter().position(|h| &h.party == us) {
+        let upstream = if i == 0 {
+            sender
+        } else {
+            route.relays[i - 1].party.clone()
+        };
+        let next = match route.relays.get(i + 1) {
+            Some(h) => vec![h.party.clone()],
+            None => route.recipients.iter().map(|h| h.party.clone()).collect(),
+        };
+        return Ok(Position {
+            kind: MessageKind::Relay,
+            role: route.relays[i].role,
+            upstream,
+            next,
+        });
+    }
+    if let Some(h) = route.recipients.iter().find(|h| &h.party == us) {
+        return Ok(Position {
+            kind: MessageKind::Inbound,
+            role: h.role,
+            upstream: route.relays.last().map_or(sender, |r| r.party.clone()),
+            next: Vec::new(),
+        });
+    }
+    Err(Error::NotOnRoute)
+}
+
+/// The daemon's shared state.
+pub struct Node {
+    pub(crate) config: Config,
+    pub(crate) party: PartyUri,
+    pub(crate) identity: Identity,
+    pub(crate) keys: Vec<DecryptionKey>,
+    pub(crate) trust: Arc<TrustStore>,
+    pub(crate) client_trust: Arc<TrustStore>,
+    pub(crate) tls_identity: TlsIdentity,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) peers: HashMap<PartyUri, Peer>,
+    pub(crate) clients: HashMap<PartyUri, ClientConfig>,
+    channels: Mutex<HashMap<PartyUri, Channel>>,
+    /// Woken when new work is stored.
+    pub(crate) work: Notify,
+    /// Message ids whose status changed.
+    pub(crate) events: broadcast::Sender<MessageId>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("party", &self.party)
+            .finish_non_exhaustive()
+    }
+}
+
+fn trust_store(
+    config: &Config,
+    anchors: &[std::path::PathBuf],
+    crls: &[std::path::PathBuf],
+) -> Result<TrustStore, Error> {
+    let mut builder = TrustStore::builder();
+    for a in anchors {
+        builder = builder.anchors_pem(&config.read(a)?)?;
+    }
+    for c in crls {
+        builder = builder.crls_pem(&config.read(c)?)?;
+    }
+    if !config.network.allow_missing_crls {
+        builder = builder.require_crls();
+    }
+    if config.network.allow_stale_crls {
+        builder = builder.allow_stale_crls();
+    }
+    Ok(builder.build()?)
+}
+
+impl Node {
+    /// Loads credentials, trust and directories from `config` over `store`.
+    pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, Error> {
+        let id = &config.identity;
+        let identity = Identity::from_pem(&config.read(&id.cert)?, &config.read(&id.key)?)?;
+        let tls_identity = TlsIdentity::from_pem(&config.read(&id.cert)?, &config.read(&id.key)?)?;
+        let mut keys = vec![DecryptionKey::from_pem(
+            &config.read(&id.encryption_cert)?,
+            &config.read(&id.encryption_key)?,
+        )?];
+        for old in &id.previous_encryption {
+            keys.push(DecryptionKey::from_pem(
+                &config.read(&old.cert)?,
+                &config.read(&old.key)?,
+            )?);
+        }
+        let trust = Arc::new(trust_store(&config, &config.trust.anchors, &config.trust.crls)?);
+        let client_trust = if config.trust.client_anchors.is_empty() {
+            trust.clone()
+        } else {
+            let crls = if config.trust.client_crls.is_empty() {
+                &config.trust.crls
+            } else {
+                &config.trust.client_crls
+            };
+            Arc::new(trust_store(&config, &config.trust.client_anchors, crls)?)
+        };
+        let party = identity.party().clone();
+        // Our own credentials must pass the checks every peer will apply.
+        trust.verify_identity(identity.chain(), SystemTime::now())?;
+        for k in &keys[..1] {
+            let key = trust.verify_encryption(k.certificate(), SystemTime::now())?;
+            if key.party() != &party {
+                return Err(Error::Config(format!(
+                    "encryption certificate names {}, identity names {party}",
+                    key.party()
+                )));
+            }
+        }
+        let mut peers = HashMap::new();
+        for p in &config.peers {
+            let encryption = match &p.encryption_cert {
+                Some(path) => Some(
+                    Certificate::from_pem(&config.read(path)?)?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| {
+                            Error::Config(format!("{}: no certificate", path.display()))
+                        })?,
+                ),
+                None => None,
+            };
+            peers.insert(
+                PartyUri::new(p.party.clone())?,
+                Peer {
+                    address: p.address.clone(),
+                    encryption,
+                },
+            );
+        }
+        let clients = config
+            .clients
+            .iter()
+            .map(|c| Ok((PartyUri::new(c.party.clone())?, c.clone())))
+            .collect::<Result<HashMap<_, _>, Error>>()?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            config,
+            party,
+            identity,
+            keys,
+            trust,
+            client_trust,
+            tls_identity,
+            store,
+            peers,
+            clients,
+            channels: Mutex::new(HashMap::new()),
+            work: Notify::new(),
+            events,
+        })
+    }
+
+    /// This facility's party URI.
+    pub fn party(&self) -> &PartyUri {
+        &self.party
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(crate) fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        tls::versions(self.config.network.allow_tls12)
+    }
+
+    /// A (cached, lazily connecting) channel to `party`'s peer service, pinned to it.
+    pub(crate) fn channel(&self, party: &PartyUri) -> Result<Channel, Error> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| Error::Transport("channel cache poisoned".into()))?;
+        if let Some(c) = channels.get(party) {
+            return Ok(c.clone());
+        }
+        let peer = self
+            .peers
+            .get(party)
+            .ok_or_else(|| Error::UnknownPeer(party.to_string()))?;
+        let config = tls::client_config(
+            self.trust.clone(),
+            party.clone(),
+            Some(&self.tls_identity),
+            self.versions(),
+        )?;
+        let channel = tls::channel(
+            &peer.address,
+            config,
+            self.config.delivery.connect_timeout(),
+        )?;
+        channels.insert(party.clone(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The local client behind a connection.
+    pub(crate) fn client(&self, party: &PartyUri) -> Result<&ClientConfig, Error> {
+        self.clients
+            .get(party)
+            .ok_or_else(|| Error::UnknownClient(party.to_string()))
+    }
+
+    /// Verifies a stored head (stored envelopes were verified on arrival;
+    /// this re-checks the signature and chain at the time of arrival, with
+    /// today's CRLs).
+    pub(crate) fn verify_stored(&self, record: &MessageRecord) -> Result<VerifiedHead, Error> {
+        let head = EnvelopeHead::decode(&record.head)?;
+        Ok(head.verify_ignoring_expiry(&self.trust, from_unix_ms(record.received_ms))?)
+    }
+
+    /// Signs a receipt about `head`.
+    pub(crate) fn sign_receipt(
+        &self,
+        head: &VerifiedHead,
+        role: HopRole,
+        disposition: Disposition,
+        now: SystemTime,
+    ) -> SignedReceipt {
+        SignedReceipt::issue(
+            &self.identity,
+            &ReceiptContent::for_head(head, role, disposition, now),
+        )
+    }
+
+    /// Verifies a receipt and ties it to `head`.
+    pub(crate) fn check_receipt(
+        &self,
+        head: &VerifiedHead,
+        bytes: &[u8],
+    ) -> Result<VerifiedReceipt, Error> {
+        let receipt = SignedReceipt::from_bytes(bytes)?.verify(&self.trust)?;
+        receipt.check_for(head)?;
+        Ok(receipt)
+    }
+
+    /// A receipt to keep, passed on upstream when we are a relay.
+    pub(crate) fn keep_receipt(
+        &self,
+        record: &MessageRecord,
+        receipt: &VerifiedReceipt,
+    ) -> NewReceipt {
+        let forward = match (record.kind, &record.upstream) {
+            (MessageKind::Relay | MessageKind::Inbound, Some(up))
+                if receipt.issuer() != up =>
+            {
+                Some(NewDelivery {
+                    target: up.clone(),
+                    kind: crate::store::DeliveryKind::Receipt(receipt.signed().to_bytes()),
+                    expires_ms: record.expires_ms.saturating_add(RECEIPT_GRACE_MS),
+                })
+            }
+            _ => None,
+        };
+        NewReceipt {
+            signed: receipt.signed().to_bytes(),
+            issuer: receipt.issuer().clone(),
+            disposition: receipt.disposition().as_str().to_owned(),
+            issued_ms: unix_ms(receipt.issued()),
+            forward,
+        }
+    }
+
+    /// Logs provision boundaries that `receipts` pass, for a message we sent.
+    pub(crate) fn note_boundaries(&self, head: &VerifiedHead, receipts: &[VerifiedReceipt]) {
+        for p in head.route().provision_boundaries(receipts) {
+            if let exchange_core::route::Provision::Passed { boundary, receipt } = p.provision {
+                tracing::debug!(
+                    message = %head.header().message_id,
+                    recipient = %p.recipient,
+                    boundary = %boundary.party,
+                    issued = unix_ms(receipts[receipt].issued()),
+                    "provision boundary passed"
+                );
+            }
+        }
+    }
+
+    /// Relays a client names as `party` or `party=entrusted|third-party` (default entrusted).
+    pub(crate) fn parse_relay(spec: &str) -> Result<Hop, Error> {
+        let (party, role) = match spec.split_once('=') {
+            Some((p, r)) => (p, r.parse::<HopRole>()?),
+            None => (spec, HopRole::Entrusted),
+        };
+        Ok(Hop {
+            party: PartyUri::new(party.to_owned())?,
+            role,
+        })
+    }
+}

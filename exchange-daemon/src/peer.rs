@@ -1,0 +1,258 @@
+//! The peer service: envelopes and receipts from other facilities.
+//!
+//! Receiving an envelope (DESIGN.md §5-6): the head is verified first
+//! (signature, sender chain, expiry), then our place on its route decides
+//! whether the TLS peer may deliver it (it must be the hop before us) and
+//! what we sign; the ciphertext is checked against the signed digest as it
+//! streams in; only a fully verified envelope is stored, and only a stored
+//! one gets a receipt. A relay never holds a key that opens the payload.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use exchange_core::envelope::EnvelopeHead;
+use exchange_core::receipt::Disposition;
+use exchange_core::{MessageId, PartyUri};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::node::{Node, position, unix_ms};
+use crate::proto::deliver_request::Part;
+use crate::proto::peer_server::Peer;
+use crate::proto::{DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse};
+use crate::sink::Sink;
+use crate::store::{Accepted, DeliveryKind, MessageKind, NewDelivery, NewEnvelope};
+use crate::tls::PeerInfo;
+
+/// The peer gRPC service.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    node: Arc<Node>,
+}
+
+impl PeerService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+/// The authenticated party of a request (set by the TLS accept loop).
+pub(crate) fn peer_of<T>(req: &Request<T>) -> Result<PartyUri, Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .map(|p| p.party.clone())
+        .ok_or_else(|| Status::unauthenticated("no authenticated TLS peer"))
+}
+
+impl Node {
+    /// Receives one envelope from `peer`; returns our signed receipt (bytes).
+    pub(crate) async fn receive(
+        &self,
+        peer: &PartyUri,
+        head: &[u8],
+        mut stream: Streaming<DeliverRequest>,
+    ) -> Result<Vec<u8>, Error> {
+        let now = SystemTime::now();
+        let head = EnvelopeHead::decode(head)?.verify(&self.trust, now)?;
+        let pos = position(&head, &self.party)?;
+        if peer != &pos.upstream {
+            return Err(Error::PeerNotUpstream {
+                peer: peer.to_string(),
+                expected: pos.upstream.to_string(),
+            });
+        }
+        let header = head.header();
+        let limit = self.config.limits.max_envelope_bytes;
+        let len = header.ciphertext_length();
+        if len > limit {
+            return Err(Error::TooLarge { len, limit });
+        }
+        if pos.kind == MessageKind::Inbound {
+            // Our key must open it (recipient entry, key commitment, inner
+            // metadata) before we take responsibility for it.
+            drop(head.open(&self.keys)?);
+        }
+        let mut verifier = head.ciphertext_verifier();
+        let mut sink = Sink::new(
+            self.store.clone(),
+            len,
+            self.config.limits.inline_ciphertext_bytes,
+        )?;
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| Error::Transport(format!("receiving ciphertext: {}", s.message())))?
+        {
+            match msg.part {
+                Some(Part::Chunk(data)) => {
+                    verifier.update(&data)?;
+                    sink.write(data).await?;
+                }
+                _ => return Err(Error::Protocol("a head after the first message".into())),
+            }
+        }
+        verifier.finish()?;
+        let ciphertext = sink.finish().await?;
+
+        let disposition = match pos.kind {
+            MessageKind::Relay => Disposition::AcceptedForRelay,
+            _ => Disposition::Delivered,
+        };
+        let receipt = self
+            .sign_receipt(&head, pos.role, disposition, now)
+            .to_bytes();
+        let deliveries = pos
+            .next
+            .iter()
+            .map(|target| NewDelivery {
+                target: target.clone(),
+                kind: DeliveryKind::Envelope,
+                expires_ms: unix_ms(header.expires),
+            })
+            .collect();
+        let id = header.message_id;
+        let accepted = self
+            .store
+            .accept(NewEnvelope {
+                id,
+                header_sha256: head.head().header_sha256(),
+                kind: pos.kind,
+                head: head.head().as_bytes().to_vec(),
+                ciphertext,
+                ciphertext_len: len,
+                sender: head.sender().party().clone(),
+                upstream: Some(pos.upstream.clone()),
+                local_client: None,
+                content_type: header.content_type.clone(),
+                purpose: header.purpose.clone(),
+                created_ms: unix_ms(header.created),
+                expires_ms: unix_ms(header.expires),
+                received_ms: unix_ms(now),
+                our_receipt: Some(receipt.clone()),
+                deliveries,
+            })
+            .await?;
+        match accepted {
+            Accepted::Stored => {
+                tracing::info!(
+                    message = %id,
+                    from = %peer,
+                    sender = %head.sender().party(),
+                    kind = pos.kind.as_str(),
+                    bytes = len,
+                    "envelope accepted"
+                );
+                if pos.kind == MessageKind::Relay {
+                    self.work.notify_one();
+                }
+                Ok(receipt)
+            }
+            Accepted::Duplicate(stored) => {
+                match (
+                    stored.header_sha256 == head.head().header_sha256(),
+                    stored.our_receipt,
+                ) {
+                    (true, Some(original)) => {
+                        tracing::info!(message = %id, from = %peer, "redelivery: original receipt returned");
+                        Ok(original)
+                    }
+                    _ => Err(Error::Replay(id.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Keeps receipts that `peer` (a hop after us) returns for message `id`.
+    pub(crate) async fn take_receipts(
+        &self,
+        peer: &PartyUri,
+        id: MessageId,
+        receipts: &[Vec<u8>],
+    ) -> Result<usize, Error> {
+        let record = self
+            .store
+            .message(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let head = self.verify_stored(&record)?;
+        let next = match record.kind {
+            MessageKind::Outbound => crate::node::first_hops(&head),
+            _ => position(&head, &self.party)?.next,
+        };
+        if !next.contains(peer) {
+            return Err(Error::PeerNotUpstream {
+                peer: peer.to_string(),
+                expected: next
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            });
+        }
+        let verified = receipts
+            .iter()
+            .map(|r| self.check_receipt(&head, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let new = verified
+            .iter()
+            .map(|r| self.keep_receipt(&record, r))
+            .collect();
+        let stored = self.store.add_receipts(id, new).await?;
+        if stored > 0 {
+            if record.kind == MessageKind::Outbound {
+                self.note_boundaries(&head, &verified);
+            } else {
+                self.work.notify_one();
+            }
+            let _ = self.events.send(id);
+        }
+        Ok(stored)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn deliver(
+        &self,
+        req: Request<Streaming<DeliverRequest>>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let peer = peer_of(&req)?;
+        let mut stream = req.into_inner();
+        let head = match stream.message().await? {
+            Some(DeliverRequest {
+                part: Some(Part::Head(head)),
+            }) => head,
+            _ => {
+                let e = Error::Protocol("the first message must carry the head".into());
+                tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {e}");
+                return Err(e.into());
+            }
+        };
+        match self.node.receive(&peer, &head, stream).await {
+            Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
+            Err(e) => {
+                tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn return_receipts(
+        &self,
+        req: Request<ReturnReceiptsRequest>,
+    ) -> Result<Response<ReturnReceiptsResponse>, Status> {
+        let peer = peer_of(&req)?;
+        let req = req.into_inner();
+        let id = MessageId::from_slice(&req.message_id).map_err(Error::from)?;
+        match self.node.take_receipts(&peer, id, &req.receipts).await {
+            Ok(n) => Ok(Response::new(ReturnReceiptsResponse {
+                stored: u32::try_from(n).unwrap_or(u32::MAX),
+            })),
+            Err(e) => {
+                tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {e}");
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Starting and stopping a daemon: store, listeners, services, workers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+
+use crate::client_service::ClientService;
+use crate::config::{Config, Profile};
+use crate::error::Error;
+use crate::node::Node;
+use crate::peer::PeerService;
+use crate::proto::client_server::ClientServer;
+use crate::proto::peer_server::PeerServer;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use crate::{delivery, proto, tls};
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    node: Arc<Node>,
+    peer_addr: SocketAddr,
+    client_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Listen {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+fn log_profile(config: &Config) {
+    let relaxed = config.network.relaxations();
+    match config.network.profile {
+        Profile::Open => tracing::info!(
+            "network profile open: TLS 1.3 only, client certificates required, fresh CRLs required, peers pinned"
+        ),
+        Profile::Closed if relaxed.is_empty() => tracing::info!(
+            "network profile closed with no relaxation: TLS 1.3 only, client certificates required, fresh CRLs required, peers pinned"
+        ),
+        Profile::Closed => {
+            for r in relaxed {
+                tracing::warn!(relaxation = r, "network profile closed: relaxation in force");
+            }
+        }
+    }
+}
+
+impl Daemon {
+    /// Opens the SQLite store in `config.data_dir` and starts.
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        let dir = config.path(&config.data_dir);
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+            .await
+            .map_err(|_| Error::Shutdown)??;
+        Self::start_with_store(config, Arc::new(store)).await
+    }
+
+    /// Starts over a given store.
+    pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, Error> {
+        tls::install_provider();
+        log_profile(&config);
+        let peer_listener = bind(&config.listen.peer).await?;
+        let client_listener = bind(&config.listen.client).await?;
+        let local = |l: &TcpListener, a: &str| {
+            l.local_addr().map_err(|source| Error::Listen {
+                addr: a.to_owned(),
+                source,
+            })
+        };
+        let peer_addr = local(&peer_listener, &config.listen.peer)?;
+        let client_addr = local(&client_listener, &config.listen.client)?;
+        let released = store.release_claims(&config.delivery.node_name).await?;
+        if released > 0 {
+            tracing::info!(released, "resuming deliveries claimed before a restart");
+        }
+        let node = Arc::new(Node::new(config, store)?);
+        let versions = node.versions();
+        let peer_tls = tls::server_config(node.trust.clone(), &node.tls_identity, versions)?;
+        let client_tls =
+            tls::server_config(node.client_trust.clone(), &node.tls_identity, versions)?;
+
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<PeerServer<PeerService>>()
+            .await;
+        reporter
+            .set_serving::<ClientServer<ClientService>>()
+            .await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(|e| Error::Config(format!("reflection: {e}")))
+        };
+
+        let peer_router = Server::builder()
+            .add_service(health.clone())
+            .add_service(reflection()?)
+            .add_service(PeerServer::new(PeerService::new(node.clone())));
+        let client_router = Server::builder()
+            .add_service(health)
+            .add_service(reflection()?)
+            .add_service(ClientServer::new(ClientService::new(node.clone())));
+        for (name, router, listener, config) in [
+            ("peer", peer_router, peer_listener, peer_tls),
+            ("client", client_router, client_listener, client_tls),
+        ] {
+            let mut stop = rx.clone();
+            let incoming = tls::incoming(listener, config, name);
+            tasks.push(tokio::spawn(async move {
+                let signal = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                    tracing::error!(service = name, error = %e, "server stopped");
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(delivery::run(node.clone(), rx)));
+        tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started");
+        Ok(Self {
+            node,
+            peer_addr,
+            client_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The bound peer listener address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// The bound client listener address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The daemon's state (party, store).
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Stops accepting, lets running requests finish, stops the workers.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        // Long-lived client streams (WatchStatus) must not hold the stop up.
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        tracing::info!(party = %self.node.party(), "exchanged stopped");
+    }
+}

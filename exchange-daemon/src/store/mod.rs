@@ -1,0 +1,387 @@
+//! Durable store: envelopes as received (still sealed and signed), the work
+//! queue of deliveries, and every receipt (DESIGN.md §6).
+//!
+//! The [`Store`] trait is what the daemon calls; [`sqlite::SqliteStore`] is
+//! the embedded default. The trait is written for a shared backend too
+//! (PostgreSQL with several daemon replicas): work is *claimed* with a lease
+//! by an owner name, so two replicas never deliver the same item at once and
+//! a crashed replica's claims lapse.
+//!
+//! Guarantees every backend gives:
+//!
+//! * a call that returns `Ok` is durable (committed and fsynced);
+//! * [`Store::accept`] stores the envelope row, its ciphertext and its first
+//!   deliveries atomically: after a crash either all exist or none;
+//! * accepting a message id already stored changes nothing and returns the
+//!   stored record ([`Accepted::Duplicate`]): receiving is idempotent;
+//! * receipts are kept once each (by the SHA-256 of their bytes).
+//!
+//! The store does not interpret envelopes or receipts: the daemon verifies
+//! them with exchange-core before they get here, and again when it reads them.
+
+pub mod sqlite;
+
+use std::fmt;
+use std::fs::File;
+use std::future::Future;
+use std::io::Read;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use exchange_core::{MessageId, PartyUri};
+
+use crate::error::StoreError;
+
+/// A boxed future returned by [`Store`] methods.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why this daemon holds an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// A local client sent it: we are the origin.
+    Outbound,
+    /// We are a relay on its route: we forward it.
+    Relay,
+    /// We are a final recipient: it is in our inbox.
+    Inbound,
+}
+
+impl MessageKind {
+    /// Stable name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Relay => "relay",
+            Self::Inbound => "inbound",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "outbound" => Some(Self::Outbound),
+            "relay" => Some(Self::Relay),
+            "inbound" => Some(Self::Inbound),
+            _ => None,
+        }
+    }
+}
+
+/// The ciphertext of an envelope being stored.
+pub enum Ciphertext {
+    /// Small: kept in the database row (batched commits, no extra fsync).
+    Inline(Vec<u8>),
+    /// Large: a spool file from [`Store::spool`], already fully written.
+    /// The store fsyncs it and moves it into its blob directory before the
+    /// row that names it commits.
+    Spooled(SpoolFile),
+}
+
+impl fmt::Debug for Ciphertext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inline(v) => write!(f, "Inline({} bytes)", v.len()),
+            Self::Spooled(s) => write!(f, "Spooled({})", s.path.display()),
+        }
+    }
+}
+
+/// A temporary file in the store's spool directory. Removed on drop unless
+/// the store took it over.
+#[derive(Debug)]
+pub struct SpoolFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// The open file (write ciphertext here).
+    pub file: File,
+    pub(crate) kept: bool,
+}
+
+impl SpoolFile {
+    /// Wraps a freshly created spool file.
+    pub fn new(path: PathBuf, file: File) -> Self {
+        Self {
+            path,
+            file,
+            kept: false,
+        }
+    }
+}
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What travels on a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// The envelope, to the next hop.
+    Envelope,
+    /// One signed receipt, back towards the origin.
+    Receipt(Vec<u8>),
+}
+
+/// A delivery to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    /// The party to deliver to.
+    pub target: PartyUri,
+    /// What to deliver.
+    pub kind: DeliveryKind,
+    /// Give up (state FAILED) after this time (Unix ms).
+    pub expires_ms: u64,
+}
+
+/// An envelope to store.
+#[derive(Debug)]
+pub struct NewEnvelope {
+    /// Message id.
+    pub id: MessageId,
+    /// SHA-256 of the signed header bytes (tells two envelopes with one id apart).
+    pub header_sha256: [u8; 32],
+    /// Why we hold it.
+    pub kind: MessageKind,
+    /// The envelope head, network form, exactly as received.
+    pub head: Vec<u8>,
+    /// Ciphertext, exactly as received.
+    pub ciphertext: Ciphertext,
+    /// Ciphertext length in bytes.
+    pub ciphertext_len: u64,
+    /// The (verified) sending party.
+    pub sender: PartyUri,
+    /// The peer that delivered it to us (relay, inbound).
+    pub upstream: Option<PartyUri>,
+    /// The local client that sent it (outbound).
+    pub local_client: Option<String>,
+    /// Content type from the header.
+    pub content_type: String,
+    /// Purpose from the header.
+    pub purpose: String,
+    /// Header created time (Unix ms).
+    pub created_ms: u64,
+    /// Header expiry (Unix ms).
+    pub expires_ms: u64,
+    /// When we accepted it (Unix ms).
+    pub received_ms: u64,
+    /// The receipt we issued on accepting it (relay, inbound).
+    pub our_receipt: Option<Vec<u8>>,
+    /// Work created with it: forwarding to the next hops.
+    pub deliveries: Vec<NewDelivery>,
+}
+
+/// A stored envelope's row (without its ciphertext).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// Message id.
+    pub id: MessageId,
+    /// SHA-256 of the signed header bytes.
+    pub header_sha256: [u8; 32],
+    /// Why we hold it.
+    pub kind: MessageKind,
+    /// The envelope head, network form.
+    pub head: Vec<u8>,
+    /// Ciphertext length.
+    pub ciphertext_len: u64,
+    /// Sending party.
+    pub sender: PartyUri,
+    /// Who delivered it to us.
+    pub upstream: Option<PartyUri>,
+    /// Which local client sent it.
+    pub local_client: Option<String>,
+    /// Content type.
+    pub content_type: String,
+    /// Purpose.
+    pub purpose: String,
+    /// Created (Unix ms).
+    pub created_ms: u64,
+    /// Expires (Unix ms).
+    pub expires_ms: u64,
+    /// Accepted (Unix ms).
+    pub received_ms: u64,
+    /// The receipt we issued on accepting it.
+    pub our_receipt: Option<Vec<u8>>,
+    /// When a local client acknowledged it (inbound).
+    pub acked_ms: Option<u64>,
+}
+
+/// Result of [`Store::accept`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Newly stored.
+    Stored,
+    /// The id was already stored; nothing changed. The stored record.
+    Duplicate(Box<MessageRecord>),
+}
+
+/// State of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its next attempt (or being attempted).
+    Pending,
+    /// The target took it (a custody receipt came back, or the receipt was stored).
+    Done,
+    /// Given up: expired or refused, with the reason.
+    Failed(String),
+}
+
+impl DeliveryState {
+    /// `PENDING`, `DELIVERED` or `FAILED`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Done => "DELIVERED",
+            Self::Failed(_) => "FAILED",
+        }
+    }
+}
+
+/// A delivery as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    /// Row id.
+    pub id: i64,
+    /// The message.
+    pub message_id: MessageId,
+    /// Target party.
+    pub target: PartyUri,
+    /// What it carries.
+    pub kind: DeliveryKind,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Next attempt (Unix ms).
+    pub next_attempt_ms: u64,
+    /// Error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// Give up after (Unix ms).
+    pub expires_ms: u64,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Delivered.
+    Done,
+    /// Failed for now; try again at `next_attempt_ms`.
+    Retry {
+        /// Why it failed.
+        error: String,
+        /// When to try next (Unix ms).
+        next_attempt_ms: u64,
+    },
+    /// Failed for good.
+    Failed(String),
+}
+
+/// A receipt to keep, with the deliveries it causes (a relay passes every
+/// new receipt on upstream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReceipt {
+    /// The signed receipt bytes (already verified by the caller).
+    pub signed: Vec<u8>,
+    /// Its issuer.
+    pub issuer: PartyUri,
+    /// Its disposition name (`DELIVERED` …).
+    pub disposition: String,
+    /// Issued (Unix ms).
+    pub issued_ms: u64,
+    /// Created only if the receipt is new to the store.
+    pub forward: Option<NewDelivery>,
+}
+
+/// A stored receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRecord {
+    /// The signed receipt bytes.
+    pub signed: Vec<u8>,
+    /// Issuer.
+    pub issuer: PartyUri,
+    /// Disposition name.
+    pub disposition: String,
+    /// Issued (Unix ms).
+    pub issued_ms: u64,
+}
+
+/// Ciphertext to read back.
+#[derive(Debug)]
+pub enum StoredCiphertext {
+    /// Kept in the row.
+    Inline(Vec<u8>),
+    /// Kept in a blob file.
+    File(PathBuf),
+}
+
+impl StoredCiphertext {
+    /// A reader over the ciphertext.
+    pub fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        match self {
+            Self::Inline(v) => Ok(Box::new(std::io::Cursor::new(v.clone()))),
+            Self::File(p) => Ok(Box::new(std::io::BufReader::with_capacity(
+                256 * 1024,
+                File::open(p)?,
+            ))),
+        }
+    }
+}
+
+/// The durable store.
+pub trait Store: Send + Sync + 'static {
+    /// A new spool file for a large ciphertext (see [`Ciphertext::Spooled`]).
+    fn spool(&self) -> Result<SpoolFile, StoreError>;
+
+    /// Stores an envelope with its deliveries, atomically and durably;
+    /// an id already stored changes nothing.
+    fn accept(&self, envelope: NewEnvelope) -> StoreFuture<'_, Accepted>;
+
+    /// The row of one message.
+    fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>>;
+
+    /// One message's ciphertext.
+    fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext>;
+
+    /// Claims up to `limit` due pending deliveries for `owner` until
+    /// `lease_until_ms`; nobody else gets them before then.
+    fn claim_due(
+        &self,
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DeliveryRecord>>;
+
+    /// Releases every claim `owner` holds (a single-node daemon at start).
+    fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;
+
+    /// Records an attempt's outcome with the receipts it brought back, atomically.
+    fn finish_attempt(
+        &self,
+        delivery: i64,
+        outcome: AttemptOutcome,
+        receipts: Vec<NewReceipt>,
+    ) -> StoreFuture<'_, ()>;
+
+    /// Keeps receipts for a message; returns how many were new.
+    fn add_receipts(&self, id: MessageId, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize>;
+
+    /// Every receipt for a message, in the order received.
+    fn receipts(&self, id: MessageId) -> StoreFuture<'_, Vec<ReceiptRecord>>;
+
+    /// Every delivery of a message.
+    fn deliveries(&self, id: MessageId) -> StoreFuture<'_, Vec<DeliveryRecord>>;
+
+    /// Inbound messages, newest last; acknowledged ones only if asked.
+    fn inbox(&self, include_acked: bool) -> StoreFuture<'_, Vec<MessageRecord>>;
+
+    /// Marks an inbound message acknowledged at `now_ms`, keeping our
+    /// PROCESSED receipt (and its way back upstream). False if already acked.
+    fn acknowledge(&self, id: MessageId, now_ms: u64, receipt: NewReceipt)
+    -> StoreFuture<'_, bool>;
+
+    /// How many pending deliveries there are (health, tests, the demo).
+    fn pending_count(&self) -> StoreFuture<'_, u64>;
+}

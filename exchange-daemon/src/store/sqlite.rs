@@ -1,0 +1,1311 @@
+//! The embedded store: one SQLite database in WAL mode plus a directory of
+//! ciphertext blob files.
+//!
+//! # On-disk format
+//!
+//! A store directory holds:
+//!
+//! * `store.sqlite3` (with its `-wal` and `-shm` files): the database,
+//!   created with mode 0600;
+//! * `store.lock`: a small SQLite file this process keeps exclusively locked
+//!   while the store is open, so a second process (or a second
+//!   [`SqliteStore`] in this one) cannot open the directory and sweep files
+//!   the first one is still writing;
+//! * `blobs/`: large ciphertexts, one file each, named
+//!   `<32 hex digits of the message id>-<16 hex digits: first 8 bytes of the
+//!   header SHA-256>`; if that name is taken (a concurrent redelivery, or an
+//!   orphan of a failed commit), a third part `-<16 random hex digits>` is
+//!   added. Only the characters `0-9a-f-` ever appear in a blob name; a name
+//!   read back from the database is checked against that set;
+//! * `spool/`: files being written by callers ([`Store::spool`]), random names.
+//!
+//! Directories are created with mode 0700, files with 0600 (unix).
+//!
+//! The schema version is kept in `PRAGMA user_version`; [`MIGRATIONS`]`[i]`
+//! takes version `i` to `i + 1`, each in its own transaction. A database with
+//! a newer version is refused ([`StoreError::SchemaTooNew`]). Version 1:
+//!
+//! * `messages`: one row per envelope. `id` (16-byte BLOB, primary key),
+//!   `header_sha256` (32 bytes), `kind` (`outbound` | `relay` | `inbound`),
+//!   `head`, the ciphertext either inline in `ciphertext` or in the blob file
+//!   named by `blob` (exactly one of the two is non-NULL), `ciphertext_len`,
+//!   `sender`, `upstream`, `local_client`, `content_type`, `purpose`,
+//!   `created_ms`, `expires_ms`, `received_ms`, `our_receipt`, `acked_ms`.
+//! * `deliveries`: the work queue. `id` (INTEGER PRIMARY KEY AUTOINCREMENT:
+//!   never reused, so a stale id cannot name another delivery), `message_id`,
+//!   `kind` (`envelope` | `receipt`, the receipt bytes in `payload`),
+//!   `target`, `state` (`pending` | `done` | `failed`, the reason of a
+//!   failure in `failure`), `attempts`, `next_attempt_ms`, `claimed_by`,
+//!   `claim_until_ms`, `last_error`, `expires_ms`. Partial index
+//!   `deliveries_due` over pending rows by (`next_attempt_ms`, `id`).
+//! * `receipts`: `seq` (AUTOINCREMENT: insertion order), `message_id`,
+//!   `digest` (SHA-256 of `signed`, unique per message), `issuer`,
+//!   `disposition`, `issued_ms`, `signed`.
+//!
+//! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
+//! above `i64::MAX` is refused on the way in, a negative value read back is
+//! reported as [`StoreError::Corrupt`].
+//!
+//! # Durability
+//!
+//! `synchronous = FULL`: every commit fsyncs the WAL. A spooled ciphertext
+//! is fsynced, hard-linked into `blobs/` under its final name (a link never
+//! replaces an existing file), and `blobs/` is fsynced, all *before* the
+//! row naming it is committed; the spool name is then removed. A crash
+//! between the link and the commit leaves a blob no row names: opening the
+//! store deletes such orphans and empties `spool/`. An accept whose commit
+//! reported an error (outcome uncertain) leaves its blob in place for the
+//! same sweep rather than risk deleting a committed row's file.
+//!
+//! # Group commit
+//!
+//! Every write runs on one writer thread that owns the write connection.
+//! It takes the first queued operation, drains up to [`MAX_BATCH`] more,
+//! runs them all in one transaction, each inside its own `SAVEPOINT` (a
+//! failing operation rolls back only itself and gets its own error),
+//! commits once (one fsync for the batch) and only then answers every
+//! operation. If the transaction cannot be committed, every operation of
+//! the batch gets the error. Reads use a second, read-only connection (WAL
+//! readers do not block the writer) on the blocking thread pool.
+//!
+//! One process per store directory (enforced by `store.lock`).
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use exchange_core::suite::sha256;
+use exchange_core::{MessageId, PartyUri};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Accepted, AttemptOutcome, Ciphertext, DeliveryKind, DeliveryRecord, DeliveryState, MessageKind,
+    MessageRecord, NewDelivery, NewEnvelope, NewReceipt, ReceiptRecord, SpoolFile, Store,
+    StoreFuture, StoredCiphertext,
+};
+use crate::error::StoreError;
+
+#[cfg(test)]
+mod tests;
+
+/// Schema migrations: entry `i` takes `PRAGMA user_version` from `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    r"
+CREATE TABLE messages (
+    id             BLOB PRIMARY KEY NOT NULL CHECK (length(id) = 16),
+    header_sha256  BLOB NOT NULL CHECK (length(header_sha256) = 32),
+    kind           TEXT NOT NULL CHECK (kind IN ('outbound', 'relay', 'inbound')),
+    head           BLOB NOT NULL,
+    ciphertext     BLOB,
+    blob           TEXT,
+    ciphertext_len INTEGER NOT NULL CHECK (ciphertext_len >= 0),
+    sender         TEXT NOT NULL,
+    upstream       TEXT,
+    local_client   TEXT,
+    content_type   TEXT NOT NULL,
+    purpose        TEXT NOT NULL,
+    created_ms     INTEGER NOT NULL,
+    expires_ms     INTEGER NOT NULL,
+    received_ms    INTEGER NOT NULL,
+    our_receipt    BLOB,
+    acked_ms       INTEGER,
+    CHECK ((ciphertext IS NULL) <> (blob IS NULL))
+);
+CREATE INDEX messages_inbox ON messages (received_ms, id) WHERE kind = 'inbound';
+CREATE UNIQUE INDEX messages_blob ON messages (blob) WHERE blob IS NOT NULL;
+
+CREATE TABLE deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id      BLOB NOT NULL REFERENCES messages (id),
+    kind            TEXT NOT NULL CHECK (kind IN ('envelope', 'receipt')),
+    payload         BLOB,
+    target          TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    failure         TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_ms INTEGER NOT NULL,
+    claimed_by      TEXT,
+    claim_until_ms  INTEGER,
+    last_error      TEXT,
+    expires_ms      INTEGER NOT NULL,
+    CHECK ((kind = 'receipt') = (payload IS NOT NULL)),
+    CHECK ((state = 'failed') = (failure IS NOT NULL))
+);
+CREATE INDEX deliveries_due ON deliveries (next_attempt_ms, id) WHERE state = 'pending';
+CREATE INDEX deliveries_message ON deliveries (message_id);
+CREATE INDEX deliveries_claimed ON deliveries (claimed_by) WHERE claimed_by IS NOT NULL;
+
+CREATE TABLE receipts (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  BLOB NOT NULL REFERENCES messages (id),
+    digest      BLOB NOT NULL CHECK (length(digest) = 32),
+    issuer      TEXT NOT NULL,
+    disposition TEXT NOT NULL,
+    issued_ms   INTEGER NOT NULL,
+    signed      BLOB NOT NULL,
+    UNIQUE (message_id, digest)
+);
+",
+];
+
+/// Most operations the writer commits in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+/// How long a connection waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+const DB_FILE: &str = "store.sqlite3";
+const LOCK_FILE: &str = "store.lock";
+const BLOBS_DIR: &str = "blobs";
+const SPOOL_DIR: &str = "spool";
+
+const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphertext_len, sender, upstream, \
+     local_client, content_type, purpose, created_ms, expires_ms, received_ms, our_receipt, acked_ms";
+
+const DELIVERY_COLUMNS: &str = "id, message_id, target, kind, payload, state, failure, attempts, \
+     next_attempt_ms, last_error, expires_ms";
+
+/// Counters of the writer thread (metrics, tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Write operations handed to the writer since open.
+    pub ops_submitted: u64,
+    /// Transactions the writer committed since open (one per batch).
+    pub transactions_committed: u64,
+}
+
+/// The embedded SQLite [`Store`] (see the module documentation).
+pub struct SqliteStore {
+    blobs: PathBuf,
+    spool: PathBuf,
+    /// `None` only while dropping.
+    writer_tx: Option<mpsc::Sender<Box<dyn Job>>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Arc<Mutex<Connection>>,
+    submitted: AtomicU64,
+    committed: Arc<AtomicU64>,
+    /// Held for its file lock until the store is dropped.
+    _lock: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("blobs", &self.blobs)
+            .field("spool", &self.spool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the store in `dir`: migrates the schema,
+    /// empties `spool/`, deletes blob files no row names, and starts the
+    /// writer thread. Blocking. Fails if the directory is already open.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let blobs = dir.join(BLOBS_DIR);
+        let spool = dir.join(SPOOL_DIR);
+        for d in [dir, &blobs, &spool] {
+            create_dir(d)?;
+        }
+        let lock = lock_dir(dir)?;
+
+        let db = dir.join(DB_FILE);
+        // Create the file ourselves so it (and the -wal / -shm files SQLite
+        // derives from it) get mode 0600.
+        let mut create = OpenOptions::new();
+        create.write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut create, 0o600);
+        create.open(&db).map_err(|e| io_err("create", &db, e))?;
+
+        let mut conn = Connection::open_with_flags(
+            &db,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&conn)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "cannot enable WAL (journal_mode is {mode})"
+            )));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        migrate(&mut conn)?;
+
+        clear_spool(&spool)?;
+        sweep_blobs(&conn, &blobs)?;
+        sync_dir(dir)?;
+
+        let reader = Connection::open_with_flags(
+            &db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&reader)?;
+
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let committed = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&committed);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&conn, &rx, &counter))
+            .map_err(|e| io_err("spawn writer for", dir, e))?;
+
+        Ok(Self {
+            blobs,
+            spool,
+            writer_tx: Some(tx),
+            writer: Some(writer),
+            reader: Arc::new(Mutex::new(reader)),
+            submitted: AtomicU64::new(0),
+            committed,
+            _lock: Mutex::new(lock),
+        })
+    }
+
+    /// The writer's counters.
+    pub fn writer_stats(&self) -> WriterStats {
+        WriterStats {
+            ops_submitted: self.submitted.load(Ordering::Relaxed),
+            transactions_committed: self.committed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hands `work` to the writer. Outer error: the batch was not committed
+    /// (or its outcome is unknown); inner: the operation's own result (its
+    /// savepoint was rolled back if it is an error).
+    async fn submit<T, F>(&self, work: F) -> Result<Result<T, StoreError>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Pending {
+            work: Some(Box::new(work)),
+            out: None,
+            reply: Some(reply),
+        });
+        let tx = self.writer_tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(job).map_err(|_| StoreError::Closed)?;
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`submit`](Self::submit) with both errors merged.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.submit(work).await?
+    }
+
+    /// Runs `work` on the read connection on the blocking pool.
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            // A panic while reading leaves no transaction open (statements
+            // are reset on unwind), so a poisoned lock is still usable.
+            let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            work(&conn)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    async fn accept_envelope(&self, envelope: NewEnvelope) -> Result<Accepted, StoreError> {
+        let NewEnvelope {
+            id,
+            header_sha256,
+            kind,
+            head,
+            ciphertext,
+            ciphertext_len,
+            sender,
+            upstream,
+            local_client,
+            content_type,
+            purpose,
+            created_ms,
+            expires_ms,
+            received_ms,
+            our_receipt,
+            deliveries,
+        } = envelope;
+        let row = MessageRow {
+            id,
+            header_sha256,
+            kind,
+            head,
+            // Set below: values are checked before any file is moved.
+            body: Body::Inline(Vec::new()),
+            ciphertext_len: to_i64(ciphertext_len, "ciphertext_len")?,
+            sender,
+            upstream,
+            local_client,
+            content_type,
+            purpose,
+            created_ms: to_i64(created_ms, "created_ms")?,
+            expires_ms: to_i64(expires_ms, "expires_ms")?,
+            received_ms: to_i64(received_ms, "received_ms")?,
+            our_receipt,
+            deliveries: deliveries
+                .into_iter()
+                .map(DeliveryRow::new)
+                .collect::<Result<_, _>>()?,
+        };
+        match ciphertext {
+            Ciphertext::Inline(bytes) => {
+                check_len(u64::try_from(bytes.len()).ok(), ciphertext_len)?;
+                let row = MessageRow {
+                    body: Body::Inline(bytes),
+                    ..row
+                };
+                self.write(move |conn| insert_message(conn, &row)).await
+            }
+            Ciphertext::Spooled(spooled) => {
+                let blobs = self.blobs.clone();
+                let base = format!(
+                    "{}-{}",
+                    hex::encode(id.as_bytes()),
+                    hex::encode(&header_sha256[..8])
+                );
+                let (name, path) = tokio::task::spawn_blocking(move || {
+                    adopt_spool(spooled, &blobs, &base, ciphertext_len)
+                })
+                .await
+                .map_err(|_| StoreError::Closed)??;
+                let row = MessageRow {
+                    body: Body::Blob(name),
+                    ..row
+                };
+                let outcome = self.submit(move |conn| insert_message(conn, &row)).await;
+                match outcome {
+                    Ok(Ok(Accepted::Stored)) => Ok(Accepted::Stored),
+                    // The file is ours alone (the link created its name), and
+                    // no row names it: the id was stored already, or our
+                    // savepoint was rolled back.
+                    Ok(Ok(dup @ Accepted::Duplicate(_))) => {
+                        remove_quietly(&path);
+                        Ok(dup)
+                    }
+                    Ok(Err(e)) => {
+                        remove_quietly(&path);
+                        Err(e)
+                    }
+                    // Not committed, or outcome unknown (commit error, writer
+                    // gone): keep the blob; if no row names it, the next
+                    // open deletes it.
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after its current batch.
+        drop(self.writer_tx.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn spool(&self) -> Result<SpoolFile, StoreError> {
+        let mut name = [0u8; 16];
+        getrandom::fill(&mut name).map_err(|e| {
+            io_err(
+                "random name in",
+                &self.spool,
+                io::Error::other(e.to_string()),
+            )
+        })?;
+        let path = self.spool.join(format!("{}.spool", hex::encode(name)));
+        let file = create_private(&path)?;
+        Ok(SpoolFile::new(path, file))
+    }
+
+    fn accept(&self, envelope: NewEnvelope) -> StoreFuture<'_, Accepted> {
+        Box::pin(self.accept_envelope(envelope))
+    }
+
+    fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>> {
+        Box::pin(self.read(move |conn| load_message(conn, &id)))
+    }
+
+    fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext> {
+        let blobs = self.blobs.clone();
+        Box::pin(self.read(move |conn| {
+            let row: Option<(Option<Vec<u8>>, Option<String>)> = conn
+                .prepare_cached("SELECT ciphertext, blob FROM messages WHERE id = ?1")?
+                .query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match row {
+                None => Err(StoreError::NotFound(format!("message {id}"))),
+                Some((Some(bytes), None)) => Ok(StoredCiphertext::Inline(bytes)),
+                Some((None, Some(name))) if valid_blob_name(&name) => {
+                    Ok(StoredCiphertext::File(blobs.join(name)))
+                }
+                Some((None, Some(name))) => Err(StoreError::Corrupt(format!(
+                    "message {id}: bad blob name {:?}",
+                    name.escape_debug().to_string()
+                ))),
+                Some(_) => Err(StoreError::Corrupt(format!(
+                    "message {id}: not exactly one of inline ciphertext and blob"
+                ))),
+            }
+        }))
+    }
+
+    fn claim_due(
+        &self,
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DeliveryRecord>> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let now = to_i64(now_ms, "now_ms")?;
+            let until = to_i64(lease_until_ms, "lease_until_ms")?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            self.write(move |conn| {
+                let due = conn
+                    .prepare_cached(&format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM deliveries \
+                         WHERE state = 'pending' AND next_attempt_ms <= ?1 \
+                           AND (claim_until_ms IS NULL OR claim_until_ms < ?1) \
+                         ORDER BY next_attempt_ms, id LIMIT ?2"
+                    ))?
+                    .query_map(params![now, limit], delivery_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut claim = conn.prepare_cached(
+                    "UPDATE deliveries SET claimed_by = ?1, claim_until_ms = ?2 WHERE id = ?3",
+                )?;
+                for d in &due {
+                    claim.execute(params![owner, until, d.id])?;
+                }
+                Ok(due)
+            })
+            .await
+        })
+    }
+
+    fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET claimed_by = NULL, claim_until_ms = NULL \
+                     WHERE claimed_by = ?1",
+                )?
+                .execute([owner])?;
+            Ok(u64::try_from(n).unwrap_or(u64::MAX))
+        }))
+    }
+
+    fn finish_attempt(
+        &self,
+        delivery: i64,
+        outcome: AttemptOutcome,
+        receipts: Vec<NewReceipt>,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let receipts = receipts
+                .into_iter()
+                .map(ReceiptRow::new)
+                .collect::<Result<Vec<_>, _>>()?;
+            let outcome = match outcome {
+                AttemptOutcome::Done => Finish::Done,
+                AttemptOutcome::Retry {
+                    error,
+                    next_attempt_ms,
+                } => Finish::Retry(error, to_i64(next_attempt_ms, "next_attempt_ms")?),
+                AttemptOutcome::Failed(reason) => Finish::Failed(reason),
+            };
+            self.write(move |conn| {
+                let message: Option<Vec<u8>> = conn
+                    .prepare_cached("SELECT message_id FROM deliveries WHERE id = ?1")?
+                    .query_row([delivery], |r| r.get(0))
+                    .optional()?;
+                let Some(message) = message else {
+                    return Err(StoreError::NotFound(format!("delivery {delivery}")));
+                };
+                // Only a pending delivery changes: a late report from a
+                // worker whose lease lapsed must not reopen a finished one.
+                match &outcome {
+                    Finish::Done => conn
+                        .prepare_cached(
+                            "UPDATE deliveries SET state = 'done', attempts = attempts + 1, \
+                             claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = ?1 AND state = 'pending'",
+                        )?
+                        .execute([delivery])?,
+                    Finish::Retry(error, next) => conn
+                        .prepare_cached(
+                            "UPDATE deliveries SET attempts = attempts + 1, last_error = ?2, \
+                             next_attempt_ms = ?3, claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = ?1 AND state = 'pending'",
+                        )?
+                        .execute(params![delivery, error, next])?,
+                    Finish::Failed(reason) => conn
+                        .prepare_cached(
+                            "UPDATE deliveries SET state = 'failed', failure = ?2, \
+                             attempts = attempts + 1, claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = ?1 AND state = 'pending'",
+                        )?
+                        .execute(params![delivery, reason])?,
+                };
+                insert_receipts(conn, &message, &receipts)?;
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn add_receipts(&self, id: MessageId, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
+        Box::pin(async move {
+            let receipts = receipts
+                .into_iter()
+                .map(ReceiptRow::new)
+                .collect::<Result<Vec<_>, _>>()?;
+            self.write(move |conn| {
+                if load_kind_acked(conn, &id)?.is_none() {
+                    return Err(StoreError::NotFound(format!("message {id}")));
+                }
+                insert_receipts(conn, id.as_bytes(), &receipts)
+            })
+            .await
+        })
+    }
+
+    fn receipts(&self, id: MessageId) -> StoreFuture<'_, Vec<ReceiptRecord>> {
+        Box::pin(self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT signed, issuer, disposition, issued_ms FROM receipts \
+                 WHERE message_id = ?1 ORDER BY seq",
+            )?
+            .query_map([id.as_bytes()], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .map(|row| -> Result<ReceiptRecord, StoreError> {
+                let (signed, issuer, disposition, issued_ms) = row?;
+                Ok(ReceiptRecord {
+                    signed,
+                    issuer: party(issuer, "receipt issuer")?,
+                    disposition,
+                    issued_ms: to_u64(issued_ms, "issued_ms")?,
+                })
+            })
+            .collect()
+        }))
+    }
+
+    fn deliveries(&self, id: MessageId) -> StoreFuture<'_, Vec<DeliveryRecord>> {
+        Box::pin(self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE message_id = ?1 ORDER BY id"
+            ))?
+            .query_map([id.as_bytes()], delivery_from_row)?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .collect()
+        }))
+    }
+
+    fn inbox(&self, include_acked: bool) -> StoreFuture<'_, Vec<MessageRecord>> {
+        Box::pin(self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE kind = 'inbound' \
+                 AND (?1 OR acked_ms IS NULL) ORDER BY received_ms, id"
+            ))?
+            .query_map([include_acked], message_from_row)?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .collect()
+        }))
+    }
+
+    fn acknowledge(
+        &self,
+        id: MessageId,
+        now_ms: u64,
+        receipt: NewReceipt,
+    ) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let now = to_i64(now_ms, "now_ms")?;
+            let receipt = ReceiptRow::new(receipt)?;
+            self.write(move |conn| match load_kind_acked(conn, &id)? {
+                Some((MessageKind::Inbound, None)) => {
+                    conn.prepare_cached(
+                        "UPDATE messages SET acked_ms = ?2 WHERE id = ?1 AND acked_ms IS NULL",
+                    )?
+                    .execute(params![id.as_bytes(), now])?;
+                    insert_receipts(conn, id.as_bytes(), std::slice::from_ref(&receipt))?;
+                    Ok(true)
+                }
+                Some((MessageKind::Inbound, Some(_))) => Ok(false),
+                _ => Err(StoreError::NotFound(format!("inbound message {id}"))),
+            })
+            .await
+        })
+    }
+
+    fn pending_count(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM deliveries WHERE state = 'pending'")?
+                .query_row([], |r| r.get(0))?;
+            to_u64(n, "pending count")
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Writer thread.
+
+/// One write operation queued for the writer.
+trait Job: Send {
+    /// Runs the operation inside the batch transaction and keeps its
+    /// result; true if it succeeded.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller once the batch is settled: `None` if it committed,
+    /// else why not.
+    fn reply(self: Box<Self>, batch: Option<&rusqlite::Error>);
+}
+
+type Work<T> = Box<dyn FnOnce(&Connection) -> Result<T, StoreError> + Send>;
+type Reply<T> = oneshot::Sender<Result<Result<T, StoreError>, StoreError>>;
+
+struct Pending<T> {
+    work: Option<Work<T>>,
+    out: Option<Result<T, StoreError>>,
+    reply: Option<Reply<T>>,
+}
+
+impl<T: Send> Job for Pending<T> {
+    fn run(&mut self, conn: &Connection) -> bool {
+        let out = match self.work.take() {
+            Some(work) => work(conn),
+            None => Err(StoreError::Corrupt("write operation run twice".into())),
+        };
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn reply(mut self: Box<Self>, batch: Option<&rusqlite::Error>) {
+        let answer = match batch {
+            None => Ok(self
+                .out
+                .take()
+                .unwrap_or_else(|| Err(StoreError::Corrupt("write operation not run".into())))),
+            Some(e) => Err(StoreError::Sqlite(copy_error(e))),
+        };
+        if let Some(reply) = self.reply.take() {
+            // The caller may have gone away; its operation stands.
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Box<dyn Job>>, committed: &AtomicU64) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match run_batch(conn, &mut batch) {
+            Ok(()) => {
+                committed.fetch_add(1, Ordering::Relaxed);
+                for job in batch {
+                    job.reply(None);
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    job.reply(Some(&e));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `batch` in one transaction, one savepoint per job, and commits.
+/// On error nothing of the batch is committed (or, if COMMIT itself failed,
+/// the outcome is unknown).
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), rusqlite::Error> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = batch
+        .iter_mut()
+        .try_for_each(|job| run_one(conn, job.as_mut()))
+        .and_then(|()| conn.execute_batch("COMMIT"));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
+}
+
+fn run_one(conn: &Connection, job: &mut dyn Job) -> Result<(), rusqlite::Error> {
+    conn.execute_batch("SAVEPOINT op")?;
+    if job.run(conn) {
+        conn.execute_batch("RELEASE op")
+    } else if conn.is_autocommit() {
+        // Some errors (disk full, I/O) make SQLite roll back the whole
+        // transaction: the jobs before this one are lost too.
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+            Some("transaction rolled back by a failing operation".into()),
+        ))
+    } else {
+        conn.execute_batch("ROLLBACK TO op; RELEASE op")
+    }
+}
+
+/// A fresh copy of a batch error for each caller (rusqlite errors are not `Clone`).
+fn copy_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, msg) => {
+            rusqlite::Error::SqliteFailure(*code, msg.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rows and statements (run on the writer or the reader connection).
+
+enum Body {
+    Inline(Vec<u8>),
+    Blob(String),
+}
+
+/// A [`NewEnvelope`] with its values converted for SQLite.
+struct MessageRow {
+    id: MessageId,
+    header_sha256: [u8; 32],
+    kind: MessageKind,
+    head: Vec<u8>,
+    body: Body,
+    ciphertext_len: i64,
+    sender: PartyUri,
+    upstream: Option<PartyUri>,
+    local_client: Option<String>,
+    content_type: String,
+    purpose: String,
+    created_ms: i64,
+    expires_ms: i64,
+    received_ms: i64,
+    our_receipt: Option<Vec<u8>>,
+    deliveries: Vec<DeliveryRow>,
+}
+
+/// An [`AttemptOutcome`] with its values converted for SQLite.
+enum Finish {
+    Done,
+    Retry(String, i64),
+    Failed(String),
+}
+
+/// A [`NewDelivery`] with its values converted for SQLite.
+struct DeliveryRow {
+    target: PartyUri,
+    kind: DeliveryKind,
+    expires_ms: i64,
+}
+
+impl DeliveryRow {
+    fn new(d: NewDelivery) -> Result<Self, StoreError> {
+        Ok(Self {
+            expires_ms: to_i64(d.expires_ms, "delivery expires_ms")?,
+            target: d.target,
+            kind: d.kind,
+        })
+    }
+}
+
+/// A [`NewReceipt`] with its digest and values converted for SQLite.
+struct ReceiptRow {
+    digest: [u8; 32],
+    signed: Vec<u8>,
+    issuer: PartyUri,
+    disposition: String,
+    issued_ms: i64,
+    forward: Option<DeliveryRow>,
+}
+
+impl ReceiptRow {
+    fn new(r: NewReceipt) -> Result<Self, StoreError> {
+        Ok(Self {
+            digest: sha256(&r.signed),
+            issued_ms: to_i64(r.issued_ms, "receipt issued_ms")?,
+            forward: r.forward.map(DeliveryRow::new).transpose()?,
+            signed: r.signed,
+            issuer: r.issuer,
+            disposition: r.disposition,
+        })
+    }
+}
+
+/// Inserts a message with its deliveries, or returns the stored record.
+fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreError> {
+    if let Some(stored) = load_message(conn, &m.id)? {
+        return Ok(Accepted::Duplicate(Box::new(stored)));
+    }
+    let (inline, blob) = match &m.body {
+        Body::Inline(bytes) => (Some(bytes.as_slice()), None),
+        Body::Blob(name) => (None, Some(name.as_str())),
+    };
+    conn.prepare_cached(
+        "INSERT INTO messages (id, header_sha256, kind, head, ciphertext, blob, ciphertext_len, \
+         sender, upstream, local_client, content_type, purpose, created_ms, expires_ms, \
+         received_ms, our_receipt, acked_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, NULL)",
+    )?
+    .execute(params![
+        m.id.as_bytes(),
+        m.header_sha256,
+        m.kind.as_str(),
+        m.head,
+        inline,
+        blob,
+        m.ciphertext_len,
+        m.sender.as_str(),
+        m.upstream.as_ref().map(PartyUri::as_str),
+        m.local_client,
+        m.content_type,
+        m.purpose,
+        m.created_ms,
+        m.expires_ms,
+        m.received_ms,
+        m.our_receipt,
+    ])?;
+    for d in &m.deliveries {
+        insert_delivery(conn, m.id.as_bytes(), d)?;
+    }
+    Ok(Accepted::Stored)
+}
+
+/// A new pending delivery, due at once.
+fn insert_delivery(conn: &Connection, message: &[u8], d: &DeliveryRow) -> Result<(), StoreError> {
+    let (kind, payload) = match &d.kind {
+        DeliveryKind::Envelope => ("envelope", None),
+        DeliveryKind::Receipt(bytes) => ("receipt", Some(bytes.as_slice())),
+    };
+    conn.prepare_cached(
+        "INSERT INTO deliveries (message_id, kind, payload, target, state, attempts, \
+         next_attempt_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, ?5)",
+    )?
+    .execute(params![
+        message,
+        kind,
+        payload,
+        d.target.as_str(),
+        d.expires_ms
+    ])?;
+    Ok(())
+}
+
+/// Keeps the receipts not yet stored for `message` (and creates their
+/// forward deliveries); returns how many were new.
+fn insert_receipts(
+    conn: &Connection,
+    message: &[u8],
+    receipts: &[ReceiptRow],
+) -> Result<usize, StoreError> {
+    let mut new = 0;
+    for r in receipts {
+        let inserted = conn
+            .prepare_cached(
+                "INSERT INTO receipts (message_id, digest, issuer, disposition, issued_ms, signed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (message_id, digest) DO NOTHING",
+            )?
+            .execute(params![
+                message,
+                r.digest,
+                r.issuer.as_str(),
+                r.disposition,
+                r.issued_ms,
+                r.signed
+            ])?;
+        if inserted == 1 {
+            new += 1;
+            if let Some(forward) = &r.forward {
+                insert_delivery(conn, message, forward)?;
+            }
+        }
+    }
+    Ok(new)
+}
+
+fn load_message(conn: &Connection, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"
+    ))?
+    .query_row([id.as_bytes()], message_from_row)
+    .optional()?
+    .transpose()
+}
+
+/// The kind and acknowledgement time of a stored message.
+fn load_kind_acked(
+    conn: &Connection,
+    id: &MessageId,
+) -> Result<Option<(MessageKind, Option<i64>)>, StoreError> {
+    let row: Option<(String, Option<i64>)> = conn
+        .prepare_cached("SELECT kind, acked_ms FROM messages WHERE id = ?1")?
+        .query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(kind, acked)| Ok((message_kind(&kind)?, acked)))
+        .transpose()
+}
+
+/// Reads a row of [`MESSAGE_COLUMNS`]. Outer error: SQLite; inner: content.
+fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Result<MessageRecord, StoreError>> {
+    let id: Vec<u8> = r.get(0)?;
+    let header: Vec<u8> = r.get(1)?;
+    let kind: String = r.get(2)?;
+    let head: Vec<u8> = r.get(3)?;
+    let ciphertext_len: i64 = r.get(4)?;
+    let sender: String = r.get(5)?;
+    let upstream: Option<String> = r.get(6)?;
+    let local_client: Option<String> = r.get(7)?;
+    let content_type: String = r.get(8)?;
+    let purpose: String = r.get(9)?;
+    let created_ms: i64 = r.get(10)?;
+    let expires_ms: i64 = r.get(11)?;
+    let received_ms: i64 = r.get(12)?;
+    let our_receipt: Option<Vec<u8>> = r.get(13)?;
+    let acked_ms: Option<i64> = r.get(14)?;
+    Ok((|| -> Result<MessageRecord, StoreError> {
+        Ok(MessageRecord {
+            id: message_id(&id)?,
+            header_sha256: <[u8; 32]>::try_from(header.as_slice())
+                .map_err(|_| StoreError::Corrupt("header_sha256 is not 32 bytes".into()))?,
+            kind: message_kind(&kind)?,
+            head,
+            ciphertext_len: to_u64(ciphertext_len, "ciphertext_len")?,
+            sender: party(sender, "sender")?,
+            upstream: upstream.map(|u| party(u, "upstream")).transpose()?,
+            local_client,
+            content_type,
+            purpose,
+            created_ms: to_u64(created_ms, "created_ms")?,
+            expires_ms: to_u64(expires_ms, "expires_ms")?,
+            received_ms: to_u64(received_ms, "received_ms")?,
+            our_receipt,
+            acked_ms: acked_ms.map(|a| to_u64(a, "acked_ms")).transpose()?,
+        })
+    })())
+}
+
+/// Reads a row of [`DELIVERY_COLUMNS`]. Outer error: SQLite; inner: content.
+fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<DeliveryRecord, StoreError>> {
+    let id: i64 = r.get(0)?;
+    let message: Vec<u8> = r.get(1)?;
+    let target: String = r.get(2)?;
+    let kind: String = r.get(3)?;
+    let payload: Option<Vec<u8>> = r.get(4)?;
+    let state: String = r.get(5)?;
+    let failure: Option<String> = r.get(6)?;
+    let attempts: i64 = r.get(7)?;
+    let next_attempt_ms: i64 = r.get(8)?;
+    let last_error: Option<String> = r.get(9)?;
+    let expires_ms: i64 = r.get(10)?;
+    Ok((|| -> Result<DeliveryRecord, StoreError> {
+        let kind = match (kind.as_str(), payload) {
+            ("envelope", None) => DeliveryKind::Envelope,
+            ("receipt", Some(bytes)) => DeliveryKind::Receipt(bytes),
+            (k, _) => {
+                return Err(StoreError::Corrupt(format!(
+                    "delivery {id}: kind {:?} with or without payload",
+                    k.escape_debug().to_string()
+                )));
+            }
+        };
+        let state = match (state.as_str(), failure) {
+            ("pending", _) => DeliveryState::Pending,
+            ("done", _) => DeliveryState::Done,
+            ("failed", Some(reason)) => DeliveryState::Failed(reason),
+            (s, _) => {
+                return Err(StoreError::Corrupt(format!(
+                    "delivery {id}: state {:?}",
+                    s.escape_debug().to_string()
+                )));
+            }
+        };
+        Ok(DeliveryRecord {
+            id,
+            message_id: message_id(&message)?,
+            target: party(target, "delivery target")?,
+            kind,
+            state,
+            attempts: u32::try_from(attempts)
+                .map_err(|_| StoreError::Corrupt(format!("delivery {id}: attempts {attempts}")))?,
+            next_attempt_ms: to_u64(next_attempt_ms, "next_attempt_ms")?,
+            last_error,
+            expires_ms: to_u64(expires_ms, "delivery expires_ms")?,
+        })
+    })())
+}
+
+fn message_id(b: &[u8]) -> Result<MessageId, StoreError> {
+    MessageId::from_slice(b).map_err(|_| StoreError::Corrupt("message id is not 16 bytes".into()))
+}
+
+fn message_kind(s: &str) -> Result<MessageKind, StoreError> {
+    MessageKind::parse(s).ok_or_else(|| {
+        StoreError::Corrupt(format!("message kind {:?}", s.escape_debug().to_string()))
+    })
+}
+
+fn party(s: String, what: &str) -> Result<PartyUri, StoreError> {
+    PartyUri::new(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// A `u64` for an INTEGER column (which holds at most `i64::MAX`).
+fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} exceeds i64::MAX")))
+}
+
+/// An INTEGER column read back as `u64`: negative means corrupt.
+fn to_u64(v: i64, what: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative ({v})")))
+}
+
+fn check_len(actual: Option<u64>, declared: u64) -> Result<(), StoreError> {
+    if actual == Some(declared) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "ciphertext is {actual:?} bytes, envelope declares {declared}"
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files.
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
+    StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates `dir` (mode 0700 on unix) unless it exists.
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+        .map_err(|e| io_err("create directory", dir, e))
+}
+
+/// A new file that must not exist yet (mode 0600 on unix).
+fn create_private(path: &Path) -> Result<File, StoreError> {
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path).map_err(|e| io_err("create", path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("fsync directory", dir, e))
+}
+
+fn remove_quietly(path: &Path) {
+    // Failure leaves an orphan blob, which the next open removes.
+    let _ = fs::remove_file(path);
+}
+
+/// Takes the directory's exclusive lock: an SQLite file in exclusive
+/// locking mode keeps its lock until the connection closes.
+fn lock_dir(dir: &Path) -> Result<Connection, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let lock = Connection::open(&path)?;
+    lock.busy_timeout(Duration::ZERO)?;
+    let _: String = lock.query_row("PRAGMA locking_mode = EXCLUSIVE", [], |r| r.get(0))?;
+    lock.execute_batch(
+        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS lock (x); DELETE FROM lock; COMMIT;",
+    )
+    .map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(code, _)
+            if code.code == rusqlite::ErrorCode::DatabaseBusy =>
+        {
+            StoreError::Io {
+                op: "lock (already open elsewhere)",
+                path: path.clone(),
+                source: io::Error::new(io::ErrorKind::WouldBlock, "store directory in use"),
+            }
+        }
+        other => StoreError::Sqlite(other),
+    })?;
+    Ok(lock)
+}
+
+/// Connection settings shared by the writer and the reader.
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+    conn.execute_batch("PRAGMA trusted_schema = OFF;")?;
+    Ok(())
+}
+
+/// Brings the schema to the newest version, one transaction per step.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = u32::try_from(MIGRATIONS.len())
+        .map_err(|_| StoreError::Corrupt("too many migrations".into()))?;
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version = u32::try_from(version)
+            .map_err(|_| StoreError::Corrupt(format!("schema version {version}")))?;
+        if version > supported {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported,
+            });
+        }
+        let Some(sql) = usize::try_from(version)
+            .ok()
+            .and_then(|v| MIGRATIONS.get(v))
+        else {
+            return Ok(());
+        };
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", version + 1))?;
+        tx.commit()?;
+    }
+}
+
+/// Deletes everything in `spool/` (files of calls that never finished).
+fn clear_spool(spool: &Path) -> Result<(), StoreError> {
+    for entry in fs::read_dir(spool).map_err(|e| io_err("read directory", spool, e))? {
+        let entry = entry.map_err(|e| io_err("read directory", spool, e))?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(|e| io_err("stat", &path, e))?;
+        if !file_type.is_dir() {
+            fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the files in `blobs/` that no message row names.
+fn sweep_blobs(conn: &Connection, blobs: &Path) -> Result<(), StoreError> {
+    let named: HashSet<String> = conn
+        .prepare("SELECT blob FROM messages WHERE blob IS NOT NULL")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for entry in fs::read_dir(blobs).map_err(|e| io_err("read directory", blobs, e))? {
+        let entry = entry.map_err(|e| io_err("read directory", blobs, e))?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(|e| io_err("stat", &path, e))?;
+        if file_type.is_dir() {
+            continue;
+        }
+        let keep = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| named.contains(n));
+        if !keep {
+            fs::remove_file(&path).map_err(|e| io_err("remove orphan", &path, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn valid_blob_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 80
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-')
+}
+
+/// Makes a fully written spool file a blob: fsync, hard-link under a free
+/// name in `blobs/` (never replacing a file), fsync `blobs/`, drop the spool
+/// name. Returns the blob's name and path.
+fn adopt_spool(
+    mut spooled: SpoolFile,
+    blobs: &Path,
+    base: &str,
+    declared_len: u64,
+) -> Result<(String, PathBuf), StoreError> {
+    let spool_path = spooled.path.clone();
+    spooled
+        .file
+        .flush()
+        .and_then(|()| spooled.file.sync_all())
+        .map_err(|e| io_err("fsync", &spool_path, e))?;
+    let len = spooled
+        .file
+        .metadata()
+        .map_err(|e| io_err("stat", &spool_path, e))?
+        .len();
+    check_len(Some(len), declared_len)?;
+
+    let mut name = base.to_owned();
+    let mut tries = 0;
+    let path = loop {
+        let path = blobs.join(&name);
+        match fs::hard_link(&spool_path, &path) {
+            Ok(()) => break path,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => {
+                tries += 1;
+                let mut suffix = [0u8; 8];
+                getrandom::fill(&mut suffix).map_err(|e| {
+                    io_err("random name in", blobs, io::Error::other(e.to_string()))
+                })?;
+                name = format!("{base}-{}", hex::encode(suffix));
+            }
+            Err(e) => return Err(io_err("link blob", &path, e)),
+        }
+    };
+    if let Err(e) = sync_dir(blobs) {
+        remove_quietly(&path);
+        return Err(e);
+    }
+    // The blob holds the data now; the spool name goes (the SpoolFile must
+    // not remove anything itself any more).
+    spooled.kept = true;
+    let _ = fs::remove_file(&spool_path);
+    Ok((name, path))
+}

@@ -1,0 +1,775 @@
+//! Tests of the SQLite store against real files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+fn uri(s: &str) -> PartyUri {
+    PartyUri::new(s).unwrap()
+}
+
+fn mid(n: u32) -> MessageId {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&n.to_be_bytes());
+    b[15] = 0x5a;
+    MessageId::from_bytes(b)
+}
+
+fn forward(target: &str, kind: DeliveryKind) -> NewDelivery {
+    NewDelivery {
+        target: uri(target),
+        kind,
+        expires_ms: 9_000_000,
+    }
+}
+
+fn envelope(id: MessageId, kind: MessageKind, ciphertext: Ciphertext, len: u64) -> NewEnvelope {
+    NewEnvelope {
+        id,
+        header_sha256: sha256(id.as_bytes()),
+        kind,
+        head: b"head bytes".to_vec(),
+        ciphertext,
+        ciphertext_len: len,
+        sender: uri("urn:test:sender"),
+        upstream: Some(uri("urn:test:upstream")),
+        local_client: Some("client-1".into()),
+        content_type: "application/fhir+json".into(),
+        purpose: "treatment".into(),
+        created_ms: 1_000,
+        expires_ms: 9_000_000,
+        received_ms: 2_000,
+        our_receipt: Some(b"our receipt".to_vec()),
+        deliveries: vec![forward("urn:test:next", DeliveryKind::Envelope)],
+    }
+}
+
+fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
+    let ct = format!("ciphertext of {id}").into_bytes();
+    let len = ct.len() as u64;
+    envelope(id, kind, Ciphertext::Inline(ct), len)
+}
+
+fn receipt(signed: &[u8], fwd: Option<NewDelivery>) -> NewReceipt {
+    NewReceipt {
+        signed: signed.to_vec(),
+        issuer: uri("urn:test:issuer"),
+        disposition: "DELIVERED".into(),
+        issued_ms: 3_000,
+        forward: fwd,
+    }
+}
+
+fn spooled(store: &SqliteStore, data: &[u8]) -> Ciphertext {
+    let mut s = store.spool().unwrap();
+    s.file.write_all(data).unwrap();
+    Ciphertext::Spooled(s)
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+fn read_all(c: &StoredCiphertext) -> Vec<u8> {
+    let mut v = Vec::new();
+    c.reader().unwrap().read_to_end(&mut v).unwrap();
+    v
+}
+
+/// Blocks the writer thread until the returned sender is dropped or sent to.
+async fn hold_writer(
+    store: &Arc<SqliteStore>,
+) -> (
+    mpsc::Sender<()>,
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+) {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let (started_tx, started_rx) = oneshot::channel();
+    let s = Arc::clone(store);
+    let h = tokio::spawn(async move {
+        s.write(move |_| {
+            let _ = started_tx.send(());
+            let _ = release_rx.recv();
+            Ok(())
+        })
+        .await
+    });
+    started_rx.await.unwrap();
+    (release_tx, h)
+}
+
+async fn wait_submitted(store: &SqliteStore, n: u64) {
+    for _ in 0..10_000 {
+        if store.writer_stats().ops_submitted >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("operations were not submitted");
+}
+
+#[tokio::test]
+async fn accept_inline_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(1);
+    let env = inline(id, MessageKind::Relay);
+    let ct = match &env.ciphertext {
+        Ciphertext::Inline(v) => v.clone(),
+        Ciphertext::Spooled(_) => unreachable!(),
+    };
+    assert_eq!(store.accept(env).await.unwrap(), Accepted::Stored);
+
+    let m = store.message(id).await.unwrap().unwrap();
+    assert_eq!(
+        m,
+        MessageRecord {
+            id,
+            header_sha256: sha256(id.as_bytes()),
+            kind: MessageKind::Relay,
+            head: b"head bytes".to_vec(),
+            ciphertext_len: ct.len() as u64,
+            sender: uri("urn:test:sender"),
+            upstream: Some(uri("urn:test:upstream")),
+            local_client: Some("client-1".into()),
+            content_type: "application/fhir+json".into(),
+            purpose: "treatment".into(),
+            created_ms: 1_000,
+            expires_ms: 9_000_000,
+            received_ms: 2_000,
+            our_receipt: Some(b"our receipt".to_vec()),
+            acked_ms: None,
+        }
+    );
+    match store.ciphertext(id).await.unwrap() {
+        StoredCiphertext::Inline(v) => assert_eq!(v, ct),
+        other => panic!("expected inline, got {other:?}"),
+    }
+    let d = store.deliveries(id).await.unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].message_id, id);
+    assert_eq!(d[0].target, uri("urn:test:next"));
+    assert_eq!(d[0].kind, DeliveryKind::Envelope);
+    assert_eq!(d[0].state, DeliveryState::Pending);
+    assert_eq!((d[0].attempts, d[0].next_attempt_ms), (0, 0));
+    assert_eq!(d[0].expires_ms, 9_000_000);
+    assert_eq!(store.pending_count().await.unwrap(), 1);
+    assert!(store.message(mid(2)).await.unwrap().is_none());
+    assert!(matches!(
+        store.ciphertext(mid(2)).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn accept_spooled_moves_file_into_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(7);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let ct = spooled(&store, &data);
+    let env = envelope(id, MessageKind::Inbound, ct, data.len() as u64);
+    assert_eq!(store.accept(env).await.unwrap(), Accepted::Stored);
+
+    let stored = store.ciphertext(id).await.unwrap();
+    let StoredCiphertext::File(path) = &stored else {
+        panic!("expected a blob file, got {stored:?}");
+    };
+    assert_eq!(path.parent().unwrap(), dir.path().join("blobs"));
+    let expected_name = format!(
+        "{}-{}",
+        hex::encode(id.as_bytes()),
+        hex::encode(&sha256(id.as_bytes())[..8])
+    );
+    assert_eq!(path.file_name().unwrap().to_str().unwrap(), expected_name);
+    assert_eq!(fs::read(path).unwrap(), data);
+    assert_eq!(read_all(&stored), data);
+    assert!(files_in(&dir.path().join("spool")).is_empty());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "blob readable by others: {mode:o}");
+    }
+}
+
+#[tokio::test]
+async fn spooled_with_wrong_length_is_refused_and_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let env = envelope(mid(1), MessageKind::Relay, spooled(&store, b"abc"), 4);
+    assert!(matches!(
+        store.accept(env).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(files_in(&dir.path().join("spool")).is_empty());
+    assert!(files_in(&dir.path().join("blobs")).is_empty());
+    assert!(store.message(mid(1)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn duplicate_accept_returns_stored_record_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(3);
+    store.accept(inline(id, MessageKind::Relay)).await.unwrap();
+    let stored = store.message(id).await.unwrap().unwrap();
+
+    // Same id, different header and ciphertext, spooled, more deliveries.
+    let mut again = envelope(id, MessageKind::Inbound, spooled(&store, b"other"), 5);
+    again.header_sha256 = [9; 32];
+    again
+        .deliveries
+        .push(forward("urn:test:other", DeliveryKind::Envelope));
+    match store.accept(again).await.unwrap() {
+        Accepted::Duplicate(r) => assert_eq!(*r, stored),
+        Accepted::Stored => panic!("stored twice"),
+    }
+    assert_eq!(store.message(id).await.unwrap().unwrap(), stored);
+    assert_eq!(store.deliveries(id).await.unwrap().len(), 1);
+    assert_eq!(store.pending_count().await.unwrap(), 1);
+    assert!(files_in(&dir.path().join("blobs")).is_empty());
+    assert!(files_in(&dir.path().join("spool")).is_empty());
+}
+
+#[tokio::test]
+async fn same_header_spooled_redelivery_keeps_the_stored_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(4);
+    let env = envelope(id, MessageKind::Relay, spooled(&store, b"first"), 5);
+    store.accept(env).await.unwrap();
+    let env = envelope(id, MessageKind::Relay, spooled(&store, b"again"), 5);
+    assert!(matches!(
+        store.accept(env).await.unwrap(),
+        Accepted::Duplicate(_)
+    ));
+    assert_eq!(files_in(&dir.path().join("blobs")).len(), 1);
+    assert_eq!(read_all(&store.ciphertext(id).await.unwrap()), b"first");
+    assert_eq!(store.deliveries(id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn claim_due_respects_next_attempt_lease_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    for n in 1..=4 {
+        store
+            .accept(inline(mid(n), MessageKind::Relay))
+            .await
+            .unwrap();
+    }
+    let ids: Vec<i64> = {
+        let mut v = Vec::new();
+        for n in 1..=4 {
+            v.push(store.deliveries(mid(n)).await.unwrap()[0].id);
+        }
+        v
+    };
+    // Delivery 0 is not due before 1000.
+    store
+        .finish_attempt(
+            ids[0],
+            AttemptOutcome::Retry {
+                error: "down".into(),
+                next_attempt_ms: 1_000,
+            },
+            vec![],
+        )
+        .await
+        .unwrap();
+
+    assert!(store.claim_due("a", 500, 600, 0).await.unwrap().is_empty());
+    let a = store.claim_due("a", 500, 600, 1).await.unwrap();
+    assert_eq!(a.iter().map(|d| d.id).collect::<Vec<_>>(), vec![ids[1]]);
+    let b = store.claim_due("b", 500, 600, 10).await.unwrap();
+    assert_eq!(
+        b.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[3]]
+    );
+    // Everything due is claimed while the leases hold (also at their end).
+    assert!(store.claim_due("c", 600, 700, 10).await.unwrap().is_empty());
+    // After the leases: the three come back, in order; the retry is still not due.
+    let c = store.claim_due("c", 601, 2_000, 10).await.unwrap();
+    assert_eq!(
+        c.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![ids[1], ids[2], ids[3]]
+    );
+    // At 2001 c's leases have lapsed and the retry is due: ordered by
+    // next attempt (0, 0, 0, 1000), then id.
+    let d = store.claim_due("d", 2_001, 3_000, 10).await.unwrap();
+    assert_eq!(
+        d.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![ids[1], ids[2], ids[3], ids[0]]
+    );
+    assert_eq!(d[3].attempts, 1);
+    assert_eq!(d[3].next_attempt_ms, 1_000);
+    assert_eq!(d[3].last_error.as_deref(), Some("down"));
+}
+
+#[tokio::test]
+async fn release_claims_frees_only_that_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    for n in 1..=3 {
+        store
+            .accept(inline(mid(n), MessageKind::Relay))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.claim_due("a", 10, 1_000, 2).await.unwrap().len(), 2);
+    assert_eq!(store.claim_due("b", 10, 1_000, 2).await.unwrap().len(), 1);
+    assert_eq!(store.release_claims("a").await.unwrap(), 2);
+    assert_eq!(store.release_claims("a").await.unwrap(), 0);
+    // a's two are claimable again at once; b's is not.
+    assert_eq!(store.claim_due("c", 11, 1_000, 10).await.unwrap().len(), 2);
+    assert_eq!(store.release_claims("b").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn finish_attempt_sets_state_and_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    store
+        .accept(inline(mid(1), MessageKind::Relay))
+        .await
+        .unwrap();
+    store
+        .accept(inline(mid(2), MessageKind::Relay))
+        .await
+        .unwrap();
+    let d1 = store.claim_due("w", 0, 100, 1).await.unwrap()[0].id;
+    let d2 = store.deliveries(mid(2)).await.unwrap()[0].id;
+
+    store
+        .finish_attempt(
+            d1,
+            AttemptOutcome::Retry {
+                error: "timeout".into(),
+                next_attempt_ms: 5_000,
+            },
+            vec![],
+        )
+        .await
+        .unwrap();
+    let r = &store.deliveries(mid(1)).await.unwrap()[0];
+    assert_eq!(r.state, DeliveryState::Pending);
+    assert_eq!(r.attempts, 1);
+    assert_eq!(r.next_attempt_ms, 5_000);
+    assert_eq!(r.last_error.as_deref(), Some("timeout"));
+    // The claim was cleared: due again at 5000 without waiting for the lease.
+    assert_eq!(
+        store.claim_due("x", 5_000, 5_001, 10).await.unwrap().len(),
+        2
+    );
+
+    store
+        .finish_attempt(d1, AttemptOutcome::Done, vec![])
+        .await
+        .unwrap();
+    let r = &store.deliveries(mid(1)).await.unwrap()[0];
+    assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
+
+    store
+        .finish_attempt(d2, AttemptOutcome::Failed("refused".into()), vec![])
+        .await
+        .unwrap();
+    let r = &store.deliveries(mid(2)).await.unwrap()[0];
+    assert_eq!(r.state, DeliveryState::Failed("refused".into()));
+    assert_eq!(r.attempts, 1);
+    assert_eq!(store.pending_count().await.unwrap(), 0);
+
+    // A late report does not reopen a finished delivery.
+    store
+        .finish_attempt(
+            d1,
+            AttemptOutcome::Retry {
+                error: "late".into(),
+                next_attempt_ms: 1,
+            },
+            vec![],
+        )
+        .await
+        .unwrap();
+    let r = &store.deliveries(mid(1)).await.unwrap()[0];
+    assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
+    assert!(matches!(
+        store
+            .finish_attempt(d2 + 100, AttemptOutcome::Done, vec![])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn receipts_are_deduplicated_and_forwarded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(1);
+    store.accept(inline(id, MessageKind::Relay)).await.unwrap();
+    let fwd = |bytes: &[u8]| {
+        Some(forward(
+            "urn:test:upstream",
+            DeliveryKind::Receipt(bytes.to_vec()),
+        ))
+    };
+
+    let n = store
+        .add_receipts(
+            id,
+            vec![
+                receipt(b"r1", fwd(b"r1")),
+                receipt(b"r1", fwd(b"r1")),
+                receipt(b"r2", None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(
+        store
+            .add_receipts(id, vec![receipt(b"r1", fwd(b"r1"))])
+            .await
+            .unwrap(),
+        0
+    );
+
+    // finish_attempt brings r3 (new) and r1 (known) back.
+    let envelope_delivery = store.deliveries(id).await.unwrap()[0].id;
+    store
+        .finish_attempt(
+            envelope_delivery,
+            AttemptOutcome::Done,
+            vec![receipt(b"r3", fwd(b"r3")), receipt(b"r1", fwd(b"r1"))],
+        )
+        .await
+        .unwrap();
+
+    let rs = store.receipts(id).await.unwrap();
+    assert_eq!(
+        rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
+        vec![&b"r1"[..], b"r2", b"r3"]
+    );
+    assert_eq!(rs[0].issuer, uri("urn:test:issuer"));
+    assert_eq!(rs[0].disposition, "DELIVERED");
+    assert_eq!(rs[0].issued_ms, 3_000);
+
+    let ds = store.deliveries(id).await.unwrap();
+    let kinds: Vec<DeliveryKind> = ds.iter().map(|d| d.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            DeliveryKind::Envelope,
+            DeliveryKind::Receipt(b"r1".to_vec()),
+            DeliveryKind::Receipt(b"r3".to_vec()),
+        ]
+    );
+    assert_eq!(ds[1].state, DeliveryState::Pending);
+    assert_eq!(ds[1].target, uri("urn:test:upstream"));
+    assert_eq!(store.pending_count().await.unwrap(), 2);
+
+    assert!(matches!(
+        store.add_receipts(mid(99), vec![receipt(b"x", None)]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.receipts(mid(99)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn acknowledge_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(1);
+    store
+        .accept(inline(id, MessageKind::Inbound))
+        .await
+        .unwrap();
+    store
+        .accept(inline(mid(2), MessageKind::Relay))
+        .await
+        .unwrap();
+    let back = || {
+        Some(forward(
+            "urn:test:upstream",
+            DeliveryKind::Receipt(b"processed".to_vec()),
+        ))
+    };
+
+    assert!(
+        store
+            .acknowledge(id, 7_000, receipt(b"processed", back()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acknowledge(id, 8_000, receipt(b"processed again", back()))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.message(id).await.unwrap().unwrap().acked_ms,
+        Some(7_000)
+    );
+    let rs = store.receipts(id).await.unwrap();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].signed, b"processed");
+    assert_eq!(store.deliveries(id).await.unwrap().len(), 2);
+
+    assert!(store.inbox(false).await.unwrap().is_empty());
+    assert_eq!(store.inbox(true).await.unwrap().len(), 1);
+    assert!(matches!(
+        store.acknowledge(mid(2), 1, receipt(b"p", None)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.acknowledge(mid(3), 1, receipt(b"p", None)).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn inbox_is_ordered_by_received_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    for (n, t) in [(1, 300), (2, 100), (3, 200)] {
+        let mut e = inline(mid(n), MessageKind::Inbound);
+        e.received_ms = t;
+        store.accept(e).await.unwrap();
+    }
+    store
+        .accept(inline(mid(4), MessageKind::Relay))
+        .await
+        .unwrap();
+    let ids: Vec<MessageId> = store
+        .inbox(false)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, vec![mid(2), mid(3), mid(1)]);
+}
+
+#[tokio::test]
+async fn everything_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (msg1, msg2, ds, rs) = {
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store
+            .accept(inline(mid(1), MessageKind::Relay))
+            .await
+            .unwrap();
+        let env = envelope(mid(2), MessageKind::Inbound, spooled(&store, b"blob"), 4);
+        store.accept(env).await.unwrap();
+        let d = store.claim_due("w", 0, 100, 1).await.unwrap()[0].id;
+        store
+            .finish_attempt(
+                d,
+                AttemptOutcome::Retry {
+                    error: "e".into(),
+                    next_attempt_ms: 50,
+                },
+                vec![receipt(b"r", None)],
+            )
+            .await
+            .unwrap();
+        store
+            .acknowledge(mid(2), 60, receipt(b"p", None))
+            .await
+            .unwrap();
+        (
+            store.message(mid(1)).await.unwrap().unwrap(),
+            store.message(mid(2)).await.unwrap().unwrap(),
+            store.deliveries(mid(1)).await.unwrap(),
+            store.receipts(mid(1)).await.unwrap(),
+        )
+    };
+    let store = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(store.message(mid(1)).await.unwrap().unwrap(), msg1);
+    assert_eq!(store.message(mid(2)).await.unwrap().unwrap(), msg2);
+    assert_eq!(msg2.acked_ms, Some(60));
+    assert_eq!(store.deliveries(mid(1)).await.unwrap(), ds);
+    assert_eq!(ds[0].attempts, 1);
+    assert_eq!(store.receipts(mid(1)).await.unwrap(), rs);
+    assert_eq!(rs.len(), 1);
+    assert_eq!(read_all(&store.ciphertext(mid(2)).await.unwrap()), b"blob");
+    assert_eq!(store.pending_count().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn open_removes_orphans_and_keeps_referenced_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = dir.path().join("blobs");
+    let spool = dir.path().join("spool");
+    let kept = {
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let env = envelope(mid(1), MessageKind::Relay, spooled(&store, b"keep me"), 7);
+        store.accept(env).await.unwrap();
+        let kept = files_in(&blobs);
+        assert_eq!(kept.len(), 1);
+        // A spool file a caller never finished (kept alive past the drop).
+        let left = store.spool().unwrap();
+        std::mem::forget(left);
+        kept
+    };
+    fs::write(blobs.join("00112233-orphan"), b"orphan").unwrap();
+    fs::write(spool.join("stray.spool"), b"partial").unwrap();
+    assert_eq!(files_in(&spool).len(), 2);
+
+    let store = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(files_in(&blobs), kept);
+    assert!(files_in(&spool).is_empty());
+    assert_eq!(
+        read_all(&store.ciphertext(mid(1)).await.unwrap()),
+        b"keep me"
+    );
+}
+
+#[tokio::test]
+async fn a_directory_opens_once_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    assert!(matches!(
+        SqliteStore::open(dir.path()),
+        Err(StoreError::Io { .. })
+    ));
+    drop(store);
+    SqliteStore::open(dir.path()).unwrap();
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).unwrap());
+    let conn = Connection::open(dir.path().join("store.sqlite3")).unwrap();
+    conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(conn);
+    match SqliteStore::open(dir.path()) {
+        Err(StoreError::SchemaTooNew { found, supported }) => {
+            assert_eq!((found, supported), (99, 1));
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_accepts_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let before = store.writer_stats();
+    let (release, blocker) = hold_writer(&store).await;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let s = Arc::clone(&store);
+        tasks.spawn(async move { s.accept(inline(mid(n), MessageKind::Relay)).await });
+    }
+    wait_submitted(&store, before.ops_submitted + 201).await;
+    release.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), Accepted::Stored);
+    }
+
+    for n in 0..200 {
+        assert!(
+            store.message(mid(n)).await.unwrap().is_some(),
+            "{n} missing"
+        );
+    }
+    assert_eq!(store.pending_count().await.unwrap(), 200);
+    let after = store.writer_stats();
+    // One commit for the blocker, one for the 200 queued behind it.
+    assert_eq!(
+        after.transactions_committed - before.transactions_committed,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_failing_operation_loses_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let m = mid(100);
+    store.accept(inline(m, MessageKind::Relay)).await.unwrap();
+    let before = store.writer_stats();
+    let (release, blocker) = hold_writer(&store).await;
+
+    let s = Arc::clone(&store);
+    let a = tokio::spawn(async move { s.accept(inline(mid(1), MessageKind::Relay)).await });
+    // Writes a receipt, then fails: its savepoint must undo the receipt.
+    let s = Arc::clone(&store);
+    let partial = tokio::spawn(async move {
+        let r = ReceiptRow::new(receipt(b"undone", None)).unwrap();
+        s.write(move |conn| {
+            assert_eq!(insert_receipts(conn, m.as_bytes(), &[r])?, 1);
+            Err::<(), _>(StoreError::Invalid("fail after writing".into()))
+        })
+        .await
+    });
+    // Violates the foreign key (no such message) inside the writer.
+    let s = Arc::clone(&store);
+    let fk = tokio::spawn(async move {
+        let r = ReceiptRow::new(receipt(b"orphan", None)).unwrap();
+        s.write(move |conn| insert_receipts(conn, mid(999).as_bytes(), &[r]))
+            .await
+    });
+    let s = Arc::clone(&store);
+    let missing =
+        tokio::spawn(async move { s.add_receipts(mid(998), vec![receipt(b"x", None)]).await });
+    let s = Arc::clone(&store);
+    let b = tokio::spawn(async move { s.accept(inline(mid(2), MessageKind::Relay)).await });
+    let s = Arc::clone(&store);
+    let kept = tokio::spawn(async move { s.add_receipts(m, vec![receipt(b"kept", None)]).await });
+
+    wait_submitted(&store, before.ops_submitted + 7).await;
+    release.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+
+    assert_eq!(a.await.unwrap().unwrap(), Accepted::Stored);
+    assert!(matches!(
+        partial.await.unwrap(),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(fk.await.unwrap(), Err(StoreError::Sqlite(_))));
+    assert!(matches!(
+        missing.await.unwrap(),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(b.await.unwrap().unwrap(), Accepted::Stored);
+    assert_eq!(kept.await.unwrap().unwrap(), 1);
+
+    assert!(store.message(mid(1)).await.unwrap().is_some());
+    assert!(store.message(mid(2)).await.unwrap().is_some());
+    let rs = store.receipts(m).await.unwrap();
+    assert_eq!(
+        rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
+        vec![&b"kept"[..]]
+    );
+    assert!(store.receipts(mid(999)).await.unwrap().is_empty());
+    let after = store.writer_stats();
+    assert_eq!(
+        after.transactions_committed - before.transactions_committed,
+        2
+    );
+}
+
+#[tokio::test]
+async fn out_of_range_values_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let mut e = inline(mid(1), MessageKind::Relay);
+    e.expires_ms = u64::MAX;
+    assert!(matches!(store.accept(e).await, Err(StoreError::Invalid(_))));
+    assert!(store.message(mid(1)).await.unwrap().is_none());
+}

@@ -1,0 +1,353 @@
+//! A test network on loopback: a CA, parties with real certificate files,
+//! configuration files, daemons started in-process or as `exchanged`
+//! processes, and clients speaking real mutual TLS.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use exchange_core::PartyUri;
+use exchange_core::ca::{CertificateAuthority, CrlState, RevokedSerial, Validity};
+use exchange_core::identity::{Certificate, Identity};
+use exchange_core::trust::TrustStore;
+use exchange_daemon::client::{ClientSettings, connect};
+use exchange_daemon::proto::client_client::ClientClient;
+use exchange_daemon::proto::peer_client::PeerClient;
+use exchange_daemon::proto::{
+    MessageStatus, SendRequest, SendStart, StatusRequest, SubjectIdentifier, send_request,
+};
+use exchange_daemon::tls::{self, TlsIdentity};
+use exchange_daemon::{Config, Daemon};
+use tonic::transport::Channel;
+
+pub const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";
+pub const HOSPITAL: &str = "urn:jp:mhlw:facility:1310000021";
+pub const AGENT: &str = "urn:jp:example:agent:claims-agent-01";
+pub const PAYER: &str = "urn:jp:example:payer:shiharai-kikin-13";
+pub const OTHER: &str = "urn:jp:mhlw:facility:1310000039";
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One party's files and addresses.
+#[derive(Debug, Clone)]
+pub struct Party {
+    pub name: String,
+    pub uri: String,
+    pub dir: PathBuf,
+    pub peer_port: u16,
+    pub client_port: u16,
+}
+
+impl Party {
+    pub fn party(&self) -> PartyUri {
+        PartyUri::new(self.uri.clone()).unwrap()
+    }
+    pub fn peer_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port)
+    }
+    pub fn client_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("exchanged.toml")
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn identity(&self) -> Identity {
+        Identity::from_pem(
+            &std::fs::read(self.file("identity.pem")).unwrap(),
+            &std::fs::read(self.file("identity.key.pem")).unwrap(),
+        )
+        .unwrap()
+    }
+    pub fn tls_identity(&self) -> TlsIdentity {
+        TlsIdentity::from_pem(
+            &std::fs::read(self.file("identity.pem")).unwrap(),
+            &std::fs::read(self.file("identity.key.pem")).unwrap(),
+        )
+        .unwrap()
+    }
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path()).unwrap()
+    }
+}
+
+/// A local client certificate.
+#[derive(Debug, Clone)]
+pub struct LocalClient {
+    pub uri: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA and the parties it certified, under one temporary directory.
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub ca: CertificateAuthority,
+    pub now: SystemTime,
+    revoked: Vec<RevokedSerial>,
+}
+
+pub fn validity(now: SystemTime) -> Validity {
+    Validity::days_from(now, 30)
+}
+
+impl Net {
+    pub fn new() -> Self {
+        let now = SystemTime::now();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("Test Regional Network CA", validity(now)).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.certificate_pem()).unwrap();
+        let net = Self {
+            dir,
+            ca,
+            now,
+            revoked: Vec::new(),
+        };
+        net.write_crl();
+        net
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write_crl(&self) {
+        let state = CrlState {
+            number: self.revoked.len() as u64 + 1,
+            revoked: self.revoked.clone(),
+        };
+        let crl = self
+            .ca
+            .crl(
+                &state,
+                self.now - Duration::from_secs(60),
+                self.now + Duration::from_secs(86_400),
+            )
+            .unwrap();
+        std::fs::write(self.path("crl.pem"), crl).unwrap();
+    }
+
+    /// Revokes a certificate file (rewrites crl.pem; daemons read it at start).
+    pub fn revoke(&mut self, cert: &Path) {
+        let c = Certificate::from_pem(&std::fs::read(cert).unwrap()).unwrap().remove(0);
+        self.revoked.push(RevokedSerial {
+            serial: hex::decode(c.serial_hex()).unwrap(),
+            revoked_at: self.now - Duration::from_secs(30),
+        });
+        self.write_crl();
+    }
+
+    /// Issues a party's credentials into `<dir>/<name>/`.
+    pub fn party(&self, name: &str, uri: &str) -> Party {
+        let dir = self.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let creds = self
+            .ca
+            .issue_party(&PartyUri::new(uri).unwrap(), name, validity(self.now))
+            .unwrap();
+        std::fs::write(dir.join("identity.pem"), &creds.identity.cert_pem).unwrap();
+        std::fs::write(dir.join("identity.key.pem"), creds.identity.key_pem.as_bytes()).unwrap();
+        std::fs::write(dir.join("encryption.pem"), &creds.encryption.cert_pem).unwrap();
+        std::fs::write(dir.join("encryption.key.pem"), creds.encryption.key_pem.as_bytes())
+            .unwrap();
+        Party {
+            name: name.into(),
+            uri: uri.into(),
+            dir,
+            peer_port: free_port(),
+            client_port: free_port(),
+        }
+    }
+
+    /// A local client certificate (identity profile) from this CA.
+    pub fn client(&self, name: &str, uri: &str) -> LocalClient {
+        issue_client(&self.ca, self.now, &self.path(&format!("client-{name}")), uri)
+    }
+
+    /// Writes `party`'s configuration: it knows `peers`, serves `clients`;
+    /// `extra` is appended verbatim (TOML).
+    pub fn configure(&self, party: &Party, peers: &[&Party], clients: &[&LocalClient], extra: &str) {
+        let mut s = String::new();
+        writeln!(
+            s,
+            r#"data_dir = "data"
+log = "debug"
+
+[identity]
+cert = "identity.pem"
+key = "identity.key.pem"
+encryption_cert = "encryption.pem"
+encryption_key = "encryption.key.pem"
+
+[trust]
+anchors = ["{ca}"]
+crls = ["{crl}"]
+
+[listen]
+peer = "127.0.0.1:{pp}"
+client = "127.0.0.1:{cp}"
+
+[delivery]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+"#,
+            ca = self.path("ca.pem").display(),
+            crl = self.path("crl.pem").display(),
+            pp = party.peer_port,
+            cp = party.client_port,
+        )
+        .unwrap();
+        s.push_str(extra);
+        for p in peers {
+            writeln!(
+                s,
+                "\n[[peer]]\nparty = \"{}\"\naddress = \"{}\"\nencryption_cert = \"{}\"",
+                p.uri,
+                p.peer_addr(),
+                p.file("encryption.pem").display()
+            )
+            .unwrap();
+        }
+        for c in clients {
+            writeln!(
+                s,
+                "\n[[client]]\nname = \"app\"\nparty = \"{}\"\nsend_to = [\"*\"]\npurposes = [\"treatment\", \"claims\"]\nread_purposes = [\"*\"]",
+                c.uri
+            )
+            .unwrap();
+        }
+        std::fs::write(party.config_path(), s).unwrap();
+    }
+}
+
+pub fn issue_client(ca: &CertificateAuthority, now: SystemTime, dir: &Path, uri: &str) -> LocalClient {
+    std::fs::create_dir_all(dir).unwrap();
+    let creds = ca
+        .issue_party(&PartyUri::new(uri).unwrap(), "local application", validity(now))
+        .unwrap();
+    let cert = dir.join("client.pem");
+    let key = dir.join("client.key.pem");
+    std::fs::write(&cert, &creds.identity.cert_pem).unwrap();
+    std::fs::write(&key, creds.identity.key_pem.as_bytes()).unwrap();
+    LocalClient {
+        uri: uri.into(),
+        cert,
+        key,
+    }
+}
+
+/// Starts `party`'s daemon in-process from its configuration file.
+pub async fn start(party: &Party) -> Daemon {
+    Daemon::start(party.config()).await.unwrap()
+}
+
+/// A client of `party`'s daemon as `client`.
+pub fn client_of(net: &Net, party: &Party, client: &LocalClient) -> ClientClient<Channel> {
+    connect(&ClientSettings {
+        address: party.client_addr(),
+        server_party: party.party(),
+        anchors_pem: std::fs::read(net.path("ca.pem")).unwrap(),
+        crls_pem: Some(std::fs::read(net.path("crl.pem")).unwrap()),
+        identity: TlsIdentity::from_pem(
+            &std::fs::read(&client.cert).unwrap(),
+            &std::fs::read(&client.key).unwrap(),
+        )
+        .unwrap(),
+        allow_tls12: false,
+    })
+    .unwrap()
+}
+
+/// A peer-service client to `to`, authenticating as `as_party`'s identity.
+pub fn peer_client(net: &Net, to: &Party, identity: &TlsIdentity) -> PeerClient<Channel> {
+    tls::install_provider();
+    let trust = TrustStore::builder()
+        .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let config = tls::client_config(
+        Arc::new(trust),
+        to.party(),
+        Some(identity),
+        tls::versions(false),
+    )
+    .unwrap();
+    PeerClient::new(tls::channel(&to.peer_addr(), config, Duration::from_secs(5)).unwrap())
+}
+
+pub fn referral_start(to: &[&Party], relays: &[&str], purpose: &str) -> SendStart {
+    SendStart {
+        recipients: to.iter().map(|p| p.uri.clone()).collect(),
+        relays: relays.iter().map(|s| (*s).to_owned()).collect(),
+        content_type: "application/fhir+json".into(),
+        purpose: purpose.into(),
+        subject_ids: vec![SubjectIdentifier {
+            system: "urn:oid:1.2.392.100495.20.3.51.11310000013".into(),
+            value: "P-000123".into(),
+        }],
+        title: "診療情報提供書".into(),
+        document_type: "57133-1".into(),
+        file_name: "referral.json".into(),
+        ..SendStart::default()
+    }
+}
+
+/// Sends `data` in 64 KiB slices; returns the message id.
+pub async fn send(
+    client: &mut ClientClient<Channel>,
+    start: SendStart,
+    data: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut msgs = vec![SendRequest {
+        part: Some(send_request::Part::Start(start)),
+    }];
+    for c in data.chunks(64 * 1024) {
+        msgs.push(SendRequest {
+            part: Some(send_request::Part::Chunk(c.to_vec())),
+        });
+    }
+    let r = client.send(tokio_stream::iter(msgs)).await?;
+    Ok(r.into_inner().message_id)
+}
+
+/// Polls the status until `until` holds (or 30 s pass: then panics with the last status).
+pub async fn wait_status(
+    client: &mut ClientClient<Channel>,
+    id: &[u8],
+    until: impl Fn(&MessageStatus) -> bool,
+) -> MessageStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = client
+            .status(StatusRequest {
+                message_id: id.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if until(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never reached the expected state: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,305 @@
+//! End-to-end deliveries between real daemons on loopback with real mutual
+//! TLS and real SQLite stores: direct, through an agent, with the recipient
+//! down for a while, and redelivery of the same envelope.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use exchange_core::MessageId;
+use exchange_core::envelope::{EnvelopeHead, SealerBuilder};
+use exchange_core::receipt::SignedReceipt;
+use exchange_core::route::HopRole;
+use exchange_core::trust::TrustStore;
+use exchange_daemon::proto::{
+    AckRequest, DeliverRequest, FetchRequest, ListInboxRequest, deliver_request, fetch_response,
+};
+
+fn trust(net: &Net) -> TrustStore {
+    TrustStore::builder()
+        .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+        .unwrap()
+        .crls_pem(&std::fs::read(net.path("crl.pem")).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+async fn fetch_all(
+    client: &mut exchange_daemon::proto::client_client::ClientClient<tonic::transport::Channel>,
+    id: &[u8],
+) -> (exchange_daemon::proto::FetchHeader, Vec<u8>) {
+    let mut stream = client
+        .fetch(FetchRequest {
+            message_id: id.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut header = None;
+    let mut data = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        match m.part.unwrap() {
+            fetch_response::Part::Header(h) => header = Some(h),
+            fetch_response::Part::Chunk(c) => data.extend_from_slice(&c),
+        }
+    }
+    (header.unwrap(), data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    let his = net.client("his", "urn:local:hospital:his");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    net.configure(&hospital, &[&clinic], &[&his], "");
+    let c = start(&clinic).await;
+    let h = start(&hospital).await;
+
+    let mut app = client_of(&net, &clinic, &emr);
+    // 300 KiB: several chunks, larger than one gRPC slice.
+    let payload: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+    let id = send(&mut app, referral_start(&[&hospital], &[], "treatment"), &payload)
+        .await
+        .unwrap();
+    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+
+    assert_eq!(status.receipts.len(), 1);
+    let r = &status.receipts[0];
+    assert_eq!(r.issuer, HOSPITAL);
+    assert_eq!(r.disposition, "DELIVERED");
+    assert_eq!(r.role, "THIRD_PARTY");
+    assert!(r.provision_boundary, "the hospital's DELIVERED receipt is the boundary");
+    assert_eq!(status.provisions.len(), 1);
+    assert_eq!(status.provisions[0].provision, "PASSED");
+    assert_eq!(status.provisions[0].receipt, Some(0));
+    assert_eq!(status.hops[0].state, "DELIVERED");
+
+    // The receipt verifies offline and belongs to this message.
+    let receipt = SignedReceipt::from_bytes(&r.signed)
+        .unwrap()
+        .verify(&trust(&net))
+        .unwrap();
+    assert_eq!(receipt.message_id(), MessageId::from_slice(&id).unwrap());
+
+    // The hospital's application finds, fetches and acknowledges it.
+    let mut his_app = client_of(&net, &hospital, &his);
+    let inbox = his_app
+        .list_inbox(ListInboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inbox.items.len(), 1);
+    assert_eq!(inbox.items[0].message_id, id);
+    assert_eq!(inbox.items[0].sender, CLINIC);
+    let (header, data) = fetch_all(&mut his_app, &id).await;
+    assert_eq!(data, payload);
+    assert_eq!(header.sender, CLINIC);
+    assert_eq!(header.subject_ids[0].value, "P-000123");
+    assert_eq!(header.title, "診療情報提供書");
+    let ack = his_app
+        .ack(AckRequest {
+            message_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Acknowledging again returns the same receipt.
+    let again = his_app
+        .ack(AckRequest {
+            message_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.receipt, again.receipt);
+
+    // The PROCESSED receipt travels back to the clinic.
+    let status = wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+    assert_eq!(status.receipts.len(), 2);
+    assert_eq!(status.receipts[1].disposition, "PROCESSED");
+    assert_eq!(status.receipts[1].signed, ack.receipt);
+    // The boundary stays the first custody receipt.
+    assert!(status.receipts[0].provision_boundary);
+    assert!(!status.receipts[1].provision_boundary);
+
+    let inbox = his_app
+        .list_inbox(ListInboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(inbox.items.is_empty(), "acknowledged items leave the default listing");
+    c.shutdown().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_through_an_agent_returns_both_receipts() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let agent = net.party("agent", AGENT);
+    let payer = net.party("payer", PAYER);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    let payer_app = net.client("payer-app", "urn:local:payer:intake");
+    net.configure(&clinic, &[&agent, &payer], &[&emr], "");
+    // The agent knows both ends; the payer only the agent (receipts go back the way they came).
+    net.configure(&agent, &[&clinic, &payer], &[], "");
+    net.configure(&payer, &[&agent], &[&payer_app], "");
+    let c = start(&clinic).await;
+    let a = start(&agent).await;
+    let p = start(&payer).await;
+
+    let mut app = client_of(&net, &clinic, &emr);
+    let claim = b"UKE claim file (synthetic)".repeat(100);
+    let relay = format!("{AGENT}=entrusted");
+    let mut start_msg = referral_start(&[&payer], &[relay.as_str()], "claims");
+    start_msg.content_type = "text/plain".into();
+    let id = send(&mut app, start_msg, &claim).await.unwrap();
+    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+
+    assert_eq!(status.receipts.len(), 2, "{status:#?}");
+    let by = |issuer: &str| {
+        status
+            .receipts
+            .iter()
+            .find(|r| r.issuer == issuer)
+            .unwrap()
+            .clone()
+    };
+    let agent_r = by(AGENT);
+    let payer_r = by(PAYER);
+    assert_eq!(agent_r.disposition, "ACCEPTED_FOR_RELAY");
+    assert_eq!(agent_r.role, "ENTRUSTED");
+    assert!(!agent_r.provision_boundary, "an entrusted agent is not a provision");
+    assert_eq!(payer_r.disposition, "DELIVERED");
+    assert_eq!(payer_r.role, "THIRD_PARTY");
+    assert!(payer_r.provision_boundary);
+    assert_eq!(status.provisions[0].boundary, PAYER);
+    assert_eq!(status.hops.len(), 1);
+    assert_eq!(status.hops[0].party, AGENT);
+
+    // The agent holds the envelope only to relay it: nothing in its inbox,
+    // and no key of its can open it.
+    let agent_inbox = a.node().store().inbox(true).await.unwrap();
+    assert!(agent_inbox.is_empty());
+    let stored = a
+        .node()
+        .store()
+        .message(MessageId::from_slice(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let head = EnvelopeHead::decode(&stored.head)
+        .unwrap()
+        .verify(&trust(&net), std::time::SystemTime::now())
+        .unwrap();
+    let agent_key = exchange_core::identity::DecryptionKey::from_pem(
+        &std::fs::read(agent.file("encryption.pem")).unwrap(),
+        &std::fs::read(agent.file("encryption.key.pem")).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        head.open(&[agent_key]),
+        Err(exchange_core::Error::NotARecipient)
+    ));
+
+    // The payer's PROCESSED receipt comes back through the agent.
+    let mut intake = client_of(&net, &payer, &payer_app);
+    let (_, data) = fetch_all(&mut intake, &id).await;
+    assert_eq!(data, claim);
+    intake
+        .ack(AckRequest {
+            message_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let status = wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+    assert_eq!(status.receipts.len(), 3);
+    c.shutdown().await;
+    a.shutdown().await;
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipient_down_then_up_gets_the_message_once() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    let his = net.client("his", "urn:local:hospital:his");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    net.configure(&hospital, &[&clinic], &[&his], "");
+    let c = start(&clinic).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let id = send(&mut app, referral_start(&[&hospital], &[], "treatment"), b"lab result")
+        .await
+        .unwrap();
+    // The hospital is down: attempts fail and are retried.
+    let status = wait_status(&mut app, &id, |s| s.hops[0].attempts >= 2).await;
+    assert_eq!(status.state, "PENDING");
+    assert!(!status.hops[0].last_error.is_empty());
+
+    let h = start(&hospital).await;
+    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    assert_eq!(status.receipts.len(), 1);
+    let inbox = h.node().store().inbox(true).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].id.as_bytes().as_slice(), id.as_slice());
+    // Nothing more to do on either side.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.node().store().pending_count().await.unwrap(), 0);
+    c.shutdown().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_returns_the_original_receipt_and_one_inbox_entry() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    net.configure(&hospital, &[&clinic], &[], "");
+    let h = start(&hospital).await;
+
+    let identity = clinic.identity();
+    let trust = trust(&net);
+    let to = exchange_core::identity::Certificate::from_pem(
+        &std::fs::read(hospital.file("encryption.pem")).unwrap(),
+    )
+    .unwrap()
+    .remove(0);
+    let key = trust
+        .verify_encryption(&to, std::time::SystemTime::now())
+        .unwrap();
+    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+    let mut sealer = SealerBuilder::new(&identity, "application/pdf")
+        .recipient(key, HopRole::ThirdParty)
+        .purpose("treatment")
+        .start(std::time::SystemTime::now(), &mut rng)
+        .unwrap();
+    let mut ct = Vec::new();
+    sealer.update(b"discharge summary (synthetic)", &mut ct);
+    let head = sealer.finish(&mut ct);
+
+    let mut peer = peer_client(&net, &hospital, &clinic.tls_identity());
+    let deliver = |head: &EnvelopeHead, ct: &[u8]| {
+        tokio_stream::iter(vec![
+            DeliverRequest {
+                part: Some(deliver_request::Part::Head(head.as_bytes().to_vec())),
+            },
+            DeliverRequest {
+                part: Some(deliver_request::Part::Chunk(ct.to_vec())),
+            },
+        ])
+    };
+    let first = peer.deliver(deliver(&head, &ct)).await.unwrap().into_inner();
+    let second = peer.deliver(deliver(&head, &ct)).await.unwrap().into_inner();
+    assert_eq!(first.receipt, second.receipt, "the original receipt, byte for byte");
+    let inbox = h.node().store().inbox(true).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    h.shutdown().await;
+}
