@@ -58,7 +58,8 @@ impl ClientService {
 }
 
 fn message_id(bytes: &[u8]) -> Result<MessageId, Error> {
-    MessageId::from_slice(bytes).map_err(|_| Error::BadRequest("message_id must be 16 bytes".into()))
+    MessageId::from_slice(bytes)
+        .map_err(|_| Error::BadRequest("message_id must be 16 bytes".into()))
 }
 
 fn refuse(client: &ClientConfig, what: &str, e: Error) -> Status {
@@ -103,7 +104,7 @@ impl Node {
                 .ok_or_else(|| {
                     Error::UnknownPeer(format!("{party} (no encryption certificate configured)"))
                 })?;
-            let key = self.trust.verify_encryption(cert, now)?;
+            let key = self.trust().verify_encryption(cert, now)?;
             if key.party() != &party {
                 return Err(Error::Config(format!(
                     "the encryption certificate configured for {party} names {}",
@@ -169,8 +170,11 @@ impl Node {
                 return Err(Error::TooLarge { len: total, limit });
             }
             if !out.is_empty() {
-                sink.write(std::mem::replace(&mut out, Vec::with_capacity(SLICE + 1024)))
-                    .await?;
+                sink.write(std::mem::replace(
+                    &mut out,
+                    Vec::with_capacity(SLICE + 1024),
+                ))
+                .await?;
             }
         }
         let head = sealer.finish(&mut out);
@@ -182,7 +186,7 @@ impl Node {
         let ciphertext = sink.finish().await?;
         // Our own head must pass what every hop will check (a revoked or
         // expired identity fails here, not at each peer).
-        let verified = head.verify(&self.trust, now)?;
+        let verified = head.verify(&self.trust(), now)?;
         let header = verified.header();
         let hops = first_hops(&verified);
         for hop in &hops {
@@ -380,9 +384,13 @@ impl Node {
         let pos = position(&head, &self.party)?;
         let now = SystemTime::now();
         let receipt = self.sign_receipt(&head, pos.role, Disposition::Processed, now);
-        let verified = receipt.verify(&self.trust)?;
+        let verified = receipt.verify(&self.trust())?;
         let keep = self.keep_receipt(record, &verified);
-        if self.store.acknowledge(record.id, unix_ms(now), keep).await? {
+        if self
+            .store
+            .acknowledge(record.id, unix_ms(now), keep)
+            .await?
+        {
             self.work.notify_one();
             return Ok(receipt.to_bytes());
         }
@@ -393,9 +401,11 @@ impl Node {
             .into_iter()
             .find(|r| r.issuer == self.party && r.disposition == Disposition::Processed.as_str())
             .map(|r| r.signed)
-            .ok_or_else(|| Error::Store(crate::error::StoreError::Corrupt(
-                "acknowledged message without a PROCESSED receipt".into(),
-            )))
+            .ok_or_else(|| {
+                Error::Store(crate::error::StoreError::Corrupt(
+                    "acknowledged message without a PROCESSED receipt".into(),
+                ))
+            })
     }
 }
 
@@ -428,10 +438,7 @@ impl Client for ClientService {
             .map_err(|e| refuse(client, "send", e))
     }
 
-    async fn status(
-        &self,
-        req: Request<StatusRequest>,
-    ) -> Result<Response<MessageStatus>, Status> {
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<MessageStatus>, Status> {
         let client = self.client(&req)?;
         let id = message_id(&req.get_ref().message_id)?;
         let record = self.node.own_outbound(client, id).await?;
@@ -563,12 +570,7 @@ impl Client for ClientService {
             payload_length: header.payload_length,
             created_ms: unix_ms(header.created),
         };
-        let ciphertext = self
-            .node
-            .store
-            .ciphertext(id)
-            .await
-            .map_err(Error::from)?;
+        let ciphertext = self.node.store.ciphertext(id).await.map_err(Error::from)?;
         tracing::info!(message = %id, client = %client.name, "inbox item fetched");
         let (tx, rx) = mpsc::channel::<Result<FetchResponse, Status>>(4);
         let chunk = |data| FetchResponse {

@@ -350,7 +350,10 @@ impl Config {
             PartyUri::new(c.party.clone())
                 .map_err(|e| Error::Config(format!("client {:?}: {e}", c.name)))?;
             if clients.insert(c.party.clone(), ()).is_some() {
-                return Err(Error::Config(format!("client party {} listed twice", c.party)));
+                return Err(Error::Config(format!(
+                    "client party {} listed twice",
+                    c.party
+                )));
             }
         }
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {
@@ -359,6 +362,32 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Anchor and CRL files of local client certificates, when they differ
+    /// from the network's.
+    pub fn client_trust_files(&self) -> Option<(&[PathBuf], &[PathBuf])> {
+        if self.trust.client_anchors.is_empty() {
+            return None;
+        }
+        let crls = if self.trust.client_crls.is_empty() {
+            &self.trust.crls
+        } else {
+            &self.trust.client_crls
+        };
+        Some((&self.trust.client_anchors, crls))
+    }
+
+    /// Every trust file (anchors and CRLs, network and client), to watch for changes.
+    pub fn trust_files(&self) -> Vec<PathBuf> {
+        let t = &self.trust;
+        t.anchors
+            .iter()
+            .chain(&t.crls)
+            .chain(&t.client_anchors)
+            .chain(&t.client_crls)
+            .map(|p| self.path(p))
+            .collect()
     }
 
     /// Resolves a configured path against the file's directory.

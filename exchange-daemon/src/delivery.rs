@@ -264,9 +264,7 @@ impl Node {
             )),
             Disposition::AcceptedForRelay if is_relay => Ok(kept),
             Disposition::Delivered | Disposition::Processed if !is_relay => {
-                if record.kind == MessageKind::Outbound
-                    && verified.role() == HopRole::ThirdParty
-                {
+                if record.kind == MessageKind::Outbound && verified.role() == HopRole::ThirdParty {
                     self.note_boundaries(&head, std::slice::from_ref(&verified));
                 }
                 Ok(kept)

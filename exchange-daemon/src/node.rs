@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use crate::config::{ClientConfig, Config};
 use crate::error::Error;
 use crate::store::{MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
-use crate::tls::{self, TlsIdentity};
+use crate::tls::{self, SharedTrust, TlsIdentity};
 
 /// How long receipts keep travelling upstream after the envelope expired (ms).
 pub(crate) const RECEIPT_GRACE_MS: u64 = 7 * 86_400_000;
@@ -105,8 +105,8 @@ pub struct Node {
     pub(crate) party: PartyUri,
     pub(crate) identity: Identity,
     pub(crate) keys: Vec<DecryptionKey>,
-    pub(crate) trust: Arc<TrustStore>,
-    pub(crate) client_trust: Arc<TrustStore>,
+    pub(crate) trust_source: Arc<SharedTrust>,
+    pub(crate) client_trust: Arc<SharedTrust>,
     pub(crate) tls_identity: TlsIdentity,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) peers: HashMap<PartyUri, Peer>,
@@ -126,7 +126,9 @@ impl std::fmt::Debug for Node {
     }
 }
 
-fn trust_store(
+/// Builds a trust store from configured anchor and CRL files, with the
+/// profile's revocation policy.
+pub(crate) fn trust_store(
     config: &Config,
     anchors: &[std::path::PathBuf],
     crls: &[std::path::PathBuf],
@@ -163,17 +165,14 @@ impl Node {
                 &config.read(&old.key)?,
             )?);
         }
-        let trust = Arc::new(trust_store(&config, &config.trust.anchors, &config.trust.crls)?);
-        let client_trust = if config.trust.client_anchors.is_empty() {
-            trust.clone()
-        } else {
-            let crls = if config.trust.client_crls.is_empty() {
-                &config.trust.crls
-            } else {
-                &config.trust.client_crls
-            };
-            Arc::new(trust_store(&config, &config.trust.client_anchors, crls)?)
+        let trust = trust_store(&config, &config.trust.anchors, &config.trust.crls)?;
+        let client_trust = match config.client_trust_files() {
+            None => None,
+            Some((anchors, crls)) => Some(SharedTrust::new(trust_store(&config, anchors, crls)?)),
         };
+        let trust_source = SharedTrust::new(trust);
+        let client_trust = client_trust.unwrap_or_else(|| trust_source.clone());
+        let trust = trust_source.get();
         let party = identity.party().clone();
         // Our own credentials must pass the checks every peer will apply.
         trust.verify_identity(identity.chain(), SystemTime::now())?;
@@ -218,7 +217,7 @@ impl Node {
             party,
             identity,
             keys,
-            trust,
+            trust_source,
             client_trust,
             tls_identity,
             store,
@@ -228,6 +227,26 @@ impl Node {
             work: Notify::new(),
             events,
         })
+    }
+
+    /// The network trust store in force (CRLs are refreshed while running).
+    pub(crate) fn trust(&self) -> Arc<TrustStore> {
+        self.trust_source.get()
+    }
+
+    /// Rebuilds the trust stores from their files.
+    pub(crate) fn reload_trust(&self) -> Result<(), Error> {
+        let c = &self.config;
+        let network = trust_store(c, &c.trust.anchors, &c.trust.crls)?;
+        match c.client_trust_files() {
+            Some((anchors, crls)) => {
+                let client = trust_store(c, anchors, crls)?;
+                self.trust_source.replace(network);
+                self.client_trust.replace(client);
+            }
+            None => self.trust_source.replace(network),
+        }
+        Ok(())
     }
 
     /// This facility's party URI.
@@ -257,8 +276,8 @@ impl Node {
             .peers
             .get(party)
             .ok_or_else(|| Error::UnknownPeer(party.to_string()))?;
-        let config = tls::client_config(
-            self.trust.clone(),
+        let config = tls::client_config_shared(
+            self.trust_source.clone(),
             party.clone(),
             Some(&self.tls_identity),
             self.versions(),
@@ -284,7 +303,7 @@ impl Node {
     /// today's CRLs).
     pub(crate) fn verify_stored(&self, record: &MessageRecord) -> Result<VerifiedHead, Error> {
         let head = EnvelopeHead::decode(&record.head)?;
-        Ok(head.verify_ignoring_expiry(&self.trust, from_unix_ms(record.received_ms))?)
+        Ok(head.verify_ignoring_expiry(&self.trust(), from_unix_ms(record.received_ms))?)
     }
 
     /// Signs a receipt about `head`.
@@ -307,7 +326,7 @@ impl Node {
         head: &VerifiedHead,
         bytes: &[u8],
     ) -> Result<VerifiedReceipt, Error> {
-        let receipt = SignedReceipt::from_bytes(bytes)?.verify(&self.trust)?;
+        let receipt = SignedReceipt::from_bytes(bytes)?.verify(&self.trust())?;
         receipt.check_for(head)?;
         Ok(receipt)
     }
@@ -319,9 +338,7 @@ impl Node {
         receipt: &VerifiedReceipt,
     ) -> NewReceipt {
         let forward = match (record.kind, &record.upstream) {
-            (MessageKind::Relay | MessageKind::Inbound, Some(up))
-                if receipt.issuer() != up =>
-            {
+            (MessageKind::Relay | MessageKind::Inbound, Some(up)) if receipt.issuer() != up => {
                 Some(NewDelivery {
                     target: up.clone(),
                     kind: crate::store::DeliveryKind::Receipt(receipt.signed().to_bytes()),

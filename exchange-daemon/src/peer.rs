@@ -19,7 +19,9 @@ use crate::error::Error;
 use crate::node::{Node, position, unix_ms};
 use crate::proto::deliver_request::Part;
 use crate::proto::peer_server::Peer;
-use crate::proto::{DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse};
+use crate::proto::{
+    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse,
+};
 use crate::sink::Sink;
 use crate::store::{Accepted, DeliveryKind, MessageKind, NewDelivery, NewEnvelope};
 use crate::tls::PeerInfo;
@@ -54,7 +56,7 @@ impl Node {
         mut stream: Streaming<DeliverRequest>,
     ) -> Result<Vec<u8>, Error> {
         let now = SystemTime::now();
-        let head = EnvelopeHead::decode(head)?.verify(&self.trust, now)?;
+        let head = EnvelopeHead::decode(head)?.verify(&self.trust(), now)?;
         let pos = position(&head, &self.party)?;
         if peer != &pos.upstream {
             return Err(Error::PeerNotUpstream {

@@ -4,4 +4,5 @@
 tonic::include_proto!("exchange.v1");
 
 /// The encoded descriptor set, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/daemon_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/daemon_descriptor.bin"));

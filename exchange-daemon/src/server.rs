@@ -30,10 +30,12 @@ pub struct Daemon {
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Listen {
-        addr: addr.to_owned(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 fn log_profile(config: &Config) {
@@ -47,7 +49,50 @@ fn log_profile(config: &Config) {
         ),
         Profile::Closed => {
             for r in relaxed {
-                tracing::warn!(relaxation = r, "network profile closed: relaxation in force");
+                tracing::warn!(
+                    relaxation = r,
+                    "network profile closed: relaxation in force"
+                );
+            }
+        }
+    }
+}
+
+/// How often trust files (CRLs above all) are checked for changes.
+const TRUST_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Size and modification time of each trust file: a change means reload.
+fn trust_files_stamp(config: &Config) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    config
+        .trust_files()
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)))
+        })
+        .collect()
+}
+
+/// Re-reads anchors and CRLs when their files change, so that a refreshed
+/// CRL takes effect without a restart. A file that fails to load leaves the
+/// trust in force unchanged (a stale CRL then keeps failing closed).
+async fn reload_trust(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let mut stamp = trust_files_stamp(&node.config);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(TRUST_RELOAD) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = trust_files_stamp(&node.config);
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match node.reload_trust() {
+            Ok(()) => tracing::info!("trust anchors and CRLs reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "trust files changed but cannot be loaded; the previous ones stay in force")
             }
         }
     }
@@ -83,7 +128,7 @@ impl Daemon {
         }
         let node = Arc::new(Node::new(config, store)?);
         let versions = node.versions();
-        let peer_tls = tls::server_config(node.trust.clone(), &node.tls_identity, versions)?;
+        let peer_tls = tls::server_config(node.trust_source.clone(), &node.tls_identity, versions)?;
         let client_tls =
             tls::server_config(node.client_trust.clone(), &node.tls_identity, versions)?;
 
@@ -91,12 +136,8 @@ impl Daemon {
         let mut tasks = Vec::new();
 
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_serving::<PeerServer<PeerService>>()
-            .await;
-        reporter
-            .set_serving::<ClientServer<ClientService>>()
-            .await;
+        reporter.set_serving::<PeerServer<PeerService>>().await;
+        reporter.set_serving::<ClientServer<ClientService>>().await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -128,7 +169,8 @@ impl Daemon {
                 }
             }));
         }
-        tasks.push(tokio::spawn(delivery::run(node.clone(), rx)));
+        tasks.push(tokio::spawn(delivery::run(node.clone(), rx.clone())));
+        tasks.push(tokio::spawn(reload_trust(node.clone(), rx)));
         tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started");
         Ok(Self {
             node,

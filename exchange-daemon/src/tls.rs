@@ -146,10 +146,43 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
 }
 
+/// The trust store in force, replaceable while running (CRL refresh):
+/// every handshake reads the current one.
+#[derive(Debug)]
+pub struct SharedTrust {
+    current: std::sync::RwLock<Arc<TrustStore>>,
+}
+
+impl SharedTrust {
+    /// Starts with `trust`.
+    pub fn new(trust: TrustStore) -> Arc<Self> {
+        Arc::new(Self {
+            current: std::sync::RwLock::new(Arc::new(trust)),
+        })
+    }
+
+    /// The store in force now.
+    pub fn get(&self) -> Arc<TrustStore> {
+        // A poisoned lock still holds a complete store (replacement is one assignment).
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `trust` in force for every later check.
+    pub fn replace(&self, trust: TrustStore) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(trust);
+    }
+}
+
 /// Server side: a client certificate is mandatory and must validate.
 #[derive(Debug)]
 struct PartyClientVerifier {
-    trust: Arc<TrustStore>,
+    trust: Arc<SharedTrust>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -166,6 +199,7 @@ impl ClientCertVerifier for PartyClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let chain = chain_of(end_entity, intermediates)?;
         self.trust
+            .get()
             .verify_identity(&chain, system_time(now))
             .map_err(cert_error)?;
         Ok(ClientCertVerified::assertion())
@@ -197,7 +231,7 @@ impl ClientCertVerifier for PartyClientVerifier {
 /// Client side: the server certificate must validate and name `expected`.
 #[derive(Debug)]
 struct PinnedServerVerifier {
-    trust: Arc<TrustStore>,
+    trust: Arc<SharedTrust>,
     expected: PartyUri,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -214,6 +248,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         let chain = chain_of(end_entity, intermediates)?;
         let party = self
             .trust
+            .get()
             .verify_identity(&chain, system_time(now))
             .map_err(cert_error)?;
         if party.party() != &self.expected {
@@ -249,7 +284,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
 
 /// A server configuration requiring client certificates that `trust` accepts.
 pub fn server_config(
-    trust: Arc<TrustStore>,
+    trust: Arc<SharedTrust>,
     identity: &TlsIdentity,
     versions: &[&'static SupportedProtocolVersion],
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
@@ -272,6 +307,19 @@ pub fn server_config(
 /// a server whose certificate validates and names `expected`.
 pub fn client_config(
     trust: Arc<TrustStore>,
+    expected: PartyUri,
+    identity: Option<&TlsIdentity>,
+    versions: &[&'static SupportedProtocolVersion],
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let trust = Arc::new(SharedTrust {
+        current: std::sync::RwLock::new(trust),
+    });
+    client_config_shared(trust, expected, identity, versions)
+}
+
+/// [`client_config`] over a replaceable trust store.
+pub fn client_config_shared(
+    trust: Arc<SharedTrust>,
     expected: PartyUri,
     identity: Option<&TlsIdentity>,
     versions: &[&'static SupportedProtocolVersion],

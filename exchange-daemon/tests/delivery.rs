@@ -64,9 +64,13 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
     let mut app = client_of(&net, &clinic, &emr);
     // 300 KiB: several chunks, larger than one gRPC slice.
     let payload: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
-    let id = send(&mut app, referral_start(&[&hospital], &[], "treatment"), &payload)
-        .await
-        .unwrap();
+    let id = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        &payload,
+    )
+    .await
+    .unwrap();
     let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
 
     assert_eq!(status.receipts.len(), 1);
@@ -74,7 +78,10 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
     assert_eq!(r.issuer, HOSPITAL);
     assert_eq!(r.disposition, "DELIVERED");
     assert_eq!(r.role, "THIRD_PARTY");
-    assert!(r.provision_boundary, "the hospital's DELIVERED receipt is the boundary");
+    assert!(
+        r.provision_boundary,
+        "the hospital's DELIVERED receipt is the boundary"
+    );
     assert_eq!(status.provisions.len(), 1);
     assert_eq!(status.provisions[0].provision, "PASSED");
     assert_eq!(status.provisions[0].receipt, Some(0));
@@ -133,7 +140,10 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
         .await
         .unwrap()
         .into_inner();
-    assert!(inbox.items.is_empty(), "acknowledged items leave the default listing");
+    assert!(
+        inbox.items.is_empty(),
+        "acknowledged items leave the default listing"
+    );
     c.shutdown().await;
     h.shutdown().await;
 }
@@ -175,7 +185,10 @@ async fn delivery_through_an_agent_returns_both_receipts() {
     let payer_r = by(PAYER);
     assert_eq!(agent_r.disposition, "ACCEPTED_FOR_RELAY");
     assert_eq!(agent_r.role, "ENTRUSTED");
-    assert!(!agent_r.provision_boundary, "an entrusted agent is not a provision");
+    assert!(
+        !agent_r.provision_boundary,
+        "an entrusted agent is not a provision"
+    );
     assert_eq!(payer_r.disposition, "DELIVERED");
     assert_eq!(payer_r.role, "THIRD_PARTY");
     assert!(payer_r.provision_boundary);
@@ -236,9 +249,13 @@ async fn recipient_down_then_up_gets_the_message_once() {
     net.configure(&hospital, &[&clinic], &[&his], "");
     let c = start(&clinic).await;
     let mut app = client_of(&net, &clinic, &emr);
-    let id = send(&mut app, referral_start(&[&hospital], &[], "treatment"), b"lab result")
-        .await
-        .unwrap();
+    let id = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"lab result",
+    )
+    .await
+    .unwrap();
     // The hospital is down: attempts fail and are retried.
     let status = wait_status(&mut app, &id, |s| s.hops[0].attempts >= 2).await;
     assert_eq!(status.state, "PENDING");
@@ -296,10 +313,92 @@ async fn redelivery_returns_the_original_receipt_and_one_inbox_entry() {
             },
         ])
     };
-    let first = peer.deliver(deliver(&head, &ct)).await.unwrap().into_inner();
-    let second = peer.deliver(deliver(&head, &ct)).await.unwrap().into_inner();
-    assert_eq!(first.receipt, second.receipt, "the original receipt, byte for byte");
+    let first = peer
+        .deliver(deliver(&head, &ct))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = peer
+        .deliver(deliver(&head, &ct))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.receipt, second.receipt,
+        "the original receipt, byte for byte"
+    );
     let inbox = h.node().store().inbox(true).await.unwrap();
     assert_eq!(inbox.len(), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_crl_takes_effect_without_a_restart() {
+    let mut net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    net.configure(&hospital, &[&clinic], &[], "");
+    let c = start(&clinic).await;
+    let h = start(&hospital).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let first = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"before",
+    )
+    .await
+    .unwrap();
+    wait_status(&mut app, &first, |s| s.state == "DELIVERED").await;
+
+    // The CA revokes the clinic; the hospital picks the new CRL up while running.
+    net.revoke(&clinic.file("identity.pem"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let mut peer = peer_client(&net, &hospital, &clinic.tls_identity());
+    loop {
+        // A fresh connection each time: the handshake is where revocation bites.
+        let probe = peer
+            .return_receipts(exchange_daemon::proto::ReturnReceiptsRequest {
+                message_id: vec![0; 16],
+                receipts: vec![],
+            })
+            .await;
+        match probe {
+            // Until the reload the clinic is still trusted: the message is unknown.
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => {
+                // The TLS 1.3 client learns of the refused certificate only when
+                // the server closes the connection.
+                assert!(
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
+                    "{s:?}"
+                );
+                break;
+            }
+            Ok(_) => panic!("an empty receipt return for an unknown message succeeded"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CRL was never reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peer = peer_client(&net, &hospital, &clinic.tls_identity());
+    }
+    // The clinic's later messages are refused at the handshake and stay pending.
+    let second = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"after",
+    )
+    .await;
+    // The clinic's own daemon has reloaded the same CRL by now or soon: either
+    // it refuses to seal with a revoked identity, or the hospital refuses it.
+    if let Ok(id) = second {
+        let s = wait_status(&mut app, &id, |s| s.hops[0].attempts >= 1).await;
+        assert_ne!(s.state, "DELIVERED");
+    }
+    assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 1);
+    c.shutdown().await;
     h.shutdown().await;
 }
