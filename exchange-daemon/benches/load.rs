@@ -64,9 +64,13 @@ async fn run(messages: usize, concurrency: usize, bytes: usize) {
             let mut ids = Vec::with_capacity(n);
             for _ in 0..n {
                 ids.push(
-                    send(&mut app, referral_start(&[&hospital], &[], "treatment"), &payload)
-                        .await
-                        .unwrap(),
+                    send(
+                        &mut app,
+                        referral_start(&[&hospital], &[], "treatment"),
+                        &payload,
+                    )
+                    .await
+                    .unwrap(),
                 );
             }
             ids
@@ -155,7 +159,10 @@ fn core_round_trips(net: &Net, clinic: &Party, hospital: &Party, payload: &[u8])
     for _ in 0..n {
         let now = std::time::SystemTime::now();
         let env = SealerBuilder::new(&sender, "application/fhir+json")
-            .recipient(trust.verify_encryption(&to, now).unwrap(), HopRole::ThirdParty)
+            .recipient(
+                trust.verify_encryption(&to, now).unwrap(),
+                HopRole::ThirdParty,
+            )
             .purpose("treatment")
             .start(now, &mut rng)
             .unwrap()

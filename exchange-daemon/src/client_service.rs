@@ -119,7 +119,14 @@ impl Node {
             builder = builder.recipient(key, role);
         }
         for relay in &start.relays {
-            builder = builder.relay(Node::parse_relay(relay)?);
+            let hop = Node::parse_relay(relay)?;
+            if !client.may_send_to(&hop.party) {
+                return Err(Error::Forbidden(format!(
+                    "client {} may not send through {}",
+                    client.name, hop.party
+                )));
+            }
+            builder = builder.relay(hop);
         }
         if start.lifetime_seconds > 0 {
             builder = builder.lifetime(Duration::from_secs(start.lifetime_seconds));
@@ -190,7 +197,7 @@ impl Node {
         let header = verified.header();
         let hops = first_hops(&verified);
         for hop in &hops {
-            if !self.peers.contains_key(hop) {
+            if self.peers.get(hop).and_then(|p| p.address.as_ref()).is_none() {
                 return Err(Error::UnknownPeer(hop.to_string()));
             }
         }

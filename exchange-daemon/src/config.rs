@@ -95,7 +95,8 @@ pub struct TrustConfig {
     /// CA of local client certificates (default: the network anchors).
     #[serde(default)]
     pub client_anchors: Vec<PathBuf>,
-    /// CRLs for local client certificates (default: `crls`).
+    /// CRLs of the client CA (required with `client_anchors`, unless the
+    /// closed profile allows missing CRLs).
     #[serde(default)]
     pub client_crls: Vec<PathBuf>,
 }
@@ -253,8 +254,10 @@ impl DeliveryConfig {
 pub struct PeerConfig {
     /// The party URI its certificate must name.
     pub party: String,
-    /// `host:port` of its peer listener.
-    pub address: String,
+    /// `host:port` of its peer listener. May be left out for a party reached
+    /// only through relays (we need its encryption certificate, not its address).
+    #[serde(default)]
+    pub address: Option<String>,
     /// Its encryption certificate (PEM): needed to send to it as a final recipient.
     #[serde(default)]
     pub encryption_cert: Option<PathBuf>,
@@ -337,6 +340,14 @@ impl Config {
                 "trust.crls is empty: CRLs are required (closed profile only: network.allow_missing_crls = true)".into(),
             ));
         }
+        if !self.trust.client_anchors.is_empty()
+            && self.trust.client_crls.is_empty()
+            && !self.network.allow_missing_crls
+        {
+            return Err(Error::Config(
+                "trust.client_anchors is set but trust.client_crls is empty: local client certificates need a CRL from their own CA".into(),
+            ));
+        }
         let mut parties = BTreeMap::new();
         for p in &self.peers {
             let party = PartyUri::new(p.party.clone())
@@ -356,6 +367,12 @@ impl Config {
                 )));
             }
         }
+        if self.log.parse::<tracing::Level>().is_err() {
+            return Err(Error::Config(format!(
+                "log = {:?}: use error, warn, info, debug or trace",
+                self.log
+            )));
+        }
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {
             return Err(Error::Config(
                 "delivery.concurrency and delivery.initial_backoff_ms must be positive".into(),
@@ -370,12 +387,7 @@ impl Config {
         if self.trust.client_anchors.is_empty() {
             return None;
         }
-        let crls = if self.trust.client_crls.is_empty() {
-            &self.trust.crls
-        } else {
-            &self.trust.client_crls
-        };
-        Some((&self.trust.client_anchors, crls))
+        Some((&self.trust.client_anchors, &self.trust.client_crls))
     }
 
     /// Every trust file (anchors and CRLs, network and client), to watch for changes.

@@ -15,7 +15,7 @@ use exchange_core::route::HopRole;
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 
-use crate::error::{Error, status_reason};
+use crate::error::{Error, RECEIPT_METADATA, status_reason};
 use crate::node::{Node, unix_ms};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
@@ -46,6 +46,7 @@ pub(crate) fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
 pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let owner = node.config.delivery.node_name.clone();
     let permits = Arc::new(Semaphore::new(node.config.delivery.concurrency));
+    let in_flight = Arc::new(InFlight::default());
     loop {
         if *shutdown.borrow() {
             break;
@@ -62,12 +63,20 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                 Ok(items) => {
                     full = items.len() == free;
                     for item in items {
+                        // A transfer outlasting its lease comes back claimable:
+                        // it is still running here, so leave it be.
+                        if !in_flight.start(item.id) {
+                            continue;
+                        }
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             return;
                         };
                         let node = node.clone();
+                        let in_flight = in_flight.clone();
                         tokio::spawn(async move {
+                            let id = item.id;
                             node.attempt(item).await;
+                            in_flight.end(id);
                             drop(permit);
                             node.work.notify_one();
                         });
@@ -89,6 +98,27 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             () = tokio::time::sleep(POLL) => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// Deliveries being attempted by this process.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<std::collections::HashSet<i64>>);
+
+impl InFlight {
+    /// Marks `id` running; false if it already was.
+    fn start(&self, id: i64) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id)
+    }
+
+    fn end(&self, id: i64) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 }
 
@@ -226,6 +256,13 @@ impl Node {
         }
         let receipt = match response {
             Ok(r) => r.into_inner().receipt,
+            // A refusal with a signed REJECTED receipt: keep it as evidence.
+            Err(status) if status.metadata().get_bin(RECEIPT_METADATA).is_some() => status
+                .metadata()
+                .get_bin(RECEIPT_METADATA)
+                .and_then(|v| v.to_bytes().ok())
+                .map(|b| b.to_vec())
+                .unwrap_or_default(),
             Err(status) => {
                 let reason = status_reason(&status).unwrap_or("transport").to_owned();
                 return Err(fail(if is_refusal(status.code()) {

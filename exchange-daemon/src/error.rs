@@ -11,6 +11,9 @@ use tonic::{Code, Status};
 /// Metadata key carrying the stable reason code on every error status.
 pub const REASON_METADATA: &str = "x-exchange-reason";
 
+/// Binary metadata key carrying a signed REJECTED receipt on a refused delivery.
+pub const RECEIPT_METADATA: &str = "x-exchange-receipt-bin";
+
 /// Everything that can go wrong in the daemon.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -146,7 +149,8 @@ impl Error {
             Self::Store(StoreError::NotFound(_)) => "not-found",
             Self::Config(_) | Self::ReadFile { .. } => "config",
             Self::Store(_) => "store",
-            Self::Tls(_) | Self::Listen { .. } => "tls",
+            Self::Tls(_) => "tls",
+            Self::Listen { .. } => "listen",
             Self::PeerNotUpstream { .. } => "identity-mismatch",
             Self::NotOnRoute => "not-on-route",
             Self::TooLarge { .. } => "oversize",

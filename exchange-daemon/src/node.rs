@@ -40,7 +40,7 @@ pub fn from_unix_ms(ms: u64) -> SystemTime {
 /// A peer directory entry, loaded.
 #[derive(Debug)]
 pub(crate) struct Peer {
-    pub(crate) address: String,
+    pub(crate) address: Option<String>,
     pub(crate) encryption: Option<Certificate>,
 }
 
@@ -272,9 +272,10 @@ impl Node {
         if let Some(c) = channels.get(party) {
             return Ok(c.clone());
         }
-        let peer = self
+        let address = self
             .peers
             .get(party)
+            .and_then(|p| p.address.as_deref())
             .ok_or_else(|| Error::UnknownPeer(party.to_string()))?;
         let config = tls::client_config_shared(
             self.trust_source.clone(),
@@ -283,7 +284,7 @@ impl Node {
             self.versions(),
         )?;
         let channel = tls::channel(
-            &peer.address,
+            address,
             config,
             self.config.delivery.connect_timeout(),
         )?;

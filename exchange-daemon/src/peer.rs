@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use exchange_core::envelope::EnvelopeHead;
+use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
 use exchange_core::receipt::Disposition;
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::Error;
-use crate::node::{Node, position, unix_ms};
+use crate::error::{Error, RECEIPT_METADATA};
+use crate::node::{Node, Position, position, unix_ms};
 use crate::proto::deliver_request::Part;
 use crate::proto::peer_server::Peer;
 use crate::proto::{
@@ -47,24 +47,99 @@ pub(crate) fn peer_of<T>(req: &Request<T>) -> Result<PartyUri, Status> {
         .ok_or_else(|| Status::unauthenticated("no authenticated TLS peer"))
 }
 
+/// A refused delivery: the error, and our signed REJECTED receipt when the
+/// envelope was authentic and came from the hop before us (evidence for the
+/// sender of why, and by whom, it was refused).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) error: Error,
+    pub(crate) receipt: Option<Vec<u8>>,
+}
+
+impl From<Error> for Refusal {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            receipt: None,
+        }
+    }
+}
+
+impl From<exchange_core::Error> for Refusal {
+    fn from(e: exchange_core::Error) -> Self {
+        Error::from(e).into()
+    }
+}
+
+/// Refusals about the envelope itself (not our state or the transport),
+/// which the sender gets a REJECTED receipt for.
+fn deserves_receipt(e: &Error) -> bool {
+    use exchange_core::Error as C;
+    matches!(
+        e,
+        Error::TooLarge { .. }
+            | Error::Replay(_)
+            | Error::Core(
+                C::Expired { .. }
+                    | C::DigestMismatch
+                    | C::Truncated { .. }
+                    | C::TrailingData
+                    | C::NotARecipient
+                    | C::KeyUnwrap
+                    | C::CommitmentMismatch
+                    | C::MetadataDecryption
+            )
+    )
+}
+
 impl Node {
     /// Receives one envelope from `peer`; returns our signed receipt (bytes).
     pub(crate) async fn receive(
         &self,
         peer: &PartyUri,
         head: &[u8],
-        mut stream: Streaming<DeliverRequest>,
-    ) -> Result<Vec<u8>, Error> {
+        stream: Streaming<DeliverRequest>,
+    ) -> Result<Vec<u8>, Refusal> {
         let now = SystemTime::now();
-        let head = EnvelopeHead::decode(head)?.verify(&self.trust(), now)?;
+        // Expiry is checked below, so that an expired envelope can be refused with a receipt.
+        let head = EnvelopeHead::decode(head)?.verify_ignoring_expiry(&self.trust(), now)?;
         let pos = position(&head, &self.party)?;
         if peer != &pos.upstream {
             return Err(Error::PeerNotUpstream {
                 peer: peer.to_string(),
                 expected: pos.upstream.to_string(),
-            });
+            }
+            .into());
         }
+        match self.receive_verified(peer, &head, &pos, now, stream).await {
+            Ok(receipt) => Ok(receipt),
+            Err(error) if deserves_receipt(&error) => {
+                let reason = Disposition::Rejected(error.reason_code().to_owned());
+                let receipt = self.sign_receipt(&head, pos.role, reason, now).to_bytes();
+                Err(Refusal {
+                    error,
+                    receipt: Some(receipt),
+                })
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn receive_verified(
+        &self,
+        peer: &PartyUri,
+        head: &VerifiedHead,
+        pos: &Position,
+        now: SystemTime,
+        mut stream: Streaming<DeliverRequest>,
+    ) -> Result<Vec<u8>, Error> {
         let header = head.header();
+        if now > header.expires {
+            return Err(exchange_core::Error::Expired {
+                at: header.expires,
+            }
+            .into());
+        }
         let limit = self.config.limits.max_envelope_bytes;
         let len = header.ciphertext_length();
         if len > limit {
@@ -102,7 +177,7 @@ impl Node {
             _ => Disposition::Delivered,
         };
         let receipt = self
-            .sign_receipt(&head, pos.role, disposition, now)
+            .sign_receipt(head, pos.role, disposition, now)
             .to_bytes();
         let deliveries = pos
             .next
@@ -233,9 +308,16 @@ impl Peer for PeerService {
         };
         match self.node.receive(&peer, &head, stream).await {
             Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
-            Err(e) => {
-                tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {e}");
-                Err(e.into())
+            Err(Refusal { error, receipt }) => {
+                tracing::warn!(from = %peer, reason = error.reason_code(), "envelope rejected: {error}");
+                let mut status = Status::from(error);
+                if let Some(r) = receipt {
+                    status.metadata_mut().insert_bin(
+                        RECEIPT_METADATA,
+                        tonic::metadata::MetadataValue::from_bytes(&r),
+                    );
+                }
+                Err(status)
             }
         }
     }

@@ -27,6 +27,7 @@ pub struct Daemon {
     client_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    health: tonic_health::server::HealthReporter,
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, Error> {
@@ -178,6 +179,7 @@ impl Daemon {
             client_addr,
             shutdown,
             tasks,
+            health: reporter,
         })
     }
 
@@ -191,6 +193,12 @@ impl Daemon {
         self.client_addr
     }
 
+    /// Re-reads trust anchors and CRLs now (SIGHUP); on error the ones in
+    /// force stay.
+    pub fn reload_trust(&self) -> Result<(), Error> {
+        self.node.reload_trust()
+    }
+
     /// The daemon's state (party, store).
     pub fn node(&self) -> &Arc<Node> {
         &self.node
@@ -198,6 +206,12 @@ impl Daemon {
 
     /// Stops accepting, lets running requests finish, stops the workers.
     pub async fn shutdown(self) {
+        self.health
+            .set_not_serving::<PeerServer<PeerService>>()
+            .await;
+        self.health
+            .set_not_serving::<ClientServer<ClientService>>()
+            .await;
         let _ = self.shutdown.send(true);
         // Long-lived client streams (WatchStatus) must not hold the stop up.
         for t in self.tasks {

@@ -472,6 +472,11 @@ pub fn channel(
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| Error::Config(format!("peer address {address:?}: {e}")))?
         .connect_timeout(connect_timeout)
+        // A peer that stops answering mid-transfer is noticed and the
+        // attempt retried, instead of holding a worker forever.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(false)
         .tcp_nodelay(true)
         .http2_adaptive_window(true);
     let connector = TlsConnector::from(config);
@@ -492,4 +497,129 @@ pub fn channel(
         }
     });
     Ok(endpoint.connect_with_connector_lazy(service))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::SystemTime;
+
+    use exchange_core::ca::{CertificateAuthority, Validity};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn party(ca: &CertificateAuthority, uri: &str) -> TlsIdentity {
+        let creds = ca
+            .issue_party(
+                &PartyUri::new(uri).unwrap(),
+                uri,
+                Validity::days_from(SystemTime::now(), 1),
+            )
+            .unwrap();
+        TlsIdentity::from_pem(
+            creds.identity.cert_pem.as_bytes(),
+            creds.identity.key_pem.as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// The open profile's handshake: TLS 1.3, hybrid post-quantum key
+    /// exchange, the client's party visible to the server.
+    #[tokio::test]
+    async fn handshake_is_tls13_with_hybrid_post_quantum_key_exchange() {
+        install_provider();
+        let ca = CertificateAuthority::generate("CA", Validity::days_from(SystemTime::now(), 1))
+            .unwrap();
+        let trust = || {
+            TrustStore::builder()
+                .anchors_pem(ca.certificate_pem().as_bytes())
+                .unwrap()
+                .build()
+                .unwrap()
+        };
+        let server_id = party(&ca, "urn:test:server");
+        let client_id = party(&ca, "urn:test:client");
+        let server = server_config(SharedTrust::new(trust()), &server_id, versions(false)).unwrap();
+        let client = client_config(
+            Arc::new(trust()),
+            PartyUri::new("urn:test:server").unwrap(),
+            Some(&client_id),
+            versions(false),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsAcceptor::from(server).accept(tcp).await.unwrap();
+            let party = peer_party(&tls).unwrap();
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.unwrap();
+            (party, buf)
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = TlsConnector::from(client)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .unwrap();
+        let (_, conn) = tls.get_ref();
+        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519MLKEM768)
+        );
+        assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+        tls.write_all(b"ping").await.unwrap();
+        let (party, buf) = accept.await.unwrap();
+        assert_eq!(party.as_str(), "urn:test:client");
+        assert_eq!(&buf, b"ping");
+    }
+
+    /// A server certificate naming another party is refused even though it validates.
+    #[tokio::test]
+    async fn client_refuses_a_server_naming_another_party() {
+        install_provider();
+        let ca = CertificateAuthority::generate("CA", Validity::days_from(SystemTime::now(), 1))
+            .unwrap();
+        let trust = || {
+            TrustStore::builder()
+                .anchors_pem(ca.certificate_pem().as_bytes())
+                .unwrap()
+                .build()
+                .unwrap()
+        };
+        let server = server_config(
+            SharedTrust::new(trust()),
+            &party(&ca, "urn:test:impostor"),
+            versions(false),
+        )
+        .unwrap();
+        let client = client_config(
+            Arc::new(trust()),
+            PartyUri::new("urn:test:server").unwrap(),
+            Some(&party(&ca, "urn:test:client")),
+            versions(false),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = TlsAcceptor::from(server).accept(tcp).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = TlsConnector::from(client)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .unwrap_err();
+        let inner = err.into_inner().unwrap();
+        assert_eq!(
+            inner.downcast_ref::<rustls::Error>(),
+            Some(&rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName
+            ))
+        );
+    }
 }

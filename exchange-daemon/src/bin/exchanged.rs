@@ -34,29 +34,36 @@ fn init_logging(level: &str) {
 
 async fn run(config: Config) -> Result<(), exchange_daemon::Error> {
     let daemon = Daemon::start(config).await?;
-    wait_for_signal().await;
+    wait_for_signal(&daemon).await;
     daemon.shutdown().await;
     Ok(())
 }
 
+/// Waits for SIGINT or SIGTERM; SIGHUP re-reads trust anchors and CRLs.
 #[cfg(unix)]
-async fn wait_for_signal() {
+async fn wait_for_signal(daemon: &Daemon) {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => match daemon.reload_trust() {
+                Ok(()) => tracing::info!("SIGHUP: trust anchors and CRLs reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: cannot reload trust; the previous ones stay in force"),
+            },
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() {
+async fn wait_for_signal(_daemon: &Daemon) {
     let _ = tokio::signal::ctrl_c().await;
 }
 
