@@ -454,3 +454,53 @@ async fn a_refusal_comes_back_as_a_signed_rejected_receipt() {
     c.shutdown().await;
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_served_on_both_listeners() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let net = Net::new();
+    let hospital = net.party("hospital", HOSPITAL);
+    let clinic = net.party("clinic", CLINIC);
+    let his = net.client("his", "urn:local:hospital:his");
+    net.configure(&hospital, &[&clinic], &[&his], "");
+    let h = start(&hospital).await;
+    let channel = |addr: String, id: exchange_daemon::tls::TlsIdentity| {
+        let trust = exchange_core::trust::TrustStore::builder()
+            .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let config = exchange_daemon::tls::client_config(
+            std::sync::Arc::new(trust),
+            hospital.party(),
+            Some(&id),
+            exchange_daemon::tls::versions(false),
+        )
+        .unwrap();
+        exchange_daemon::tls::channel(&addr, config, Duration::from_secs(5)).unwrap()
+    };
+    let service = |name: &str| HealthCheckRequest {
+        service: name.to_owned(),
+    };
+    let mut peer = HealthClient::new(channel(hospital.peer_addr(), clinic.tls_identity()));
+    let local = exchange_daemon::tls::TlsIdentity::from_pem(
+        &std::fs::read(&his.cert).unwrap(),
+        &std::fs::read(&his.key).unwrap(),
+    )
+    .unwrap();
+    let mut client = HealthClient::new(channel(hospital.client_addr(), local));
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    for (c, name) in [
+        (&mut peer, "exchange.v1.Peer"),
+        (&mut client, "exchange.v1.Client"),
+    ] {
+        let r = c.check(service(name)).await.unwrap().into_inner();
+        assert_eq!(r.status, serving, "{name}");
+    }
+    // A service the daemon does not offer is unknown, not serving.
+    let err = peer.check(service("exchange.v1.Nothing")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    h.shutdown().await;
+}
