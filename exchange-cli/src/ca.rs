@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use exchange_core::ca::{CertificateAuthority, CrlState, RevokedSerial, Validity, read_crl};
+use exchange_core::ca::{
+    CertificateAuthority, CrlState, LeafSpec, RevokedSerial, Validity, read_crl,
+};
 use exchange_core::identity::{Certificate, KeyRole};
 use exchange_core::{PartyUri, TrustError};
 
@@ -79,6 +81,24 @@ pub(crate) fn issue(
     days: u32,
     now: SystemTime,
 ) -> Result<Vec<PathBuf>> {
+    let (party, paths) = issue_files(ca_dir, party, name, out, days, now)?;
+    println!("issued {party} (\"{name}\") into {}", out.display());
+    println!("  identity.pem / identity.key.pem      signs envelopes and receipts, TLS");
+    println!(
+        "  encryption.pem / encryption.key.pem  receives envelopes (give encryption.pem to senders)"
+    );
+    Ok(paths)
+}
+
+/// Writes a party's four credential files into `out` (nothing printed).
+pub(crate) fn issue_files(
+    ca_dir: &Path,
+    party: &str,
+    name: &str,
+    out: &Path,
+    days: u32,
+    now: SystemTime,
+) -> Result<(PartyUri, Vec<PathBuf>)> {
     let party = PartyUri::new(party)?;
     let ca = load_ca(ca_dir)?;
     let names = [
@@ -97,12 +117,56 @@ pub(crate) fn issue(
     files::write_new(&paths[0], creds.identity.cert_pem.as_bytes(), false)?;
     files::write_new(&paths[3], creds.encryption.key_pem.as_bytes(), true)?;
     files::write_new(&paths[2], creds.encryption.cert_pem.as_bytes(), false)?;
-    println!("issued {party} (\"{name}\") into {}", out.display());
-    println!("  identity.pem / identity.key.pem      signs envelopes and receipts, TLS");
+    Ok((party, paths))
+}
+
+/// `ca issue-client`: a local application's client certificate (identity
+/// profile, named by a local URI such as urn:local:clinic:emr) for the
+/// daemon's client service: `out/client.pem` and `out/client.key.pem`.
+pub(crate) fn issue_client(
+    ca_dir: &Path,
+    client: &str,
+    name: &str,
+    out: &Path,
+    days: u32,
+    now: SystemTime,
+) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = issue_client_files(ca_dir, client, name, out, days, now)?;
+    println!("issued client {client} (\"{name}\") into {}", out.display());
     println!(
-        "  encryption.pem / encryption.key.pem  receives envelopes (give encryption.pem to senders)"
+        "  client.pem / client.key.pem  TLS client certificate for the daemon's client service"
     );
-    Ok(paths)
+    println!(
+        "  the daemon admits it once its configuration lists party = \"{client}\" under [[client]]"
+    );
+    Ok((cert, key))
+}
+
+/// Writes a client certificate and key into `out` (nothing printed).
+pub(crate) fn issue_client_files(
+    ca_dir: &Path,
+    client: &str,
+    name: &str,
+    out: &Path,
+    days: u32,
+    now: SystemTime,
+) -> Result<(PathBuf, PathBuf)> {
+    let party = PartyUri::new(client)?;
+    let ca = load_ca(ca_dir)?;
+    let (cert, key) = (out.join("client.pem"), out.join("client.key.pem"));
+    if let Some(p) = [&cert, &key].into_iter().find(|p| p.exists()) {
+        return Err(CliError::Exists(p.clone()));
+    }
+    let issued = ca.issue_leaf(&LeafSpec {
+        party: Some(party),
+        name: name.to_owned(),
+        role: KeyRole::Identity,
+        validity: Validity::days_from(now, days),
+    })?;
+    files::create_dir(out)?;
+    files::write_new(&key, issued.key_pem.as_bytes(), true)?;
+    files::write_new(&cert, issued.cert_pem.as_bytes(), false)?;
+    Ok((cert, key))
 }
 
 /// `ca revoke`: adds the certificate's serial to the CA's CRL.

@@ -39,6 +39,62 @@ pub(crate) enum CliError {
     /// A command-line value is invalid.
     #[error("{0}")]
     Usage(String),
+    /// The client connection settings are incomplete or unreadable.
+    #[error("client settings: {0}")]
+    ClientSettings(String),
+    /// The daemon could not be reached, or the TLS handshake with it failed.
+    #[error("cannot talk to the daemon at {address}: {reason}")]
+    Connect {
+        /// `host:port` of its client listener.
+        address: String,
+        /// Why (refused, wrong party, untrusted certificate …).
+        reason: String,
+    },
+    /// The daemon refused or failed a request.
+    #[error("{what}: {message}")]
+    Refused {
+        /// The request (`send`, `fetch 0193…`).
+        what: String,
+        /// Its stable reason code (`not-found`, `policy-violation` …).
+        reason: String,
+        /// The daemon's message.
+        message: String,
+    },
+    /// A transfer stream broke the client protocol (order, length).
+    #[error("{what}: {problem}")]
+    Protocol {
+        /// The request.
+        what: String,
+        /// What was wrong.
+        problem: String,
+    },
+    /// A daemon could not be configured or started (the demo network).
+    #[error("{what}: {source}")]
+    Daemon {
+        /// Which daemon or file.
+        what: String,
+        /// Why.
+        source: exchange_daemon::Error,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A bounded wait ran out.
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout {
+        /// What did not happen.
+        what: String,
+        /// How long we waited.
+        secs: u64,
+    },
+    /// A message ended FAILED (a hop refused it or it expired).
+    #[error("message {id} failed: {reason}")]
+    Failed {
+        /// The message id.
+        id: String,
+        /// The hop's or receipt's reason.
+        reason: String,
+    },
 }
 
 impl CliError {

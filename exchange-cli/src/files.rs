@@ -204,8 +204,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration> {
 
 /// A progress bar on stderr for large transfers, only when stderr is a terminal.
 pub(crate) fn progress(total: u64, what: &str) -> Option<ProgressBar> {
+    progress_over(total, PROGRESS_THRESHOLD, what)
+}
+
+/// A progress bar on stderr when `total` exceeds `threshold` and stderr is a terminal.
+pub(crate) fn progress_over(total: u64, threshold: u64, what: &str) -> Option<ProgressBar> {
     use std::io::IsTerminal;
-    if total < PROGRESS_THRESHOLD || !std::io::stderr().is_terminal() {
+    if total <= threshold || !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = ProgressBar::new(total);

@@ -1,5 +1,6 @@
 //! `exchange`: CA and certificate tools, offline seal/open/inspect of
-//! envelopes, receipt verification, and a demo.
+//! envelopes, receipt verification, the client of a facility's daemon
+//! (send, status, inbox, fetch, ack), and a live demo network.
 //!
 //! Every failure prints one line, `error: <reason>`, and exits with status 1;
 //! nothing is written to an output unless the whole operation succeeded.
@@ -7,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod ca;
+mod client_cmd;
 mod demo;
 mod envelope_cmd;
 mod error;
@@ -18,6 +20,7 @@ use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 
+use crate::client_cmd::{ConnArgs, SendArgs};
 use crate::envelope_cmd::SealArgs;
 use crate::error::Result;
 
@@ -89,11 +92,65 @@ enum Command {
         #[command(subcommand)]
         command: ReceiptCommand,
     },
-    /// Walk through a whole exchange offline: CA, clinic, hospital, seal, open, receipt.
+    /// Send a file through this facility's daemon: it seals, signs and delivers it.
+    Send(SendArgs),
+    /// A sent message's state, hops, receipts and provision records.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The message id.
+        id: String,
+        /// Follow it until it is PROCESSED or FAILED.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Messages delivered to this facility that this application may read.
+    Inbox {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Include acknowledged items.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch one inbox item (verified and decrypted by the daemon) into a file.
+    Fetch {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The message id.
+        id: String,
+        /// Output (written only if the whole item arrived and verified).
+        #[arg(long = "out")]
+        output: PathBuf,
+        /// Print the patient / subject identifiers.
+        #[arg(long)]
+        show_subjects: bool,
+    },
+    /// Acknowledge an inbox item: the daemon signs a PROCESSED receipt for the sender.
+    Ack {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The message id.
+        id: String,
+        /// Also save the PROCESSED receipt here (.exrcpt).
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+    },
+    /// Run a live network on loopback: a CA, a clinic, a hospital, a claims
+    /// agent and a payer, each with its own daemon and store; send a referral
+    /// and a claim, show every receipt and the provision boundary.
     Demo {
-        /// Keep everything in this directory (default: a temporary one).
+        /// Keep the network (CA, certificates, configs, stores) in this new directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Messages in the throughput burst (0: skip it).
+        #[arg(long, default_value_t = 200)]
+        burst: usize,
     },
 }
 
@@ -137,6 +194,24 @@ enum CaCommand {
         /// The certificate to revoke.
         #[arg(long)]
         cert: PathBuf,
+    },
+    /// Issue a local application's client certificate (client.pem, client.key.pem).
+    IssueClient {
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Client URI, e.g. urn:local:clinic:emr (listed as a `[[client]]` in the daemon's config).
+        #[arg(long)]
+        client: String,
+        /// Display name.
+        #[arg(long, default_value = "local application")]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
     /// Re-issue the CRL with a fresh nextUpdate.
     Crl {
@@ -195,6 +270,13 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 days,
             } => ca::issue(&ca, &party, &name, &out, days, now).map(drop),
+            CaCommand::IssueClient {
+                ca,
+                client,
+                name,
+                out,
+                days,
+            } => ca::issue_client(&ca, &client, &name, &out, days, now).map(drop),
             CaCommand::Revoke { ca, cert } => ca::revoke(&ca, &cert, now),
             CaCommand::Crl { ca } => ca::refresh_crl(&ca, now),
         },
@@ -256,8 +338,34 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => envelope_cmd::verify_receipt(&trust, crl.as_deref(), envelope.as_deref(), &file, now)
             .map(drop),
-        Command::Demo { dir } => demo::run(dir.as_deref()),
+        Command::Send(args) => block_on(client_cmd::send(&args)),
+        Command::Status {
+            conn,
+            id,
+            watch,
+            json,
+        } => block_on(client_cmd::status(&conn, &id, watch, json)),
+        Command::Inbox { conn, all, json } => block_on(client_cmd::inbox(&conn, all, json)),
+        Command::Fetch {
+            conn,
+            id,
+            output,
+            show_subjects,
+        } => block_on(client_cmd::fetch(&conn, &id, &output, show_subjects)),
+        Command::Ack { conn, id, receipt } => {
+            block_on(client_cmd::ack(&conn, &id, receipt.as_deref()))
+        }
+        Command::Demo { dir, burst } => block_on(demo::run(dir.as_deref(), burst)),
     }
+}
+
+/// Runs a client command or the demo on a multi-threaded runtime.
+fn block_on(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(error::CliError::Runtime)?;
+    runtime.block_on(f)
 }
 
 fn main() -> ExitCode {

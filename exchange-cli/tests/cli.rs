@@ -41,12 +41,20 @@ impl Run {
 }
 
 fn exchange(dir: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_exchange"))
-        .current_dir(dir)
+    exchange_env(dir, args, &[])
+}
+
+fn exchange_env(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exchange"));
+    cmd.current_dir(dir)
         .args(args)
-        .output()
-        .unwrap();
-    Run { out }
+        .env_remove("EXCHANGE_CLIENT_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Run {
+        out: cmd.output().unwrap(),
+    }
 }
 
 /// A CA, a clinic and a hospital in a temporary directory.
@@ -471,33 +479,6 @@ fn ca_init_refuses_to_overwrite() {
 }
 
 #[test]
-fn demo_runs_and_keeps_its_files() {
-    let d = tempfile::tempdir().unwrap();
-    let run = exchange(d.path(), &["demo", "--dir", "net"]).ok();
-    let text = run.stdout();
-    for expected in [
-        "[1]",
-        "[8]",
-        "MARKS THE PROVISION BOUNDARY",
-        "refused: decryption failed",
-        "identical to what the clinic sealed: true",
-    ] {
-        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
-    }
-    for f in [
-        "ca/ca.pem",
-        "clinic/identity.pem",
-        "hospital/encryption.pem",
-        "referral.exenv",
-        "referral.exrcpt",
-        "inbox/referral.json",
-    ] {
-        assert!(d.path().join("net").join(f).exists(), "{f}");
-    }
-    assert!(!d.path().join("net/inbox/tampered.json").exists());
-}
-
-#[test]
 fn usage_errors_are_one_line() {
     let d = tempfile::tempdir().unwrap();
     exchange(
@@ -555,4 +536,454 @@ fn usage_errors_are_one_line() {
         "{}",
         run.stderr()
     );
+}
+
+/// The one line of `text` that contains every one of `parts`.
+fn line_with<'a>(text: &'a str, parts: &[&str]) -> &'a str {
+    let found: Vec<&str> = text
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .collect();
+    assert_eq!(found.len(), 1, "lines with {parts:?}: {found:?} in\n{text}");
+    found[0]
+}
+
+const HOSPITAL: &str = "urn:jp:mhlw:facility:1310000021";
+const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";
+const AGENT: &str = "urn:jp:example:agent:claims-agent-01";
+const PAYER: &str = "urn:jp:example:payer:shiharai-kikin-13";
+const BOUNDARY: &str = "<- provision boundary";
+
+#[test]
+fn demo_runs_a_live_network_and_marks_the_provision_boundaries() {
+    let d = tempfile::tempdir().unwrap();
+    let text = exchange(d.path(), &["demo", "--dir", "net"]).ok().stdout();
+    for step in 1..=11 {
+        assert!(
+            text.contains(&format!("\n[{step}] ")),
+            "step {step} in\n{text}"
+        );
+    }
+    // Referral: the hospital's DELIVERED receipt is the boundary, its PROCESSED is not.
+    let hospital = format!("Minato General Hospital <{HOSPITAL}>");
+    let l = line_with(&text, &["1. DELIVERED", "THIRD_PARTY", &hospital]);
+    assert!(l.ends_with(&format!("{BOUNDARY} (責任分界点)")), "{l}");
+    assert!(!line_with(&text, &["2. PROCESSED", &hospital]).contains(BOUNDARY));
+    // Claim: the entrusted agent's receipt is not a boundary, the payer's DELIVERED is.
+    let agent = format!("Demo Claims Agent <{AGENT}>");
+    let payer = format!("Demo Claims Review Office <{PAYER}>");
+    assert!(!line_with(&text, &["1. ACCEPTED_FOR_RELAY", "ENTRUSTED", &agent]).contains(BOUNDARY));
+    assert!(line_with(&text, &["2. DELIVERED", "THIRD_PARTY", &payer]).contains(BOUNDARY));
+    assert!(!line_with(&text, &["3. PROCESSED", &payer]).contains(BOUNDARY));
+    line_with(
+        &text,
+        &[&format!(
+            "boundary: responsibility for the referral passed to {HOSPITAL} with receipt 1"
+        )],
+    );
+    line_with(
+        &text,
+        &[&format!(
+            "boundary: responsibility for the claim passed to {PAYER} with receipt 2"
+        )],
+    );
+    assert_eq!(
+        text.matches("identical to what the clinic sent: true")
+            .count(),
+        2,
+        "{text}"
+    );
+    line_with(
+        &text,
+        &["the agent's own inbox (including acknowledged items): 0 item(s)"],
+    );
+    // A real measurement, labelled.
+    let burst = line_with(&text, &["200 messages in ", " s = ", " msg/s"]);
+    let rate: f64 = burst
+        .split(" = ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rate > 0.0, "{burst}");
+    assert!(
+        !text.contains(" INFO ") && !text.contains(" WARN "),
+        "daemon logs leaked:\n{text}"
+    );
+
+    let net = d.path().join("net");
+    for site in ["clinic", "hospital", "agent", "payer"] {
+        for f in [
+            "identity.pem",
+            "encryption.pem",
+            "exchanged.toml",
+            "data/store.sqlite3",
+            "app/client.pem",
+            "app/client.key.pem",
+            "app/client.toml",
+        ] {
+            assert!(net.join(site).join(f).exists(), "{site}/{f}");
+        }
+    }
+    for f in [
+        "ca/ca.pem",
+        "ca/crl.pem",
+        "README.txt",
+        "hospital/app/inbox/referral.json",
+        "payer/app/inbox/claim.uke",
+    ] {
+        assert!(net.join(f).exists(), "{f}");
+    }
+    let readme = std::fs::read_to_string(net.join("README.txt")).unwrap();
+    assert!(
+        readme.contains("exchanged --config clinic/exchanged.toml"),
+        "{readme}"
+    );
+    assert!(
+        readme.contains("--client-config clinic/app/client.toml"),
+        "{readme}"
+    );
+    // The boundary receipts it kept verify offline with the CA certificate alone.
+    let rv = exchange(
+        &net,
+        &[
+            "receipt",
+            "verify",
+            "--trust",
+            "ca/ca.pem",
+            "receipts/claim-2-DELIVERED.exrcpt",
+        ],
+    )
+    .ok()
+    .stdout();
+    assert!(rv.contains(PAYER), "{rv}");
+    // It never writes over an existing network.
+    exchange(d.path(), &["demo", "--dir", "net"]).fails_with("is not empty");
+}
+
+#[test]
+fn demo_without_dir_leaves_nothing_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let text = exchange_env(d.path(), &["demo", "--burst", "5"], &[("TMPDIR", &tmp)])
+        .ok()
+        .stdout();
+    line_with(&text, &["5 messages in ", " msg/s"]);
+    assert!(text.contains("now removed"), "{text}");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+}
+
+/// The demo network's daemons, run in this test process from the demo's configs.
+struct LiveNet {
+    runtime: tokio::runtime::Runtime,
+    daemons: Vec<exchange_daemon::Daemon>,
+}
+
+impl LiveNet {
+    fn start(net: &Path) -> Self {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let daemons = runtime.block_on(async {
+            let mut v = Vec::new();
+            for site in ["clinic", "hospital", "agent", "payer"] {
+                let config =
+                    exchange_daemon::Config::load(&net.join(site).join("exchanged.toml")).unwrap();
+                v.push(exchange_daemon::Daemon::start(config).await.unwrap());
+            }
+            v
+        });
+        Self { runtime, daemons }
+    }
+
+    fn stop(self) {
+        self.runtime.block_on(async {
+            for d in self.daemons {
+                d.shutdown().await;
+            }
+        });
+    }
+}
+
+fn status_json(dir: &Path, id: &str) -> serde_json::Value {
+    let out = exchange(
+        dir,
+        &[
+            "status",
+            id,
+            "--json",
+            "--client-config",
+            "clinic/app/client.toml",
+        ],
+    )
+    .ok()
+    .stdout();
+    serde_json::from_str(&out).unwrap()
+}
+
+fn stray_temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn send_status_inbox_fetch_ack_against_live_daemons() {
+    let d = tempfile::tempdir().unwrap();
+    exchange(d.path(), &["demo", "--dir", "net", "--burst", "0"]).ok();
+    let net = d.path().join("net");
+    let live = LiveNet::start(&net);
+    let clinic = ["--client-config", "clinic/app/client.toml"];
+    let hospital = ["--client-config", "hospital/app/client.toml"];
+
+    // 2 MiB + 3: several 256 KiB slices each way.
+    let plain = payload(2 * 1024 * 1024 + 3);
+    std::fs::write(net.join("study.bin"), &plain).unwrap();
+    let sent = exchange(
+        &net,
+        &[
+            &[
+                "send",
+                "--to",
+                HOSPITAL,
+                "--content-type",
+                "application/octet-stream",
+                "--purpose",
+                "treatment",
+                "--subject",
+                "urn:oid:1.2.392.100495.20.3.51.11310000013|P-000777",
+                "--title",
+                "検査結果 (synthetic)",
+                "--in",
+                "study.bin",
+                "--wait",
+            ],
+            &clinic[..],
+        ]
+        .concat(),
+    )
+    .ok()
+    .stdout();
+    let id = sent.lines().next().unwrap().trim().to_owned();
+    assert_eq!(id.len(), 36, "{sent}");
+    assert!(line_with(&sent, &["DELIVERED", "THIRD_PARTY", HOSPITAL]).contains(BOUNDARY));
+    line_with(&sent, &[&format!("message {id}  DELIVERED")]);
+
+    let s = status_json(&net, &id);
+    assert_eq!(s["state"], "DELIVERED");
+    assert_eq!(s["receipts"][0]["issuer"], HOSPITAL);
+    assert_eq!(s["receipts"][0]["issuer_name"], "Minato General Hospital");
+    assert_eq!(s["receipts"][0]["provision_boundary"], true);
+    assert_eq!(s["provisions"][0]["provision"], "PASSED");
+
+    // The hospital's application, its settings from the environment this time.
+    let env = [(
+        "EXCHANGE_CLIENT_CONFIG",
+        net.join("hospital/app/client.toml"),
+    )];
+    let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    let inbox = exchange_env(&net, &["inbox", "--json"], &env).ok().stdout();
+    let items: serde_json::Value = serde_json::from_str(&inbox).unwrap();
+    let item = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["message_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(item["sender"], CLINIC);
+    assert_eq!(item["purpose"], "treatment");
+    assert_eq!(item["acked"], false);
+
+    let fetched = exchange(
+        &net,
+        &[&["fetch", &id, "--out", "got.bin"], &hospital[..]].concat(),
+    )
+    .ok()
+    .stdout();
+    assert_eq!(std::fs::read(net.join("got.bin")).unwrap(), plain);
+    assert!(fetched.contains("Sakura Clinic"), "{fetched}");
+    assert!(fetched.contains("検査結果 (synthetic)"), "{fetched}");
+    assert!(
+        !fetched.contains("P-000777"),
+        "subject printed without --show-subjects"
+    );
+    let shown = exchange(
+        &net,
+        &[
+            &["fetch", &id, "--out", "again.bin", "--show-subjects"],
+            &hospital[..],
+        ]
+        .concat(),
+    )
+    .ok()
+    .stdout();
+    assert!(shown.contains("P-000777"), "{shown}");
+
+    let acked = exchange(
+        &net,
+        &[
+            &["ack", &id, "--receipt", "processed.exrcpt"],
+            &hospital[..],
+        ]
+        .concat(),
+    )
+    .ok()
+    .stdout();
+    assert!(acked.contains("PROCESSED"), "{acked}");
+    let rv = exchange(
+        &net,
+        &[
+            "receipt",
+            "verify",
+            "--trust",
+            "ca/ca.pem",
+            "processed.exrcpt",
+        ],
+    )
+    .ok()
+    .stdout();
+    assert!(rv.contains("PROCESSED") && rv.contains(HOSPITAL), "{rv}");
+    // The PROCESSED receipt travels back to the clinic.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = status_json(&net, &id);
+        if s["state"] == "PROCESSED" {
+            assert_eq!(s["receipts"][1]["disposition"], "PROCESSED");
+            assert_eq!(s["receipts"][1]["provision_boundary"], false);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never PROCESSED: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let all = exchange(&net, &[&["inbox", "--all"], &hospital[..]].concat())
+        .ok()
+        .stdout();
+    assert!(line_with(&all, &[&id]).contains(" yes "), "{all}");
+
+    // An unknown id: a specific error, and nothing left where the output would go.
+    let before = std::fs::read_dir(&net).unwrap().count();
+    exchange(
+        &net,
+        &[
+            &[
+                "fetch",
+                "00000000-0000-0000-0000-000000000000",
+                "--out",
+                "unknown.bin",
+            ],
+            &hospital[..],
+        ]
+        .concat(),
+    )
+    .fails_with("no inbox item 00000000-0000-0000-0000-000000000000 for this client");
+    assert!(!net.join("unknown.bin").exists());
+    assert!(stray_temp_files(&net).is_empty());
+    assert_eq!(std::fs::read_dir(&net).unwrap().count(), before);
+    // The clinic's client may not read the hospital's purposes, nor see other clients' messages.
+    exchange(&net, &[&["status", &id], &hospital[..]].concat()).fails_with("no such message");
+
+    // Bad connection settings: one clear line each.
+    exchange(
+        &net,
+        &[
+            "inbox",
+            "--server",
+            "127.0.0.1:9",
+            "--server-party",
+            HOSPITAL,
+            "--ca",
+            "ca/ca.pem",
+            "--key",
+            "hospital/app/client.key.pem",
+        ],
+    )
+    .fails_with("missing --cert");
+    exchange(
+        &net,
+        &[&["inbox", "--server-party", CLINIC], &hospital[..]].concat(),
+    )
+    .fails_with(&format!("its certificate does not name {CLINIC}"));
+    exchange(
+        &net,
+        &[
+            &[
+                "inbox",
+                "--cert",
+                "clinic/app/client.pem",
+                "--key",
+                "clinic/app/client.key.pem",
+            ],
+            &hospital[..],
+        ]
+        .concat(),
+    )
+    .fails_with("unknown local client urn:local:clinic:emr");
+    exchange(
+        &net,
+        &[
+            &[
+                "send",
+                "--to",
+                HOSPITAL,
+                "--content-type",
+                "text/plain",
+                "--purpose",
+                "research",
+                "--in",
+                "study.bin",
+            ],
+            &clinic[..],
+        ]
+        .concat(),
+    )
+    .fails_with("may not send for purpose \"research\"");
+
+    live.stop();
+    exchange(&net, &[&["status", &id], &clinic[..]].concat()).fails_with("connection refused");
+}
+
+#[test]
+fn ca_issue_client_writes_a_client_certificate() {
+    let net = network();
+    let d = net.path();
+    let out = exchange(
+        d,
+        &[
+            "ca",
+            "issue-client",
+            "--ca",
+            "ca",
+            "--client",
+            "urn:local:clinic:emr",
+            "--out",
+            "emr",
+        ],
+    )
+    .ok()
+    .stdout();
+    assert!(out.contains("urn:local:clinic:emr"), "{out}");
+    let v = exchange(
+        d,
+        &["cert", "verify", "--trust", "ca/ca.pem", "emr/client.pem"],
+    )
+    .ok()
+    .stdout();
+    assert_eq!(v.lines().next(), Some("urn:local:clinic:emr"));
+    assert!(v.contains("identity certificate"), "{v}");
+    exchange(
+        d,
+        &[
+            "ca",
+            "issue-client",
+            "--ca",
+            "ca",
+            "--client",
+            "urn:local:clinic:emr",
+            "--out",
+            "emr",
+        ],
+    )
+    .fails_with("already exists");
 }
