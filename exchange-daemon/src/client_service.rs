@@ -197,7 +197,12 @@ impl Node {
         let header = verified.header();
         let hops = first_hops(&verified);
         for hop in &hops {
-            if self.peers.get(hop).and_then(|p| p.address.as_ref()).is_none() {
+            if self
+                .peers
+                .get(hop)
+                .and_then(|p| p.address.as_ref())
+                .is_none()
+            {
                 return Err(Error::UnknownPeer(hop.to_string()));
             }
         }
@@ -212,7 +217,8 @@ impl Node {
                 ciphertext_len: total,
                 sender: self.party.clone(),
                 upstream: None,
-                local_client: Some(client.name.clone()),
+                // Ownership by certificate URI (unique in the configuration), not by name.
+                local_client: Some(client.party.clone()),
                 content_type: header.content_type.clone(),
                 purpose: header.purpose.clone(),
                 created_ms: unix_ms(header.created),
@@ -250,7 +256,7 @@ impl Node {
         match self.store.message(id).await? {
             Some(r)
                 if r.kind == MessageKind::Outbound
-                    && r.local_client.as_deref() == Some(client.name.as_str()) =>
+                    && r.local_client.as_deref() == Some(client.party.as_str()) =>
             {
                 Ok(r)
             }

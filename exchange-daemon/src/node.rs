@@ -283,11 +283,7 @@ impl Node {
             Some(&self.tls_identity),
             self.versions(),
         )?;
-        let channel = tls::channel(
-            address,
-            config,
-            self.config.delivery.connect_timeout(),
-        )?;
+        let channel = tls::channel(address, config, self.config.delivery.connect_timeout())?;
         channels.insert(party.clone(), channel.clone());
         Ok(channel)
     }

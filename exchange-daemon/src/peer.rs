@@ -135,10 +135,7 @@ impl Node {
     ) -> Result<Vec<u8>, Error> {
         let header = head.header();
         if now > header.expires {
-            return Err(exchange_core::Error::Expired {
-                at: header.expires,
-            }
-            .into());
+            return Err(exchange_core::Error::Expired { at: header.expires }.into());
         }
         let limit = self.config.limits.max_envelope_bytes;
         let len = header.ciphertext_length();

@@ -565,7 +565,10 @@ mod tests {
             .await
             .unwrap();
         let (_, conn) = tls.get_ref();
-        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
         assert_eq!(
             conn.negotiated_key_exchange_group().map(|g| g.name()),
             Some(rustls::NamedGroup::X25519MLKEM768)

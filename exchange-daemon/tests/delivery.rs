@@ -500,7 +500,36 @@ async fn health_is_served_on_both_listeners() {
         assert_eq!(r.status, serving, "{name}");
     }
     // A service the daemon does not offer is unknown, not serving.
-    let err = peer.check(service("exchange.v1.Nothing")).await.unwrap_err();
+    let err = peer
+        .check(service("exchange.v1.Nothing"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sees_only_the_messages_it_sent() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    // The harness names both clients "app": ownership must not go by name.
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    let billing = net.client("billing", "urn:local:clinic:billing");
+    net.configure(&clinic, &[&hospital], &[&emr, &billing], "");
+    let c = start(&clinic).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let id = send(&mut app, referral_start(&[&hospital], &[], "treatment"), b"x")
+        .await
+        .unwrap();
+    let request = || exchange_daemon::proto::StatusRequest {
+        message_id: id.clone(),
+    };
+    assert!(app.status(request()).await.is_ok());
+    let mut other = client_of(&net, &clinic, &billing);
+    let err = other.status(request()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = other.watch_status(request()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    c.shutdown().await;
 }

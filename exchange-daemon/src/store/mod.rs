@@ -155,7 +155,7 @@ pub struct NewEnvelope {
     pub sender: PartyUri,
     /// The peer that delivered it to us (relay, inbound).
     pub upstream: Option<PartyUri>,
-    /// The local client that sent it (outbound).
+    /// The local client that sent it (outbound): its certificate's party URI.
     pub local_client: Option<String>,
     /// Content type from the header.
     pub content_type: String,

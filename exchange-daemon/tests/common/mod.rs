@@ -1,7 +1,13 @@
 //! A test network on loopback: a CA, parties with real certificate files,
 //! configuration files, daemons started in-process or as `exchanged`
 //! processes, and clients speaking real mutual TLS.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
@@ -144,7 +150,9 @@ impl Net {
 
     /// Revokes a certificate file (rewrites crl.pem; daemons read it at start).
     pub fn revoke(&mut self, cert: &Path) {
-        let c = Certificate::from_pem(&std::fs::read(cert).unwrap()).unwrap().remove(0);
+        let c = Certificate::from_pem(&std::fs::read(cert).unwrap())
+            .unwrap()
+            .remove(0);
         self.revoked.push(RevokedSerial {
             serial: hex::decode(c.serial_hex()).unwrap(),
             revoked_at: self.now - Duration::from_secs(30),
@@ -161,10 +169,17 @@ impl Net {
             .issue_party(&PartyUri::new(uri).unwrap(), name, validity(self.now))
             .unwrap();
         std::fs::write(dir.join("identity.pem"), &creds.identity.cert_pem).unwrap();
-        std::fs::write(dir.join("identity.key.pem"), creds.identity.key_pem.as_bytes()).unwrap();
+        std::fs::write(
+            dir.join("identity.key.pem"),
+            creds.identity.key_pem.as_bytes(),
+        )
+        .unwrap();
         std::fs::write(dir.join("encryption.pem"), &creds.encryption.cert_pem).unwrap();
-        std::fs::write(dir.join("encryption.key.pem"), creds.encryption.key_pem.as_bytes())
-            .unwrap();
+        std::fs::write(
+            dir.join("encryption.key.pem"),
+            creds.encryption.key_pem.as_bytes(),
+        )
+        .unwrap();
         Party {
             name: name.into(),
             uri: uri.into(),
@@ -176,12 +191,23 @@ impl Net {
 
     /// A local client certificate (identity profile) from this CA.
     pub fn client(&self, name: &str, uri: &str) -> LocalClient {
-        issue_client(&self.ca, self.now, &self.path(&format!("client-{name}")), uri)
+        issue_client(
+            &self.ca,
+            self.now,
+            &self.path(&format!("client-{name}")),
+            uri,
+        )
     }
 
     /// Writes `party`'s configuration: it knows `peers`, serves `clients`;
     /// `extra` is appended verbatim (TOML).
-    pub fn configure(&self, party: &Party, peers: &[&Party], clients: &[&LocalClient], extra: &str) {
+    pub fn configure(
+        &self,
+        party: &Party,
+        peers: &[&Party],
+        clients: &[&LocalClient],
+        extra: &str,
+    ) {
         let mut s = String::new();
         writeln!(
             s,
@@ -235,10 +261,19 @@ max_backoff_ms = 1000
     }
 }
 
-pub fn issue_client(ca: &CertificateAuthority, now: SystemTime, dir: &Path, uri: &str) -> LocalClient {
+pub fn issue_client(
+    ca: &CertificateAuthority,
+    now: SystemTime,
+    dir: &Path,
+    uri: &str,
+) -> LocalClient {
     std::fs::create_dir_all(dir).unwrap();
     let creds = ca
-        .issue_party(&PartyUri::new(uri).unwrap(), "local application", validity(now))
+        .issue_party(
+            &PartyUri::new(uri).unwrap(),
+            "local application",
+            validity(now),
+        )
         .unwrap();
     let cert = dir.join("client.pem");
     let key = dir.join("client.key.pem");
@@ -349,5 +384,252 @@ pub async fn wait_status(
             "status never reached the expected state: {s:#?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the rejection and crash tests (appended; nothing above changed).
+// ---------------------------------------------------------------------------
+
+/// A `[[client]]` block with an explicit role, to pass in `configure`'s
+/// `extra` (arrays of tables may come before the `[[peer]]` blocks).
+pub fn client_block(
+    name: &str,
+    client: &LocalClient,
+    send_to: &[&str],
+    purposes: &[&str],
+    read_purposes: &[&str],
+) -> String {
+    let list = |l: &[&str]| {
+        l.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "\n[[client]]\nname = \"{name}\"\nparty = \"{}\"\nsend_to = [{}]\npurposes = [{}]\nread_purposes = [{}]\n",
+        client.uri,
+        list(send_to),
+        list(purposes),
+        list(read_purposes)
+    )
+}
+
+/// The network's trust anchors and current CRL.
+pub fn net_trust(net: &Net) -> TrustStore {
+    TrustStore::builder()
+        .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+        .unwrap()
+        .crls_pem(&std::fs::read(net.path("crl.pem")).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+/// Seals `payload` as `sender` to `to` (THIRD_PARTY) with exchange-core
+/// directly: created at `created`, valid for `lifetime`.
+pub fn seal_to(
+    net: &Net,
+    sender: &Party,
+    to: &Party,
+    purpose: &str,
+    payload: &[u8],
+    created: SystemTime,
+    lifetime: Duration,
+) -> (exchange_core::envelope::EnvelopeHead, Vec<u8>) {
+    let identity = sender.identity();
+    // Anchors only: the sender may be revoked on purpose; the recipient's
+    // encryption certificate is what is checked here.
+    let trust = TrustStore::builder()
+        .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let cert = Certificate::from_pem(&std::fs::read(to.file("encryption.pem")).unwrap())
+        .unwrap()
+        .remove(0);
+    let key = trust.verify_encryption(&cert, SystemTime::now()).unwrap();
+    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+    let mut sealer = exchange_core::envelope::SealerBuilder::new(&identity, "application/pdf")
+        .recipient(key, exchange_core::route::HopRole::ThirdParty)
+        .purpose(purpose)
+        .lifetime(lifetime)
+        .start(created, &mut rng)
+        .unwrap();
+    let mut ct = Vec::new();
+    sealer.update(payload, &mut ct);
+    let head = sealer.finish(&mut ct);
+    (head, ct)
+}
+
+/// Seals `payload` as `sender` to `to` for "treatment", now, for an hour.
+pub fn seal_now(
+    net: &Net,
+    sender: &Party,
+    to: &Party,
+    payload: &[u8],
+) -> (exchange_core::envelope::EnvelopeHead, Vec<u8>) {
+    seal_to(
+        net,
+        sender,
+        to,
+        "treatment",
+        payload,
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+}
+
+/// Delivers a sealed envelope over the peer service (head, then 64 KiB slices).
+pub async fn deliver(
+    peer: &mut PeerClient<Channel>,
+    head: &exchange_core::envelope::EnvelopeHead,
+    ct: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    use exchange_daemon::proto::{DeliverRequest, deliver_request};
+    let mut msgs = vec![DeliverRequest {
+        part: Some(deliver_request::Part::Head(head.as_bytes().to_vec())),
+    }];
+    for c in ct.chunks(64 * 1024) {
+        msgs.push(DeliverRequest {
+            part: Some(deliver_request::Part::Chunk(c.to_vec())),
+        });
+    }
+    let r = peer.deliver(tokio_stream::iter(msgs)).await?;
+    Ok(r.into_inner().receipt)
+}
+
+/// A client-service client of `party` with full control over what it
+/// presents: `identity` (None: no client certificate) and TLS `versions`.
+/// It validates the daemon's certificate exactly as [`client_of`] does.
+pub fn raw_client(
+    net: &Net,
+    party: &Party,
+    identity: Option<&TlsIdentity>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> ClientClient<Channel> {
+    tls::install_provider();
+    let config =
+        tls::client_config(Arc::new(net_trust(net)), party.party(), identity, versions).unwrap();
+    ClientClient::new(tls::channel(&party.client_addr(), config, Duration::from_secs(5)).unwrap())
+}
+
+/// A local client's certificate and key as a TLS identity.
+pub fn client_tls_identity(client: &LocalClient) -> TlsIdentity {
+    TlsIdentity::from_pem(
+        &std::fs::read(&client.cert).unwrap(),
+        &std::fs::read(&client.key).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Every error in `e`'s source chain, Debug-formatted, for assertions on
+/// where a failure came from (e.g. the TLS alert a daemon sent).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = format!("{e:?}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        write!(out, " <- {s:?}").unwrap();
+        source = s.source();
+    }
+    out
+}
+
+/// What a party's store directory holds, read from the documented on-disk
+/// format (store/sqlite.rs module docs) with a read-only connection.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub messages: u64,
+    pub deliveries: u64,
+    pub pending_deliveries: u64,
+    pub receipts: u64,
+    pub blob_files: usize,
+    pub spool_files: usize,
+}
+
+pub fn store_counts(party: &Party) -> StoreCounts {
+    let dir = party.data_dir();
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join("store.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let count = |sql: &str| -> u64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let files = |d: &str| {
+        std::fs::read_dir(dir.join(d))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    StoreCounts {
+        messages: count("SELECT count(*) FROM messages"),
+        deliveries: count("SELECT count(*) FROM deliveries"),
+        pending_deliveries: count("SELECT count(*) FROM deliveries WHERE state = 'pending'"),
+        receipts: count("SELECT count(*) FROM receipts"),
+        blob_files: files("blobs"),
+        spool_files: files("spool"),
+    }
+}
+
+/// Asserts that `daemon` (serving `party`) holds nothing at all: no inbox
+/// item, no pending work, no row in any table, no blob and no spool file.
+/// A spool file of a refused stream is removed when its writer task ends,
+/// so the file counts are polled for a moment.
+pub async fn assert_nothing_stored(daemon: &Daemon, party: &Party) {
+    let store = daemon.node().store();
+    assert!(
+        store.inbox(true).await.unwrap().is_empty(),
+        "inbox not empty"
+    );
+    assert_eq!(
+        store.pending_count().await.unwrap(),
+        0,
+        "pending deliveries"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = store_counts(party);
+        if counts == StoreCounts::default() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} stored something: {counts:?}",
+            party.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Makes a bare TLS handshake with `addr` (a listener of `server`'s daemon)
+/// presenting `identity` and offering `versions`, then waits a second for
+/// the server's verdict without sending anything. `Err` carries the error
+/// chain when the server refused (with TLS 1.3 a refused client certificate
+/// shows only as an alert after the client's side of the handshake is done;
+/// over gRPC that alert can be lost to a connection reset, here it cannot).
+pub async fn tls_verdict(
+    net: &Net,
+    server: &Party,
+    addr: &str,
+    identity: Option<&TlsIdentity>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    tls::install_provider();
+    let config =
+        tls::client_config(Arc::new(net_trust(net)), server.party(), identity, versions).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(
+        std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST).into(),
+    );
+    let mut stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let mut buf = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+        Err(_) => Ok(()),
+        Ok(Ok(0)) => Err("closed without an alert".into()),
+        Ok(Ok(_)) => Err("unexpected application data".into()),
+        Ok(Err(e)) => Err(error_chain(&e)),
     }
 }
