@@ -148,10 +148,14 @@ impl Daemon {
         };
 
         let peer_router = Server::builder()
+            .initial_stream_window_size(tls::STREAM_WINDOW)
+            .initial_connection_window_size(tls::CONNECTION_WINDOW)
             .add_service(health.clone())
             .add_service(reflection()?)
             .add_service(PeerServer::new(PeerService::new(node.clone())));
         let client_router = Server::builder()
+            .initial_stream_window_size(tls::STREAM_WINDOW)
+            .initial_connection_window_size(tls::CONNECTION_WINDOW)
             .add_service(health)
             .add_service(reflection()?)
             .add_service(ClientServer::new(ClientService::new(node.clone())));

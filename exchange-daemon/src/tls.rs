@@ -43,6 +43,14 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::error::Error;
 
+/// HTTP/2 flow-control windows, both ends. Large enough for 256 KiB slices
+/// in flight; the connection window also sizes h2's budget for small DATA
+/// frames (half of it), which many concurrent small unary responses on one
+/// connection would otherwise exhaust (GOAWAY `too_many_data_frames`).
+pub(crate) const STREAM_WINDOW: u32 = 2 << 20;
+/// See [`STREAM_WINDOW`].
+pub(crate) const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -478,7 +486,8 @@ pub fn channel(
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(false)
         .tcp_nodelay(true)
-        .http2_adaptive_window(true);
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let connector = TlsConnector::from(config);
     let service = tower::service_fn(move |uri: Uri| {
         let connector = connector.clone();

@@ -519,9 +519,13 @@ async fn a_client_sees_only_the_messages_it_sent() {
     net.configure(&clinic, &[&hospital], &[&emr, &billing], "");
     let c = start(&clinic).await;
     let mut app = client_of(&net, &clinic, &emr);
-    let id = send(&mut app, referral_start(&[&hospital], &[], "treatment"), b"x")
-        .await
-        .unwrap();
+    let id = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"x",
+    )
+    .await
+    .unwrap();
     let request = || exchange_daemon::proto::StatusRequest {
         message_id: id.clone(),
     };
@@ -532,4 +536,41 @@ async fn a_client_sees_only_the_messages_it_sent() {
     let err = other.watch_status(request()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_sends_share_one_client_connection() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    net.configure(&hospital, &[&clinic], &[], "");
+    let c = start(&clinic).await;
+    let h = start(&hospital).await;
+    let app = client_of(&net, &clinic, &emr);
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let mut app = app.clone();
+        let to = hospital.clone();
+        tasks.push(tokio::spawn(async move {
+            send(
+                &mut app,
+                referral_start(&[&to], &[], "treatment"),
+                &i.to_be_bytes(),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while c.node().store().pending_count().await.unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 300);
+    c.shutdown().await;
+    h.shutdown().await;
 }
