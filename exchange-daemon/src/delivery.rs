@@ -165,10 +165,15 @@ impl Node {
                         receipts,
                     )
                 } else {
-                    let reason = if e.is_transient() {
-                        format!("expired: {e}")
-                    } else {
-                        e.to_string()
+                    let reason = match (&e, &item.last_error) {
+                        (Error::Core(exchange_core::Error::Expired { .. }), Some(last)) => {
+                            format!(
+                                "expired after {} attempts; last error: {last}",
+                                item.attempts
+                            )
+                        }
+                        _ if e.is_transient() => format!("expired: {e}"),
+                        _ => e.to_string(),
                     };
                     tracing::warn!(message = %id, to = %item.target, reason = %reason, "delivery failed for good");
                     (AttemptOutcome::Failed(reason), receipts)

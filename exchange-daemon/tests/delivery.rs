@@ -574,3 +574,30 @@ async fn many_concurrent_sends_share_one_client_connection() {
     c.shutdown().await;
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_message_fails_with_the_reason_when_it_expires() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    // The hospital never starts.
+    let c = start(&clinic).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let mut start_msg = referral_start(&[&hospital], &[], "treatment");
+    start_msg.lifetime_seconds = 2;
+    let id = send(&mut app, start_msg, b"lab result").await.unwrap();
+    let status = wait_status(&mut app, &id, |s| s.state != "PENDING").await;
+    assert_eq!(status.state, "FAILED", "{status:#?}");
+    let hop = &status.hops[0];
+    assert_eq!(hop.state, "FAILED");
+    assert!(hop.attempts >= 2, "retried before giving up: {hop:?}");
+    assert!(
+        hop.last_error.starts_with("expired") && hop.last_error.contains("transport"),
+        "the reason names expiry and the last error: {hop:?}"
+    );
+    assert!(status.receipts.is_empty());
+    assert_eq!(c.node().store().pending_count().await.unwrap(), 0);
+    c.shutdown().await;
+}
