@@ -601,3 +601,75 @@ async fn an_undeliverable_message_fails_with_the_reason_when_it_expires() {
     assert_eq!(c.node().store().pending_count().await.unwrap(), 0);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returned_receipts_are_taken_only_from_the_next_hop_and_for_this_message() {
+    use exchange_daemon::error::status_reason;
+    use exchange_daemon::proto::ReturnReceiptsRequest;
+
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let other = net.party("other", OTHER);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    net.configure(&hospital, &[&clinic], &[], "");
+    let c = start(&clinic).await;
+    let h = start(&hospital).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let first = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"one",
+    )
+    .await
+    .unwrap();
+    let second = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"two",
+    )
+    .await
+    .unwrap();
+    let status = wait_status(&mut app, &first, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &second, |s| s.state == "DELIVERED").await;
+    let receipt_of_first = status.receipts[0].signed.clone();
+
+    // A party not after the clinic on the route: refused, nothing kept.
+    let mut outsider = peer_client(&net, &clinic, &other.tls_identity());
+    let err = outsider
+        .return_receipts(ReturnReceiptsRequest {
+            message_id: first.clone(),
+            receipts: vec![receipt_of_first.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_reason(&err), Some("identity-mismatch"), "{err:?}");
+
+    // The right hop, but a receipt that belongs to another message.
+    let mut hop = peer_client(&net, &clinic, &hospital.tls_identity());
+    let err = hop
+        .return_receipts(ReturnReceiptsRequest {
+            message_id: second.clone(),
+            receipts: vec![receipt_of_first.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_reason(&err), Some("receipt-mismatch"), "{err:?}");
+
+    // Neither left a trace; the same receipt for its own message is a duplicate.
+    let s = wait_status(&mut app, &second, |_| true).await;
+    assert_eq!(s.receipts.len(), 1);
+    let stored = hop
+        .return_receipts(ReturnReceiptsRequest {
+            message_id: first.clone(),
+            receipts: vec![receipt_of_first],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stored;
+    assert_eq!(stored, 0, "already kept once");
+    c.shutdown().await;
+    h.shutdown().await;
+}
