@@ -69,6 +69,9 @@ pub enum Error {
     /// A receipt was rejected.
     #[error("receipt rejected: {0}")]
     Receipt(#[from] ReceiptError),
+    /// An audit-log proof, checkpoint or export was rejected.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
     /// An argument to a builder was invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -100,6 +103,7 @@ impl Error {
             Self::Expired { .. } => "expired",
             Self::NotYetValid => "not-yet-valid",
             Self::Receipt(_) => "receipt-mismatch",
+            Self::Audit(a) => a.reason_code(),
             Self::InvalidArgument(_) => "invalid-argument",
             Self::Io(_) => "io",
             #[cfg(feature = "ca")]
@@ -254,4 +258,51 @@ pub enum ReceiptError {
     /// A REJECTED receipt without a reason, or a reason on another disposition.
     #[error("receipt reason is inconsistent with its disposition")]
     BadReason,
+}
+
+/// Why an audit-log proof, checkpoint or export was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// A leaf index is not below the tree size, or an old size exceeds the new one.
+    #[error("index {index} out of range for tree size {size}")]
+    OutOfRange {
+        /// The index or old size given.
+        index: u64,
+        /// The tree size it must stay within.
+        size: u64,
+    },
+    /// An inclusion proof does not lead to the root.
+    #[error("inclusion proof does not verify")]
+    InclusionProof,
+    /// A consistency proof does not link the two tree heads.
+    #[error("consistency proof does not verify")]
+    ConsistencyProof,
+    /// The checkpoint names another party than the signer or certificate.
+    #[error("checkpoint is for {found}, expected {expected}")]
+    PartyMismatch {
+        /// Party of the identity or certificate.
+        expected: String,
+        /// Party named in the checkpoint.
+        found: String,
+    },
+    /// The checkpoint's signer chain does not start with the given certificate.
+    #[error("checkpoint was not signed with the given certificate")]
+    SignerMismatch,
+    /// An export file has no `latest` checkpoint line.
+    #[error("export has no latest checkpoint")]
+    MissingCheckpoint,
+}
+
+impl AuditError {
+    /// A stable, short reason code.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Self::OutOfRange { .. } => "audit-out-of-range",
+            Self::InclusionProof => "audit-bad-inclusion-proof",
+            Self::ConsistencyProof => "audit-inconsistent",
+            Self::PartyMismatch { .. } | Self::SignerMismatch => "identity-mismatch",
+            Self::MissingCheckpoint => "audit-missing-checkpoint",
+        }
+    }
 }

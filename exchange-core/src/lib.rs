@@ -10,6 +10,7 @@
 //! * [`envelope`]: seal and open, streaming in constant memory;
 //! * [`receipt`]: signed delivery receipts;
 //! * [`route`]: hops, roles and the provision boundary (責任分界点);
+//! * [`audit`]: the tamper-evident audit log (Merkle tree, signed checkpoints, verifiable exports);
 //! * [`suite`]: the fixed cipher suite and key schedule;
 //! * `ca` (feature `ca`): issue CA, party certificates and CRLs.
 //!
@@ -71,6 +72,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 #[cfg(feature = "ca")]
 pub mod ca;
 pub mod envelope;
@@ -83,5 +85,5 @@ pub mod route;
 pub mod suite;
 pub mod trust;
 
-pub use error::{Error, FormatError, ReceiptError, TrustError};
+pub use error::{AuditError, Error, FormatError, ReceiptError, TrustError};
 pub use ids::{Fingerprint, MessageId, PartyUri};

@@ -29,6 +29,10 @@ pub const FORMAT_VERSION: u32 = 1;
 pub(crate) const HEADER_CONTEXT: &[u8] = b"exchange/v1 header";
 /// Signature context for receipt bodies.
 pub(crate) const RECEIPT_CONTEXT: &[u8] = b"exchange/v1 receipt";
+/// Signature context for audit-log checkpoints (signed tree heads).
+pub(crate) const AUDIT_CHECKPOINT_CONTEXT: &[u8] = b"exchange/v1 audit checkpoint";
+/// HMAC label of patient pseudonyms in the audit log.
+const SUBJECT_PSEUDONYM_LABEL: &[u8] = b"exchange/v1 subject pseudonym";
 const HPKE_INFO_LABEL: &[u8] = b"exchange/v1 content key";
 const COMMITMENT_LABEL: &[u8] = b"exchange/v1 key commitment";
 const PAYLOAD_LABEL: &[u8] = b"exchange/v1 payload key";
@@ -94,6 +98,42 @@ pub(crate) fn verify(
     }
     key.verify(&signed_input(context, message), &sig)
         .map_err(|_| Error::BadSignature)
+}
+
+/// Merkle leaf hash (RFC 9162 §2.1.1): `SHA-256(0x00 || data)`.
+pub fn merkle_leaf_hash(data: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0x00]);
+    h.update(data);
+    h.finalize().into()
+}
+
+/// Merkle interior node hash (RFC 9162 §2.1.1): `SHA-256(0x01 || left || right)`.
+pub fn merkle_node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0x01]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// Root of the empty Merkle tree (RFC 9162 §2.1.1): `SHA-256("")`.
+pub fn merkle_empty_root() -> [u8; 32] {
+    sha256(&[])
+}
+
+/// Patient pseudonym for the audit log:
+/// `HMAC-SHA256(key, "exchange/v1 subject pseudonym" || 0x00 || subject_id)`.
+pub fn subject_pseudonym(key: &SecretKey32, subject_id: &[u8]) -> [u8; 32] {
+    use hmac::{KeyInit, Mac};
+    // HMAC takes keys of any length; a 32-byte key cannot be refused.
+    #[allow(clippy::expect_used)]
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(&key.0).expect("HMAC accepts any key length");
+    mac.update(SUBJECT_PSEUDONYM_LABEL);
+    mac.update(&[0x00]);
+    mac.update(subject_id);
+    mac.finalize().into_bytes().into()
 }
 
 /// A 32-byte secret (content key or derived key): zeroized on drop, never printed.
