@@ -11,6 +11,8 @@
 //! * key schedule: HKDF-SHA256 from the content key, salted with the message id;
 //! * payload: AES-256-GCM per chunk, nonce = 88-bit big-endian counter || last-chunk flag.
 
+use std::fmt;
+
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use hkdf::Hkdf;
 use hpke::{Deserializable, Serializable};
@@ -57,15 +59,27 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
-/// Incremental SHA-256 (the ciphertext digest).
+/// Incremental SHA-256 (the ciphertext digest; file checksums in backups).
 #[derive(Clone, Default)]
-pub(crate) struct Hasher(Sha256);
+pub struct Hasher(Sha256);
+
+impl fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hasher(SHA-256)")
+    }
+}
 
 impl Hasher {
-    pub(crate) fn update(&mut self, data: &[u8]) {
+    /// A fresh SHA-256 state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Absorbs `data`.
+    pub fn update(&mut self, data: &[u8]) {
         self.0.update(data);
     }
-    pub(crate) fn finish(self) -> [u8; 32] {
+    /// The digest of everything absorbed.
+    pub fn finish(self) -> [u8; 32] {
         self.0.finalize().into()
     }
 }

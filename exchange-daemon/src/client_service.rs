@@ -18,6 +18,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use exchange_core::audit::{AuditAction, AuditOutcome};
+
+use crate::accountability::client_actor;
 use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::node::{Node, first_hops, position, unix_ms};
@@ -48,12 +51,21 @@ impl ClientService {
         Self { node }
     }
 
-    fn client<T>(&self, req: &Request<T>) -> Result<&ClientConfig, Status> {
+    /// The configured client behind a request; an unknown one is refused
+    /// and recorded.
+    async fn client<T>(&self, req: &Request<T>) -> Result<&ClientConfig, Status> {
         let party = peer_of(req)?;
-        self.node.client(&party).map_err(|e| {
-            tracing::warn!(client = %party, "request from an unknown local client");
-            e.into()
-        })
+        match self.node.client(&party) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                tracing::warn!(client = %party, "request from an unknown local client");
+                let entry =
+                    self.node
+                        .refusal(&client_actor(party.as_str()), AuditAction::Admin, None, &e);
+                self.node.audit_refusal(entry).await;
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -148,6 +160,8 @@ impl Node {
             document_type: start.document_type,
             file_name: start.file_name,
         };
+        let meta = self.meta(&metadata);
+        let recipients = start.recipients.clone();
         let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
         let mut sealer = builder
             .purpose(start.purpose.clone())
@@ -225,6 +239,20 @@ impl Node {
                 expires_ms: unix_ms(header.expires),
                 received_ms: unix_ms(now),
                 our_receipt: None,
+                meta: Some(meta),
+                provision: None,
+                audit: vec![self.entry(
+                    &client_actor(&client.party),
+                    AuditAction::Send,
+                    Some(id),
+                    AuditOutcome::Ok,
+                    None,
+                    Some(format!(
+                        "to {} for {:?}, {total} ciphertext bytes",
+                        recipients.join(", "),
+                        header.purpose
+                    )),
+                )],
                 deliveries: hops
                     .into_iter()
                     .map(|target| NewDelivery {
@@ -392,13 +420,26 @@ impl Node {
     }
 
     /// Signs and keeps a PROCESSED receipt for an inbox item (idempotent).
-    async fn acknowledge(&self, record: &MessageRecord) -> Result<Vec<u8>, Error> {
+    async fn acknowledge(
+        &self,
+        client: &ClientConfig,
+        record: &MessageRecord,
+    ) -> Result<Vec<u8>, Error> {
         let head = self.verify_stored(record)?;
         let pos = position(&head, &self.party)?;
         let now = SystemTime::now();
         let receipt = self.sign_receipt(&head, pos.role, Disposition::Processed, now);
         let verified = receipt.verify(&self.trust())?;
-        let keep = self.keep_receipt(record, &verified);
+        let actor = client_actor(&client.party);
+        let mut keep = self.keep_receipt(record, &verified, &actor);
+        keep.audit = Some(self.entry(
+            &actor,
+            AuditAction::Ack,
+            Some(record.id),
+            AuditOutcome::Ok,
+            None,
+            Some("PROCESSED receipt signed".into()),
+        ));
         if self
             .store
             .acknowledge(record.id, unix_ms(now), keep)
@@ -408,6 +449,15 @@ impl Node {
             return Ok(receipt.to_bytes());
         }
         // Acknowledged before: return the receipt signed then.
+        self.audit(vec![self.entry(
+            &actor,
+            AuditAction::Ack,
+            Some(record.id),
+            AuditOutcome::Ok,
+            None,
+            Some("acknowledged before: the original PROCESSED receipt returned".into()),
+        )])
+        .await?;
         self.store
             .receipts(record.id)
             .await?
@@ -424,38 +474,135 @@ impl Node {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+impl ClientService {
+    /// Records a refused request of `client` and turns the error into a status.
+    async fn deny(
+        &self,
+        client: &ClientConfig,
+        action: AuditAction,
+        message: Option<MessageId>,
+        e: Error,
+    ) -> Status {
+        let entry = self
+            .node
+            .refusal(&client_actor(&client.party), action, message, &e);
+        self.node.audit_refusal(entry).await;
+        refuse(client, action_name(action), e)
+    }
+
+    /// Records a successful read by `client`; the read is refused if it
+    /// cannot be recorded.
+    async fn record(
+        &self,
+        client: &ClientConfig,
+        action: AuditAction,
+        message: Option<MessageId>,
+        detail: String,
+    ) -> Result<(), Status> {
+        let entry = self.node.entry(
+            &client_actor(&client.party),
+            action,
+            message,
+            AuditOutcome::Ok,
+            None,
+            Some(detail),
+        );
+        self.node.audit(vec![entry]).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot append to the audit log; request refused");
+            Status::from(e)
+        })
+    }
+
+    /// A client's own outbound message, the refusal recorded.
+    async fn outbound_for(
+        &self,
+        client: &ClientConfig,
+        action: AuditAction,
+        raw_id: &[u8],
+    ) -> Result<MessageRecord, Status> {
+        let id = match message_id(raw_id) {
+            Ok(id) => id,
+            Err(e) => return Err(self.deny(client, action, None, e).await),
+        };
+        match self.node.own_outbound(client, id).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.deny(client, action, Some(id), e).await),
+        }
+    }
+
+    /// An inbox item the client may read, the refusal recorded.
+    async fn inbound_for(
+        &self,
+        client: &ClientConfig,
+        action: AuditAction,
+        raw_id: &[u8],
+    ) -> Result<MessageRecord, Status> {
+        let id = match message_id(raw_id) {
+            Ok(id) => id,
+            Err(e) => return Err(self.deny(client, action, None, e).await),
+        };
+        match self.node.readable_inbound(client, id).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.deny(client, action, Some(id), e).await),
+        }
+    }
+}
+
+fn action_name(action: AuditAction) -> &'static str {
+    match action {
+        AuditAction::Send => "send",
+        AuditAction::Status => "status",
+        AuditAction::List => "list",
+        AuditAction::Fetch => "fetch",
+        AuditAction::Ack => "ack",
+        _ => "request",
+    }
+}
+
 #[tonic::async_trait]
 impl Client for ClientService {
     async fn send(
         &self,
         req: Request<Streaming<SendRequest>>,
     ) -> Result<Response<SendResponse>, Status> {
-        let client = self.client(&req)?;
+        let client = self.client(&req).await?;
         let mut stream = req.into_inner();
         let start = match stream.message().await? {
             Some(SendRequest {
                 part: Some(send_request::Part::Start(start)),
             }) => start,
             _ => {
-                return Err(refuse(
-                    client,
-                    "send",
-                    Error::Protocol("the first message must be SendStart".into()),
-                ));
+                let e = Error::Protocol("the first message must be SendStart".into());
+                return Err(self.deny(client, AuditAction::Send, None, e).await);
             }
         };
-        self.node
-            .send(client, start, stream)
-            .await
-            .map(Response::new)
-            .map_err(|e| refuse(client, "send", e))
+        match self.node.send(client, start, stream).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => Err(self.deny(client, AuditAction::Send, None, e).await),
+        }
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<MessageStatus>, Status> {
-        let client = self.client(&req)?;
-        let id = message_id(&req.get_ref().message_id)?;
-        let record = self.node.own_outbound(client, id).await?;
-        Ok(Response::new(self.node.status(&record).await?))
+        let client = self.client(&req).await?;
+        let record = self
+            .outbound_for(client, AuditAction::Status, &req.get_ref().message_id)
+            .await?;
+        let status = match self.node.status(&record).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(self
+                    .deny(client, AuditAction::Status, Some(record.id), e)
+                    .await);
+            }
+        };
+        self.record(
+            client,
+            AuditAction::Status,
+            Some(record.id),
+            format!("state {}", status.state),
+        )
+        .await?;
+        Ok(Response::new(status))
     }
 
     type WatchStatusStream = BoxStream<MessageStatus>;
@@ -464,9 +611,13 @@ impl Client for ClientService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        let client = self.client(&req)?;
-        let id = message_id(&req.get_ref().message_id)?;
-        let record = self.node.own_outbound(client, id).await?;
+        let client = self.client(&req).await?;
+        let record = self
+            .outbound_for(client, AuditAction::Status, &req.get_ref().message_id)
+            .await?;
+        let id = record.id;
+        self.record(client, AuditAction::Status, Some(id), "watch".into())
+            .await?;
         let node = self.node.clone();
         let mut events = node.events.subscribe();
         let (tx, rx) = mpsc::channel(16);
@@ -518,13 +669,12 @@ impl Client for ClientService {
         &self,
         req: Request<ListInboxRequest>,
     ) -> Result<Response<ListInboxResponse>, Status> {
-        let client = self.client(&req)?;
-        let items = self
-            .node
-            .store
-            .inbox(req.get_ref().include_acked)
-            .await
-            .map_err(Error::from)?
+        let client = self.client(&req).await?;
+        let all = match self.node.store.inbox(req.get_ref().include_acked).await {
+            Ok(all) => all,
+            Err(e) => return Err(self.deny(client, AuditAction::List, None, e.into()).await),
+        };
+        let items: Vec<InboxItem> = all
             .into_iter()
             .filter(|r| client.may_read(&r.purpose))
             .map(|r| InboxItem {
@@ -537,6 +687,13 @@ impl Client for ClientService {
                 acked: r.acked_ms.is_some(),
             })
             .collect();
+        self.record(
+            client,
+            AuditAction::List,
+            None,
+            format!("{} inbox item(s) listed", items.len()),
+        )
+        .await?;
         Ok(Response::new(ListInboxResponse { items }))
     }
 
@@ -546,16 +703,19 @@ impl Client for ClientService {
         &self,
         req: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
-        let client = self.client(&req)?;
-        let id = message_id(&req.get_ref().message_id)?;
-        let record = self.node.readable_inbound(client, id).await?;
-        let head = self
+        let client = self.client(&req).await?;
+        let record = self
+            .inbound_for(client, AuditAction::Fetch, &req.get_ref().message_id)
+            .await?;
+        let id = record.id;
+        let opened = self
             .node
             .verify_stored(&record)
-            .map_err(|e| refuse(client, "fetch", e))?;
-        let mut opener = head
-            .open(&self.node.keys)
-            .map_err(|e| refuse(client, "fetch", e.into()))?;
+            .and_then(|head| Ok((head.open(&self.node.keys)?, head)));
+        let (mut opener, head) = match opened {
+            Ok(o) => o,
+            Err(e) => return Err(self.deny(client, AuditAction::Fetch, Some(id), e).await),
+        };
         let meta = opener.metadata().clone();
         let header = head.header();
         let first = FetchHeader {
@@ -583,7 +743,22 @@ impl Client for ClientService {
             payload_length: header.payload_length,
             created_ms: unix_ms(header.created),
         };
-        let ciphertext = self.node.store.ciphertext(id).await.map_err(Error::from)?;
+        let ciphertext = match self.node.store.ciphertext(id).await {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(self
+                    .deny(client, AuditAction::Fetch, Some(id), e.into())
+                    .await);
+            }
+        };
+        // Recorded before any plaintext leaves.
+        self.record(
+            client,
+            AuditAction::Fetch,
+            Some(id),
+            format!("{} plaintext bytes", header.payload_length),
+        )
+        .await?;
         tracing::info!(message = %id, client = %client.name, "inbox item fetched");
         let (tx, rx) = mpsc::channel::<Result<FetchResponse, Status>>(4);
         let chunk = |data| FetchResponse {
@@ -637,14 +812,15 @@ impl Client for ClientService {
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        let client = self.client(&req)?;
-        let id = message_id(&req.get_ref().message_id)?;
-        let record = self.node.readable_inbound(client, id).await?;
-        let receipt = self
-            .node
-            .acknowledge(&record)
-            .await
-            .map_err(|e| refuse(client, "ack", e))?;
+        let client = self.client(&req).await?;
+        let record = self
+            .inbound_for(client, AuditAction::Ack, &req.get_ref().message_id)
+            .await?;
+        let id = record.id;
+        let receipt = match self.node.acknowledge(client, &record).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.deny(client, AuditAction::Ack, Some(id), e).await),
+        };
         tracing::info!(message = %id, client = %client.name, "inbox item acknowledged");
         Ok(Response::new(AckResponse { receipt }))
     }

@@ -45,6 +45,9 @@ pub struct Config {
     /// Local client identities and their roles.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientConfig>,
+    /// How long stored envelopes are kept.
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// Log level: error, warn, info, debug, trace.
     #[serde(default = "default_log")]
     pub log: String,
@@ -71,6 +74,18 @@ pub struct IdentityConfig {
     /// Earlier encryption credentials, kept to open messages stored before a rotation.
     #[serde(default)]
     pub previous_encryption: Vec<KeyPairConfig>,
+}
+
+/// Retention (保存期間) of stored envelopes. The audit log and the
+/// provision records are never purged by the daemon.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Remove envelopes (ciphertext, deliveries, receipts) this many days
+    /// after they were received, once no delivery of theirs is pending.
+    /// Unset: kept until removed by hand. 0: removed at the next purge
+    /// (checked at start and every minute).
+    pub messages_days: Option<u64>,
 }
 
 /// A certificate and its key.

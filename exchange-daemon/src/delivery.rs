@@ -9,12 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use exchange_core::audit::{AuditAction, AuditOutcome};
 use exchange_core::envelope::EnvelopeHead;
 use exchange_core::receipt::Disposition;
-use exchange_core::route::HopRole;
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 
+use crate::accountability::{self, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA, status_reason};
 use crate::node::{Node, unix_ms};
 use crate::proto::peer_client::PeerClient;
@@ -147,8 +148,30 @@ impl Node {
             DeliveryKind::Receipt(r) => self.return_receipt(&item, r).await.map(|()| Vec::new()),
         };
         let now = unix_ms(SystemTime::now());
-        let (outcome, receipts) = match result {
-            Ok(receipts) => (AttemptOutcome::Done, receipts),
+        let what = match &item.kind {
+            DeliveryKind::Envelope => "envelope",
+            DeliveryKind::Receipt(_) => "receipt",
+        };
+        let audit = |outcome, reason: Option<&str>, detail: String| {
+            vec![self.entry(
+                accountability::DAEMON,
+                AuditAction::Forward,
+                Some(id),
+                outcome,
+                reason,
+                Some(detail),
+            )]
+        };
+        let (outcome, receipts, audit) = match result {
+            Ok(receipts) => (
+                AttemptOutcome::Done,
+                receipts,
+                audit(
+                    AuditOutcome::Ok,
+                    None,
+                    format!("{what} to {} (attempt {})", item.target, item.attempts + 1),
+                ),
+            ),
             Err((e, receipts)) => {
                 let next = now.saturating_add(backoff(
                     item.attempts,
@@ -157,12 +180,22 @@ impl Node {
                 ));
                 if e.is_transient() && next < item.expires_ms {
                     tracing::info!(message = %id, to = %item.target, attempt = item.attempts + 1, error = %e, "delivery failed; will retry");
+                    let entry = audit(
+                        AuditOutcome::Failed,
+                        Some(e.reason_code()),
+                        format!(
+                            "{what} to {} (attempt {}, will retry): {e}",
+                            item.target,
+                            item.attempts + 1
+                        ),
+                    );
                     (
                         AttemptOutcome::Retry {
                             error: e.to_string(),
                             next_attempt_ms: next,
                         },
                         receipts,
+                        entry,
                     )
                 } else {
                     let reason = match (&e, &item.last_error) {
@@ -176,11 +209,20 @@ impl Node {
                         _ => e.to_string(),
                     };
                     tracing::warn!(message = %id, to = %item.target, reason = %reason, "delivery failed for good");
-                    (AttemptOutcome::Failed(reason), receipts)
+                    let entry = audit(
+                        AuditOutcome::Failed,
+                        Some(e.reason_code()),
+                        format!("{what} to {} given up: {reason}", item.target),
+                    );
+                    (AttemptOutcome::Failed(reason), receipts, entry)
                 }
             }
         };
-        if let Err(e) = self.store.finish_attempt(item.id, outcome, receipts).await {
+        if let Err(e) = self
+            .store
+            .finish_attempt(item.id, outcome, receipts, audit)
+            .await
+        {
             tracing::error!(message = %id, error = %e, "cannot record delivery attempt");
         }
         let _ = self.events.send(id);
@@ -293,7 +335,16 @@ impl Node {
                 item.target
             ))));
         }
-        let kept = vec![self.keep_receipt(&record, &verified)];
+        let mut kept = vec![self.keep_receipt(&record, &verified, &peer_actor(&item.target))];
+        if record.kind == MessageKind::Outbound {
+            let provisions = self
+                .boundary_provisions(&record, &head, std::slice::from_ref(&verified))
+                .await
+                .map_err(fail)?;
+            for (k, p) in kept.iter_mut().zip(provisions) {
+                k.provision = p;
+            }
+        }
         let route = head.route();
         let is_relay = route.relays.iter().any(|h| h.party == item.target);
         match verified.disposition() {
@@ -305,12 +356,7 @@ impl Node {
                 kept,
             )),
             Disposition::AcceptedForRelay if is_relay => Ok(kept),
-            Disposition::Delivered | Disposition::Processed if !is_relay => {
-                if record.kind == MessageKind::Outbound && verified.role() == HopRole::ThirdParty {
-                    self.note_boundaries(&head, std::slice::from_ref(&verified));
-                }
-                Ok(kept)
-            }
+            Disposition::Delivered | Disposition::Processed if !is_relay => Ok(kept),
             other => Err((
                 Error::Transport(format!(
                     "{} returned {other}, not a custody receipt",

@@ -139,6 +139,32 @@ pub enum StoreError {
     /// A value the store cannot keep (out of range or inconsistent).
     #[error("invalid value: {0}")]
     Invalid(String),
+    /// An output (backup archive, restore target) already exists; it is
+    /// never overwritten.
+    #[error("{} already exists; refusing to overwrite it", .0.display())]
+    Exists(PathBuf),
+    /// A restore target directory already holds files.
+    #[error("{} is not empty; restore only into a new or empty directory", .0.display())]
+    NotEmpty(PathBuf),
+    /// A backup archive is damaged, altered, incomplete or not a backup.
+    #[error("backup archive {}: {member}: {problem}", archive.display())]
+    Archive {
+        /// The archive.
+        archive: PathBuf,
+        /// The member at fault (`(archive)` for the tar structure itself).
+        member: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A blob file that a message row names is gone (purged after the
+    /// snapshot, or deleted behind the daemon's back).
+    #[error("message {message}: its blob file {} is missing", path.display())]
+    BlobMissing {
+        /// The message id.
+        message: String,
+        /// The missing file.
+        path: PathBuf,
+    },
 }
 
 impl Error {

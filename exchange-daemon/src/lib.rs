@@ -11,6 +11,9 @@
 //! * [`tls`]: rustls mutual TLS, verification through exchange-core's trust store;
 //! * [`store`]: the durable store trait and its SQLite backend;
 //! * [`peer`], [`client_service`]: the two gRPC services;
+//! * [`accountability`]: the audit log, checkpoints, patient pseudonyms,
+//!   provision records and retention;
+//! * [`admin`]: online backup, restore and integrity scrub of a store directory;
 //! * [`client`]: a client library for local applications (used by the `exchange` CLI);
 //! * [`Daemon`]: start and stop a daemon in-process.
 //!
@@ -19,6 +22,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accountability;
+pub mod admin;
 pub mod client;
 pub mod client_service;
 pub mod config;

@@ -19,6 +19,8 @@ use exchange_core::{MessageId, PartyUri};
 use tokio::sync::{Notify, broadcast};
 use tonic::transport::Channel;
 
+use exchange_core::audit::{AuditAction, AuditOutcome};
+
 use crate::config::{ClientConfig, Config};
 use crate::error::Error;
 use crate::store::{MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
@@ -109,6 +111,8 @@ pub struct Node {
     pub(crate) client_trust: Arc<SharedTrust>,
     pub(crate) tls_identity: TlsIdentity,
     pub(crate) store: Arc<dyn Store>,
+    /// The facility secret patient identifiers are pseudonymised under.
+    pub(crate) subject_key: exchange_core::audit::SubjectKey,
     pub(crate) peers: HashMap<PartyUri, Peer>,
     pub(crate) clients: HashMap<PartyUri, ClientConfig>,
     channels: Mutex<HashMap<PartyUri, Channel>>,
@@ -211,6 +215,8 @@ impl Node {
             .iter()
             .map(|c| Ok((PartyUri::new(c.party.clone())?, c.clone())))
             .collect::<Result<HashMap<_, _>, Error>>()?;
+        let subject_key =
+            crate::accountability::load_or_create_subject_key(&config.path(&config.data_dir))?;
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             config,
@@ -221,6 +227,7 @@ impl Node {
             client_trust,
             tls_identity,
             store,
+            subject_key,
             peers,
             clients,
             channels: Mutex::new(HashMap::new()),
@@ -328,11 +335,13 @@ impl Node {
         Ok(receipt)
     }
 
-    /// A receipt to keep, passed on upstream when we are a relay.
+    /// A receipt to keep, passed on upstream when we are a relay, with the
+    /// audit entry of its arrival from `actor` (appended if it is new).
     pub(crate) fn keep_receipt(
         &self,
         record: &MessageRecord,
         receipt: &VerifiedReceipt,
+        actor: &str,
     ) -> NewReceipt {
         let forward = match (record.kind, &record.upstream) {
             (MessageKind::Relay | MessageKind::Inbound, Some(up)) if receipt.issuer() != up => {
@@ -344,27 +353,27 @@ impl Node {
             }
             _ => None,
         };
+        let audit = self.entry(
+            actor,
+            AuditAction::Receipt,
+            Some(record.id),
+            AuditOutcome::Ok,
+            None,
+            Some(format!(
+                "{} by {} ({})",
+                receipt.disposition(),
+                receipt.issuer(),
+                receipt.role()
+            )),
+        );
         NewReceipt {
             signed: receipt.signed().to_bytes(),
             issuer: receipt.issuer().clone(),
             disposition: receipt.disposition().as_str().to_owned(),
             issued_ms: unix_ms(receipt.issued()),
             forward,
-        }
-    }
-
-    /// Logs provision boundaries that `receipts` pass, for a message we sent.
-    pub(crate) fn note_boundaries(&self, head: &VerifiedHead, receipts: &[VerifiedReceipt]) {
-        for p in head.route().provision_boundaries(receipts) {
-            if let exchange_core::route::Provision::Passed { boundary, receipt } = p.provision {
-                tracing::debug!(
-                    message = %head.header().message_id,
-                    recipient = %p.recipient,
-                    boundary = %boundary.party,
-                    issued = unix_ms(receipts[receipt].issued()),
-                    "provision boundary passed"
-                );
-            }
+            provision: None,
+            audit: Some(audit),
         }
     }
 

@@ -10,11 +10,13 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use exchange_core::audit::{AuditAction, AuditOutcome};
 use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
 use exchange_core::receipt::Disposition;
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::accountability::{certificate_name, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA};
 use crate::node::{Node, Position, position, unix_ms};
 use crate::proto::deliver_request::Part;
@@ -23,7 +25,10 @@ use crate::proto::{
     DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse,
 };
 use crate::sink::Sink;
-use crate::store::{Accepted, DeliveryKind, MessageKind, NewDelivery, NewEnvelope};
+use crate::store::{
+    Accepted, DeliveryKind, MessageKind, NewDelivery, NewEnvelope, NewProvision, NewReceipt,
+    ProvisionDirection,
+};
 use crate::tls::PeerInfo;
 
 /// The peer gRPC service.
@@ -142,11 +147,14 @@ impl Node {
         if len > limit {
             return Err(Error::TooLarge { len, limit });
         }
-        if pos.kind == MessageKind::Inbound {
+        let meta = if pos.kind == MessageKind::Inbound {
             // Our key must open it (recipient entry, key commitment, inner
             // metadata) before we take responsibility for it.
-            drop(head.open(&self.keys)?);
-        }
+            let opener = head.open(&self.keys)?;
+            Some(self.meta(opener.metadata()))
+        } else {
+            None
+        };
         let mut verifier = head.ciphertext_verifier();
         let mut sink = Sink::new(
             self.store.clone(),
@@ -174,7 +182,7 @@ impl Node {
             _ => Disposition::Delivered,
         };
         let receipt = self
-            .sign_receipt(head, pos.role, disposition, now)
+            .sign_receipt(head, pos.role, disposition.clone(), now)
             .to_bytes();
         let deliveries = pos
             .next
@@ -186,6 +194,34 @@ impl Node {
             })
             .collect();
         let id = header.message_id;
+        let actor = peer_actor(peer);
+        let sender = head.sender().party();
+        let (action, provision) = match pos.kind {
+            MessageKind::Inbound => (
+                AuditAction::Receive,
+                Some(NewProvision {
+                    direction: ProvisionDirection::Received,
+                    counterparty: sender.clone(),
+                    counterparty_name: certificate_name(head.sender().certificate()),
+                    recipient: self.party.clone(),
+                    role: pos.role.as_str().to_owned(),
+                    time_ms: unix_ms(now),
+                    receipt: receipt.clone(),
+                }),
+            ),
+            _ => (AuditAction::Relay, None),
+        };
+        let audit = self.entry(
+            &actor,
+            action,
+            Some(id),
+            AuditOutcome::Ok,
+            None,
+            Some(format!(
+                "from {sender} as {}, {len} ciphertext bytes; {disposition}",
+                pos.role
+            )),
+        );
         let accepted = self
             .store
             .accept(NewEnvelope {
@@ -205,6 +241,9 @@ impl Node {
                 received_ms: unix_ms(now),
                 our_receipt: Some(receipt.clone()),
                 deliveries,
+                meta,
+                provision,
+                audit: vec![audit],
             })
             .await?;
         match accepted {
@@ -229,6 +268,17 @@ impl Node {
                 ) {
                     (true, Some(original)) => {
                         tracing::info!(message = %id, from = %peer, "redelivery: original receipt returned");
+                        self.audit(vec![self.entry(
+                            &actor,
+                            action,
+                            Some(id),
+                            AuditOutcome::Ok,
+                            None,
+                            Some(
+                                "redelivery: the original receipt returned, nothing stored".into(),
+                            ),
+                        )])
+                        .await?;
                         Ok(original)
                     }
                     _ => Err(Error::Replay(id.to_string())),
@@ -268,15 +318,20 @@ impl Node {
             .iter()
             .map(|r| self.check_receipt(&head, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let new = verified
+        let actor = peer_actor(peer);
+        let mut new: Vec<NewReceipt> = verified
             .iter()
-            .map(|r| self.keep_receipt(&record, r))
+            .map(|r| self.keep_receipt(&record, r, &actor))
             .collect();
+        if record.kind == MessageKind::Outbound {
+            let provisions = self.boundary_provisions(&record, &head, &verified).await?;
+            for (k, p) in new.iter_mut().zip(provisions) {
+                k.provision = p;
+            }
+        }
         let stored = self.store.add_receipts(id, new).await?;
         if stored > 0 {
-            if record.kind == MessageKind::Outbound {
-                self.note_boundaries(&head, &verified);
-            } else {
+            if record.kind != MessageKind::Outbound {
                 self.work.notify_one();
             }
             let _ = self.events.send(id);
@@ -300,6 +355,10 @@ impl Peer for PeerService {
             _ => {
                 let e = Error::Protocol("the first message must carry the head".into());
                 tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {e}");
+                let entry = self
+                    .node
+                    .refusal(&peer_actor(&peer), AuditAction::Receive, None, &e);
+                self.node.audit_refusal(entry).await;
                 return Err(e.into());
             }
         };
@@ -307,6 +366,15 @@ impl Peer for PeerService {
             Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
             Err(Refusal { error, receipt }) => {
                 tracing::warn!(from = %peer, reason = error.reason_code(), "envelope rejected: {error}");
+                // The id as the (possibly unauthentic) head claims it.
+                let claimed = EnvelopeHead::decode(&head)
+                    .and_then(|h| h.header_unverified())
+                    .ok()
+                    .map(|h| h.message_id);
+                let entry =
+                    self.node
+                        .refusal(&peer_actor(&peer), AuditAction::Receive, claimed, &error);
+                self.node.audit_refusal(entry).await;
                 let mut status = Status::from(error);
                 if let Some(r) = receipt {
                     status.metadata_mut().insert_bin(
@@ -332,6 +400,10 @@ impl Peer for PeerService {
             })),
             Err(e) => {
                 tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {e}");
+                let entry =
+                    self.node
+                        .refusal(&peer_actor(&peer), AuditAction::Receipt, Some(id), &e);
+                self.node.audit_refusal(entry).await;
                 Err(e.into())
             }
         }

@@ -17,7 +17,8 @@ use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
-use crate::{delivery, proto, tls};
+use crate::{accountability, delivery, proto, tls};
+use exchange_core::audit::{AuditAction, AuditOutcome};
 
 /// A running daemon.
 #[derive(Debug)]
@@ -91,7 +92,20 @@ async fn reload_trust(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         }
         stamp = now;
         match node.reload_trust() {
-            Ok(()) => tracing::info!("trust anchors and CRLs reloaded"),
+            Ok(()) => {
+                tracing::info!("trust anchors and CRLs reloaded");
+                let entry = node.entry(
+                    accountability::DAEMON,
+                    AuditAction::Admin,
+                    None,
+                    AuditOutcome::Ok,
+                    None,
+                    Some("trust anchors and CRLs reloaded (files changed)".into()),
+                );
+                if let Err(e) = node.audit(vec![entry]).await {
+                    tracing::error!(error = %e, "cannot record the trust reload in the audit log");
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "trust files changed but cannot be loaded; the previous ones stay in force")
             }
@@ -175,7 +189,17 @@ impl Daemon {
             }));
         }
         tasks.push(tokio::spawn(delivery::run(node.clone(), rx.clone())));
-        tasks.push(tokio::spawn(reload_trust(node.clone(), rx)));
+        tasks.push(tokio::spawn(reload_trust(node.clone(), rx.clone())));
+        tasks.push(tokio::spawn(accountability::run(node.clone(), rx)));
+        node.audit(vec![node.entry(
+            accountability::DAEMON,
+            AuditAction::Start,
+            None,
+            AuditOutcome::Ok,
+            None,
+            Some(format!("peer {peer_addr}, client {client_addr}")),
+        )])
+        .await?;
         tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started");
         Ok(Self {
             node,
@@ -220,6 +244,21 @@ impl Daemon {
         // Long-lived client streams (WatchStatus) must not hold the stop up.
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        // The last entry, then a checkpoint that covers everything.
+        let stop = self.node.entry(
+            accountability::DAEMON,
+            AuditAction::Stop,
+            None,
+            AuditOutcome::Ok,
+            None,
+            None,
+        );
+        if let Err(e) = self.node.audit(vec![stop]).await {
+            tracing::error!(error = %e, "cannot record the stop in the audit log");
+        }
+        if let Err(e) = self.node.checkpoint().await {
+            tracing::error!(error = %e, "cannot sign the final audit checkpoint");
         }
         tracing::info!(party = %self.node.party(), "exchanged stopped");
     }

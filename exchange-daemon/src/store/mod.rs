@@ -28,6 +28,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::pin::Pin;
 
+use exchange_core::audit::{AuditEntry, Pseudonym};
 use exchange_core::{MessageId, PartyUri};
 
 use crate::error::StoreError;
@@ -171,6 +172,139 @@ pub struct NewEnvelope {
     pub our_receipt: Option<Vec<u8>>,
     /// Work created with it: forwarding to the next hops.
     pub deliveries: Vec<NewDelivery>,
+    /// What it carries, as far as this facility can tell (origin and final
+    /// recipient; a relay cannot open it): kept for provision records.
+    pub meta: Option<MessageMeta>,
+    /// The record of receipt (確認記録) a final recipient keeps.
+    pub provision: Option<NewProvision>,
+    /// Audit entries committed with it (only if it is newly stored).
+    pub audit: Vec<AuditEntry>,
+}
+
+/// What an envelope carries (from the inner header), minus the clear
+/// patient identifiers: those are kept only as pseudonyms.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageMeta {
+    /// Document type from the inner header.
+    pub document_type: String,
+    /// Title from the inner header.
+    pub title: String,
+    /// Keyed pseudonyms of the patient identifiers.
+    pub subjects: Vec<Pseudonym>,
+}
+
+/// Which side of a provision a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvisionDirection {
+    /// We provided the data (第三者提供記録): kept by the origin when the
+    /// boundary receipt arrives.
+    Provided,
+    /// We received it (確認記録): kept by the final recipient on accepting it.
+    Received,
+}
+
+impl ProvisionDirection {
+    /// Stable name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provided => "provided",
+            Self::Received => "received",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "provided" => Some(Self::Provided),
+            "received" => Some(Self::Received),
+            _ => None,
+        }
+    }
+}
+
+/// A provision record to keep. What was provided (document type, title,
+/// purpose, patients) is taken from the message's stored meta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewProvision {
+    /// Provided or received.
+    pub direction: ProvisionDirection,
+    /// The other party: who took responsibility (provided) or who provided it (received).
+    pub counterparty: PartyUri,
+    /// Its name, from its certificate.
+    pub counterparty_name: String,
+    /// The final recipient the data was for.
+    pub recipient: PartyUri,
+    /// The counterparty's role on the route (`THIRD_PARTY` …).
+    pub role: String,
+    /// When responsibility passed: the receipt's issue time (Unix ms).
+    pub time_ms: u64,
+    /// The evidence: the boundary receipt (provided), or the DELIVERED
+    /// receipt we issued (received).
+    pub receipt: Vec<u8>,
+}
+
+/// A stored provision record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionRecord {
+    /// Provided or received.
+    pub direction: ProvisionDirection,
+    /// The message.
+    pub message_id: MessageId,
+    /// When responsibility passed (Unix ms).
+    pub time_ms: u64,
+    /// The other party.
+    pub counterparty: PartyUri,
+    /// Its name from its certificate.
+    pub counterparty_name: String,
+    /// The final recipient.
+    pub recipient: PartyUri,
+    /// The counterparty's role.
+    pub role: String,
+    /// Document type.
+    pub document_type: String,
+    /// Title.
+    pub title: String,
+    /// Purpose (legal basis) from the header.
+    pub purpose: String,
+    /// Content type.
+    pub content_type: String,
+    /// The receipt (evidence).
+    pub receipt: Vec<u8>,
+    /// Patient pseudonyms.
+    pub subjects: Vec<Pseudonym>,
+}
+
+/// The audit log's tail not yet covered by a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditTail {
+    /// The latest checkpoint's tree size and its stored frontier.
+    pub checkpoint: Option<(u64, Vec<u8>)>,
+    /// Leaf hashes of the entries after it, in order.
+    pub leaf_hashes: Vec<[u8; 32]>,
+}
+
+/// A signed checkpoint to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCheckpoint {
+    /// Entries covered.
+    pub tree_size: u64,
+    /// Signed at (Unix ms).
+    pub time_ms: u64,
+    /// Root hash.
+    pub root: [u8; 32],
+    /// The compact frontier at `tree_size` (to extend the tree later).
+    pub frontier: Vec<u8>,
+    /// `SignedCheckpoint::to_bytes()`.
+    pub signed: Vec<u8>,
+}
+
+/// What a retention purge removed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PurgeSummary {
+    /// Messages removed.
+    pub messages: Vec<MessageId>,
+    /// Ciphertext bytes removed.
+    pub bytes: u64,
 }
 
 /// A stored envelope's row (without its ciphertext).
@@ -292,6 +426,10 @@ pub struct NewReceipt {
     pub issued_ms: u64,
     /// Created only if the receipt is new to the store.
     pub forward: Option<NewDelivery>,
+    /// Kept only if the receipt is new: the provision record it proves.
+    pub provision: Option<NewProvision>,
+    /// Appended only if the receipt is new.
+    pub audit: Option<AuditEntry>,
 }
 
 /// A stored receipt.
@@ -357,12 +495,14 @@ pub trait Store: Send + Sync + 'static {
     /// Releases every claim `owner` holds (a single-node daemon at start).
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;
 
-    /// Records an attempt's outcome with the receipts it brought back, atomically.
+    /// Records an attempt's outcome with the receipts it brought back and
+    /// its audit entries, atomically.
     fn finish_attempt(
         &self,
         delivery: i64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
+        audit: Vec<AuditEntry>,
     ) -> StoreFuture<'_, ()>;
 
     /// Keeps receipts for a message; returns how many were new.
@@ -384,4 +524,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many pending deliveries there are (health, tests, the demo).
     fn pending_count(&self) -> StoreFuture<'_, u64>;
+
+    /// Appends entries to the audit log (their `seq` and `time_ms` are set
+    /// by the store; empty `subjects` are filled from the message's
+    /// pseudonyms).
+    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<'_, ()>;
+
+    /// The latest checkpoint's frontier and the leaf hashes after it.
+    fn audit_tail(&self) -> StoreFuture<'_, AuditTail>;
+
+    /// Stores a checkpoint if it extends the latest one; false if not newer.
+    fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool>;
+
+    /// Provision records about the patient with this pseudonym, oldest first.
+    fn provisions(&self, subject: Pseudonym) -> StoreFuture<'_, Vec<ProvisionRecord>>;
+
+    /// Removes messages received before `before_ms` that have no pending
+    /// delivery (their deliveries, receipts and ciphertext too; provision
+    /// records and the audit log stay), with `audit` (its detail completed
+    /// with what was removed) in the same transaction. Nothing is written if
+    /// nothing is due.
+    fn purge(&self, before_ms: u64, audit: AuditEntry) -> StoreFuture<'_, PurgeSummary>;
 }

@@ -42,6 +42,24 @@
 //!   `digest` (SHA-256 of `signed`, unique per message), `issuer`,
 //!   `disposition`, `issued_ms`, `signed`.
 //!
+//! Version 2 (accountability):
+//!
+//! * `audit_log`: `seq` (0-based leaf index), `time_ms`, `entry` (the
+//!   canonical JSON of an `exchange_core::audit::AuditEntry`: the Merkle
+//!   leaf), `leaf_hash`. Triggers refuse UPDATE and DELETE. Entries are
+//!   appended in the same transaction as the action they record.
+//! * `audit_checkpoints`: `tree_size`, `time_ms`, `root`, `frontier` (the
+//!   compact range to extend the tree), `signed` (a `SignedCheckpoint`).
+//! * `message_meta` (`document_type`, `title`) and `message_subjects`
+//!   (`pseudonym`: HMAC-SHA256 of a patient identifier under the facility's
+//!   `pseudonym.key`) per message the facility can read. Clear patient
+//!   identifiers are never stored outside the sealed envelope.
+//! * `provisions`: records of provision (`provided`, at the origin, when the
+//!   boundary receipt arrives) and of receipt (`received`, at the final
+//!   recipient), each with its receipt as evidence; `provision_subjects`
+//!   indexes them by pseudonym. Neither references `messages`: they outlive a
+//!   retention purge.
+//!
 //! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
 //! above `i64::MAX` is refused on the way in, a negative value read back is
 //! reported as [`StoreError::Corrupt`].
@@ -85,9 +103,12 @@ use exchange_core::{MessageId, PartyUri};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
+use exchange_core::audit::{AuditEntry, Pseudonym};
+
 use super::{
-    Accepted, AttemptOutcome, Ciphertext, DeliveryKind, DeliveryRecord, DeliveryState, MessageKind,
-    MessageRecord, NewDelivery, NewEnvelope, NewReceipt, ReceiptRecord, SpoolFile, Store,
+    Accepted, AttemptOutcome, AuditTail, Ciphertext, DeliveryKind, DeliveryRecord, DeliveryState,
+    MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery, NewEnvelope, NewProvision,
+    NewReceipt, ProvisionDirection, ProvisionRecord, PurgeSummary, ReceiptRecord, SpoolFile, Store,
     StoreFuture, StoredCiphertext,
 };
 use crate::error::StoreError;
@@ -154,7 +175,69 @@ CREATE TABLE receipts (
     UNIQUE (message_id, digest)
 );
 ",
+    // 2: accountability (issue 5): audit log, checkpoints, pseudonymous
+    // message subjects, provision records.
+    r"
+CREATE TABLE audit_log (
+    seq        INTEGER PRIMARY KEY CHECK (seq >= 0),
+    time_ms    INTEGER NOT NULL,
+    entry      BLOB NOT NULL,
+    leaf_hash  BLOB NOT NULL CHECK (length(leaf_hash) = 32)
+);
+CREATE INDEX audit_log_time ON audit_log (time_ms);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+
+CREATE TABLE audit_checkpoints (
+    tree_size  INTEGER PRIMARY KEY CHECK (tree_size > 0),
+    time_ms    INTEGER NOT NULL,
+    root       BLOB NOT NULL CHECK (length(root) = 32),
+    frontier   BLOB NOT NULL,
+    signed     BLOB NOT NULL
+);
+
+CREATE TABLE message_meta (
+    message_id    BLOB PRIMARY KEY NOT NULL REFERENCES messages (id),
+    document_type TEXT NOT NULL,
+    title         TEXT NOT NULL
+);
+
+CREATE TABLE message_subjects (
+    message_id BLOB NOT NULL REFERENCES messages (id),
+    pseudonym  BLOB NOT NULL CHECK (length(pseudonym) = 32),
+    PRIMARY KEY (message_id, pseudonym)
+);
+CREATE INDEX message_subjects_pseudonym ON message_subjects (pseudonym);
+
+CREATE TABLE provisions (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    direction         TEXT NOT NULL CHECK (direction IN ('provided', 'received')),
+    message_id        BLOB NOT NULL CHECK (length(message_id) = 16),
+    time_ms           INTEGER NOT NULL,
+    counterparty      TEXT NOT NULL,
+    counterparty_name TEXT NOT NULL,
+    recipient         TEXT NOT NULL,
+    role              TEXT NOT NULL,
+    document_type     TEXT NOT NULL,
+    title             TEXT NOT NULL,
+    purpose           TEXT NOT NULL,
+    content_type      TEXT NOT NULL,
+    receipt           BLOB NOT NULL,
+    UNIQUE (message_id, direction, recipient)
+);
+
+CREATE TABLE provision_subjects (
+    provision_id INTEGER NOT NULL REFERENCES provisions (id),
+    pseudonym    BLOB NOT NULL CHECK (length(pseudonym) = 32),
+    PRIMARY KEY (pseudonym, provision_id)
+);
+",
 ];
+
+/// Most messages one [`Store::purge`] call removes (its audit entry lists them).
+pub const PURGE_BATCH: i64 = 500;
 
 /// Most operations the writer commits in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -342,6 +425,9 @@ impl SqliteStore {
             received_ms,
             our_receipt,
             deliveries,
+            meta,
+            provision,
+            audit,
         } = envelope;
         let row = MessageRow {
             id,
@@ -364,6 +450,9 @@ impl SqliteStore {
                 .into_iter()
                 .map(DeliveryRow::new)
                 .collect::<Result<_, _>>()?,
+            meta,
+            provision: provision.map(ProvisionRow::new).transpose()?,
+            audit,
         };
         match ciphertext {
             Ciphertext::Inline(bytes) => {
@@ -528,6 +617,7 @@ impl Store for SqliteStore {
         delivery: i64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
+        audit: Vec<AuditEntry>,
     ) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let receipts = receipts
@@ -576,6 +666,9 @@ impl Store for SqliteStore {
                         .execute(params![delivery, reason])?,
                 };
                 insert_receipts(conn, &message, &receipts)?;
+                for e in audit {
+                    append_audit(conn, e)?;
+                }
                 Ok(())
             })
             .await
@@ -683,6 +776,271 @@ impl Store for SqliteStore {
             to_u64(n, "pending count")
         }))
     }
+
+    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |conn| {
+            for e in entries {
+                append_audit(conn, e)?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn audit_tail(&self) -> StoreFuture<'_, AuditTail> {
+        Box::pin(self.read(|conn| {
+            // One read transaction: the checkpoint and the leaves after it agree.
+            conn.execute_batch("BEGIN")?;
+            let tail = audit_tail(conn);
+            conn.execute_batch("COMMIT")?;
+            tail
+        }))
+    }
+
+    fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let size = to_i64(checkpoint.tree_size, "tree_size")?;
+            let time = to_i64(checkpoint.time_ms, "checkpoint time_ms")?;
+            self.write(move |conn| {
+                let (latest, leaves): (i64, i64) = conn
+                    .prepare_cached(
+                        "SELECT COALESCE((SELECT MAX(tree_size) FROM audit_checkpoints), 0), \
+                         COALESCE((SELECT MAX(seq) + 1 FROM audit_log), 0)",
+                    )?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if size <= latest {
+                    return Ok(false);
+                }
+                if size > leaves {
+                    return Err(StoreError::Invalid(format!(
+                        "checkpoint of {size} entries but the log holds {leaves}"
+                    )));
+                }
+                conn.prepare_cached(
+                    "INSERT INTO audit_checkpoints (tree_size, time_ms, root, frontier, signed) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    size,
+                    time,
+                    checkpoint.root,
+                    checkpoint.frontier,
+                    checkpoint.signed
+                ])?;
+                Ok(true)
+            })
+            .await
+        })
+    }
+
+    fn provisions(&self, subject: Pseudonym) -> StoreFuture<'_, Vec<ProvisionRecord>> {
+        Box::pin(self.read(move |conn| provisions_for(conn, &subject)))
+    }
+
+    fn purge(&self, before_ms: u64, audit: AuditEntry) -> StoreFuture<'_, PurgeSummary> {
+        Box::pin(async move {
+            let before = to_i64(before_ms, "before_ms")?;
+            let blobs = self.blobs.clone();
+            let (summary, files) = self.write(move |conn| purge(conn, before, audit)).await?;
+            // After the commit: no row names these files any more.
+            for name in files {
+                remove_quietly(&blobs.join(name));
+            }
+            Ok(summary)
+        })
+    }
+}
+
+/// Opens the database of the store in `dir` read-only, without taking the
+/// store lock: for offline tools (audit export, provision reports, backup)
+/// that run beside a live daemon. Refuses a directory without a store and a
+/// schema this build does not know.
+pub fn open_read_only(dir: &Path) -> Result<Connection, StoreError> {
+    let db = dir.join(DB_FILE);
+    if !db.is_file() {
+        return Err(StoreError::NotFound(format!(
+            "no store in {} (expected {})",
+            dir.display(),
+            db.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        &db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    configure(&conn)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = u32::try_from(version)
+        .map_err(|_| StoreError::Corrupt(format!("schema version {version}")))?;
+    let known = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
+    if version > known {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            supported: known,
+        });
+    }
+    if version < known {
+        return Err(StoreError::Invalid(format!(
+            "store schema version {version} predates this build ({known}): start the daemon once to migrate it"
+        )));
+    }
+    Ok(conn)
+}
+
+/// See [`Store::audit_tail`]; call inside a read transaction.
+pub fn audit_tail(conn: &Connection) -> Result<AuditTail, StoreError> {
+    let checkpoint: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT tree_size, frontier FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let from = checkpoint.as_ref().map_or(0, |c| c.0);
+    let leaf_hashes = conn
+        .prepare_cached("SELECT leaf_hash FROM audit_log WHERE seq >= ?1 ORDER BY seq")?
+        .query_map([from], |r| r.get::<_, Vec<u8>>(0))?
+        .map(|h| {
+            <[u8; 32]>::try_from(h?.as_slice())
+                .map_err(|_| StoreError::Corrupt("audit leaf hash is not 32 bytes".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AuditTail {
+        checkpoint: checkpoint
+            .map(|(size, f)| Ok::<_, StoreError>((to_u64(size, "tree_size")?, f)))
+            .transpose()?,
+        leaf_hashes,
+    })
+}
+
+/// Provision records naming `subject`, oldest first (see [`Store::provisions`]).
+pub fn provisions_for(
+    conn: &Connection,
+    subject: &Pseudonym,
+) -> Result<Vec<ProvisionRecord>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT p.id, p.direction, p.message_id, p.time_ms, p.counterparty, \
+             p.counterparty_name, p.recipient, p.role, p.document_type, p.title, p.purpose, \
+             p.content_type, p.receipt FROM provisions p \
+             JOIN provision_subjects s ON s.provision_id = p.id \
+             WHERE s.pseudonym = ?1 ORDER BY p.time_ms, p.id",
+        )?
+        .query_map([subject.as_bytes()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+                (
+                    r.get::<_, String>(8)?,
+                    r.get::<_, String>(9)?,
+                    r.get::<_, String>(10)?,
+                    r.get::<_, String>(11)?,
+                    r.get::<_, Vec<u8>>(12)?,
+                ),
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut subjects = conn.prepare_cached(
+        "SELECT pseudonym FROM provision_subjects WHERE provision_id = ?1 ORDER BY pseudonym",
+    )?;
+    rows.into_iter()
+        .map(
+            |(id, direction, message, time_ms, counterparty, name, recipient, role, what)| {
+                let (document_type, title, purpose, content_type, receipt) = what;
+                let subjects = subjects
+                    .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
+                    .map(|p| {
+                        let p = p?;
+                        <[u8; 32]>::try_from(p.as_slice())
+                            .map(Pseudonym::from_bytes)
+                            .map_err(|_| StoreError::Corrupt("pseudonym is not 32 bytes".into()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ProvisionRecord {
+                    direction: ProvisionDirection::parse(&direction).ok_or_else(|| {
+                        StoreError::Corrupt(format!("provision direction {direction:?}"))
+                    })?,
+                    message_id: message_id(&message)?,
+                    time_ms: to_u64(time_ms, "provision time_ms")?,
+                    counterparty: party(counterparty, "provision counterparty")?,
+                    counterparty_name: name,
+                    recipient: party(recipient, "provision recipient")?,
+                    role,
+                    document_type,
+                    title,
+                    purpose,
+                    content_type,
+                    receipt,
+                    subjects,
+                })
+            },
+        )
+        .collect()
+}
+
+/// Deletes messages received before `before` with no pending delivery;
+/// returns what went and the blob files to remove after the commit.
+fn purge(
+    conn: &Connection,
+    before: i64,
+    mut audit: AuditEntry,
+) -> Result<(PurgeSummary, Vec<String>), StoreError> {
+    let due = conn
+        .prepare_cached(
+            "SELECT id, blob, ciphertext_len FROM messages m WHERE received_ms < ?1 \
+             AND NOT EXISTS (SELECT 1 FROM deliveries d \
+                             WHERE d.message_id = m.id AND d.state = 'pending') \
+             ORDER BY received_ms, id LIMIT ?2",
+        )?
+        .query_map(params![before, PURGE_BATCH], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut summary = PurgeSummary::default();
+    let mut files = Vec::new();
+    for (id, blob, len) in due {
+        for sql in [
+            "DELETE FROM deliveries WHERE message_id = ?1",
+            "DELETE FROM receipts WHERE message_id = ?1",
+            "DELETE FROM message_subjects WHERE message_id = ?1",
+            "DELETE FROM message_meta WHERE message_id = ?1",
+            "DELETE FROM messages WHERE id = ?1",
+        ] {
+            conn.prepare_cached(sql)?.execute([&id])?;
+        }
+        summary.messages.push(message_id(&id)?);
+        summary.bytes += to_u64(len, "ciphertext_len")?;
+        if let Some(name) = blob.filter(|n| valid_blob_name(n)) {
+            files.push(name);
+        }
+    }
+    if !summary.messages.is_empty() {
+        let ids = summary
+            .messages
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let detail = format!(
+            "{} message(s), {} ciphertext bytes: {ids}",
+            summary.messages.len(),
+            summary.bytes
+        );
+        audit.detail = Some(match audit.detail.take() {
+            Some(d) => format!("{d}; {detail}"),
+            None => detail,
+        });
+        append_audit(conn, audit)?;
+    }
+    Ok((summary, files))
 }
 
 // ---------------------------------------------------------------------------
@@ -829,6 +1187,24 @@ struct MessageRow {
     received_ms: i64,
     our_receipt: Option<Vec<u8>>,
     deliveries: Vec<DeliveryRow>,
+    meta: Option<MessageMeta>,
+    provision: Option<ProvisionRow>,
+    audit: Vec<AuditEntry>,
+}
+
+/// A [`NewProvision`] with its values converted for SQLite.
+struct ProvisionRow {
+    p: NewProvision,
+    time_ms: i64,
+}
+
+impl ProvisionRow {
+    fn new(p: NewProvision) -> Result<Self, StoreError> {
+        Ok(Self {
+            time_ms: to_i64(p.time_ms, "provision time_ms")?,
+            p,
+        })
+    }
 }
 
 /// An [`AttemptOutcome`] with its values converted for SQLite.
@@ -863,6 +1239,8 @@ struct ReceiptRow {
     disposition: String,
     issued_ms: i64,
     forward: Option<DeliveryRow>,
+    provision: Option<ProvisionRow>,
+    audit: Option<AuditEntry>,
 }
 
 impl ReceiptRow {
@@ -871,6 +1249,8 @@ impl ReceiptRow {
             digest: sha256(&r.signed),
             issued_ms: to_i64(r.issued_ms, "receipt issued_ms")?,
             forward: r.forward.map(DeliveryRow::new).transpose()?,
+            provision: r.provision.map(ProvisionRow::new).transpose()?,
+            audit: r.audit,
             signed: r.signed,
             issuer: r.issuer,
             disposition: r.disposition,
@@ -914,7 +1294,120 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
     for d in &m.deliveries {
         insert_delivery(conn, m.id.as_bytes(), d)?;
     }
+    if let Some(meta) = &m.meta {
+        insert_meta(conn, m.id.as_bytes(), meta)?;
+    }
+    if let Some(p) = &m.provision {
+        insert_provision(conn, &m.id, p)?;
+    }
+    for e in &m.audit {
+        append_audit(conn, e.clone())?;
+    }
     Ok(Accepted::Stored)
+}
+
+fn insert_meta(conn: &Connection, message: &[u8], meta: &MessageMeta) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO message_meta (message_id, document_type, title) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![message, meta.document_type, meta.title])?;
+    let mut subject = conn.prepare_cached(
+        "INSERT INTO message_subjects (message_id, pseudonym) VALUES (?1, ?2) \
+         ON CONFLICT DO NOTHING",
+    )?;
+    for p in &meta.subjects {
+        subject.execute(params![message, p.as_bytes()])?;
+    }
+    Ok(())
+}
+
+/// Keeps a provision record (once per message, direction and recipient),
+/// copying what was provided from the message's meta and header fields.
+fn insert_provision(
+    conn: &Connection,
+    message: &MessageId,
+    row: &ProvisionRow,
+) -> Result<(), StoreError> {
+    let p = &row.p;
+    let what: Option<(String, String, String, String)> = conn
+        .prepare_cached(
+            "SELECT COALESCE(mm.document_type, ''), COALESCE(mm.title, ''), m.purpose, \
+             m.content_type FROM messages m LEFT JOIN message_meta mm ON mm.message_id = m.id \
+             WHERE m.id = ?1",
+        )?
+        .query_row([message.as_bytes()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((document_type, title, purpose, content_type)) = what else {
+        return Err(StoreError::NotFound(format!("message {message}")));
+    };
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO provisions (direction, message_id, time_ms, counterparty, \
+             counterparty_name, recipient, role, document_type, title, purpose, content_type, \
+             receipt) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             ON CONFLICT (message_id, direction, recipient) DO NOTHING",
+        )?
+        .execute(params![
+            p.direction.as_str(),
+            message.as_bytes(),
+            row.time_ms,
+            p.counterparty.as_str(),
+            p.counterparty_name,
+            p.recipient.as_str(),
+            p.role,
+            document_type,
+            title,
+            purpose,
+            content_type,
+            p.receipt,
+        ])?;
+    if inserted == 1 {
+        conn.prepare_cached(
+            "INSERT INTO provision_subjects (provision_id, pseudonym) \
+             SELECT last_insert_rowid(), pseudonym FROM message_subjects WHERE message_id = ?1",
+        )?
+        .execute([message.as_bytes()])?;
+    }
+    Ok(())
+}
+
+/// Appends one audit entry: the next `seq`, a time never before the last
+/// entry's, and the message's pseudonyms if the entry names none.
+fn append_audit(conn: &Connection, mut entry: AuditEntry) -> Result<(), StoreError> {
+    let (next, last_ms): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(seq) + 1, 0), \
+             COALESCE((SELECT time_ms FROM audit_log ORDER BY seq DESC LIMIT 1), 0) FROM audit_log",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let now = to_i64(crate::node::unix_ms(std::time::SystemTime::now()), "now")?;
+    let time_ms = now.max(last_ms);
+    entry.seq = to_u64(next, "audit seq")?;
+    entry.time_ms = to_u64(time_ms, "audit time")?;
+    if entry.subjects.is_empty()
+        && let Some(id) = entry
+            .message_id
+            .as_deref()
+            .and_then(|h| hex::decode(h.replace('-', "")).ok())
+    {
+        entry.subjects = conn
+            .prepare_cached(
+                "SELECT pseudonym FROM message_subjects WHERE message_id = ?1 \
+                 ORDER BY pseudonym",
+            )?
+            .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
+            .map(|p| Ok(hex::encode(p?)))
+            .collect::<Result<_, StoreError>>()?;
+    }
+    let json = entry.to_canonical_json();
+    let leaf = exchange_core::suite::merkle_leaf_hash(&json);
+    conn.prepare_cached(
+        "INSERT INTO audit_log (seq, time_ms, entry, leaf_hash) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![next, time_ms, json, leaf])?;
+    Ok(())
 }
 
 /// A new pending delivery, due at once.
@@ -963,6 +1456,12 @@ fn insert_receipts(
             new += 1;
             if let Some(forward) = &r.forward {
                 insert_delivery(conn, message, forward)?;
+            }
+            if let Some(p) = &r.provision {
+                insert_provision(conn, &message_id(message)?, p)?;
+            }
+            if let Some(e) = &r.audit {
+                append_audit(conn, e.clone())?;
             }
         }
     }

@@ -45,6 +45,9 @@ fn envelope(id: MessageId, kind: MessageKind, ciphertext: Ciphertext, len: u64) 
         received_ms: 2_000,
         our_receipt: Some(b"our receipt".to_vec()),
         deliveries: vec![forward("urn:test:next", DeliveryKind::Envelope)],
+        meta: None,
+        provision: None,
+        audit: Vec::new(),
     }
 }
 
@@ -61,6 +64,8 @@ fn receipt(signed: &[u8], fwd: Option<NewDelivery>) -> NewReceipt {
         disposition: "DELIVERED".into(),
         issued_ms: 3_000,
         forward: fwd,
+        provision: None,
+        audit: None,
     }
 }
 
@@ -284,6 +289,7 @@ async fn claim_due_respects_next_attempt_lease_and_limit() {
                 next_attempt_ms: 1_000,
             },
             vec![],
+            vec![],
         )
         .await
         .unwrap();
@@ -358,6 +364,7 @@ async fn finish_attempt_sets_state_and_attempts() {
                 next_attempt_ms: 5_000,
             },
             vec![],
+            vec![],
         )
         .await
         .unwrap();
@@ -373,14 +380,14 @@ async fn finish_attempt_sets_state_and_attempts() {
     );
 
     store
-        .finish_attempt(d1, AttemptOutcome::Done, vec![])
+        .finish_attempt(d1, AttemptOutcome::Done, vec![], vec![])
         .await
         .unwrap();
     let r = &store.deliveries(mid(1)).await.unwrap()[0];
     assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
 
     store
-        .finish_attempt(d2, AttemptOutcome::Failed("refused".into()), vec![])
+        .finish_attempt(d2, AttemptOutcome::Failed("refused".into()), vec![], vec![])
         .await
         .unwrap();
     let r = &store.deliveries(mid(2)).await.unwrap()[0];
@@ -397,6 +404,7 @@ async fn finish_attempt_sets_state_and_attempts() {
                 next_attempt_ms: 1,
             },
             vec![],
+            vec![],
         )
         .await
         .unwrap();
@@ -404,7 +412,7 @@ async fn finish_attempt_sets_state_and_attempts() {
     assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
     assert!(matches!(
         store
-            .finish_attempt(d2 + 100, AttemptOutcome::Done, vec![])
+            .finish_attempt(d2 + 100, AttemptOutcome::Done, vec![], vec![])
             .await,
         Err(StoreError::NotFound(_))
     ));
@@ -450,6 +458,7 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
             envelope_delivery,
             AttemptOutcome::Done,
             vec![receipt(b"r3", fwd(b"r3")), receipt(b"r1", fwd(b"r1"))],
+            vec![],
         )
         .await
         .unwrap();
@@ -580,6 +589,7 @@ async fn everything_survives_reopen() {
                     next_attempt_ms: 50,
                 },
                 vec![receipt(b"r", None)],
+                vec![],
             )
             .await
             .unwrap();
@@ -648,6 +658,34 @@ async fn a_directory_opens_once_at_a_time() {
 }
 
 #[tokio::test]
+async fn a_version_1_store_migrates_keeping_its_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = Connection::open(dir.path().join("store.sqlite3")).unwrap();
+    conn.execute_batch(MIGRATIONS[0]).unwrap();
+    conn.execute_batch("PRAGMA user_version = 1").unwrap();
+    conn.execute(
+        "INSERT INTO messages (id, header_sha256, kind, head, ciphertext, ciphertext_len, sender, \
+         content_type, purpose, created_ms, expires_ms, received_ms) \
+         VALUES (?1, ?2, 'inbound', x'01', x'02', 1, 'urn:test:s', 'c', 'p', 1, 2, 3)",
+        rusqlite::params![[9u8; 16], [0u8; 32]],
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = MessageId::from_slice(&[9u8; 16]).unwrap();
+    assert_eq!(store.message(id).await.unwrap().unwrap().purpose, "p");
+    // The new tables work on the migrated store.
+    store.append_audit(vec![]).await.unwrap();
+    assert_eq!(store.audit_tail().await.unwrap(), AuditTail::default());
+    drop(store);
+    let conn = Connection::open(dir.path().join("store.sqlite3")).unwrap();
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, MIGRATIONS.len() as i64);
+}
+
+#[tokio::test]
 async fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(SqliteStore::open(dir.path()).unwrap());
@@ -656,7 +694,7 @@ async fn newer_schema_is_refused() {
     drop(conn);
     match SqliteStore::open(dir.path()) {
         Err(StoreError::SchemaTooNew { found, supported }) => {
-            assert_eq!((found, supported), (99, 1));
+            assert_eq!((found, supported), (99, MIGRATIONS.len() as u32));
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }

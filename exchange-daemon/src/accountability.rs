@@ -1,0 +1,559 @@
+//! Accountability: the audit log, signed checkpoints, patient pseudonyms,
+//! provision records and the retention purge (DESIGN.md §5-6, issue 5).
+//!
+//! * Every access and transfer is appended to the store's audit log (who,
+//!   what, when, which message, which patient pseudonyms, outcome, reason).
+//!   Entries that go with a state change are committed in the same
+//!   transaction (a stored envelope and its `receive` entry exist together or
+//!   not at all); reads (`list`, `status`, `fetch`) and refusals are appended
+//!   before the answer goes out, and a request whose entry cannot be written
+//!   is refused (fail closed).
+//! * The log is a Merkle tree (RFC 9162, `exchange_core::audit`); the daemon
+//!   signs a checkpoint (size, root, time) with its identity key every
+//!   [`CHECKPOINT_INTERVAL`] when the log grew, and at shutdown.
+//! * Patient identifiers are kept only as HMAC-SHA256 pseudonyms under the
+//!   facility's secret `pseudonym.key` in the data directory, created at
+//!   first start (mode 0600). The clear identifiers stay in the sealed
+//!   envelope's inner header.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use exchange_core::MessageId;
+use exchange_core::audit::{
+    AuditAction, AuditEntry, AuditOutcome, Checkpoint, Frontier, Pseudonym, SignedCheckpoint,
+    SubjectKey,
+};
+use exchange_core::envelope::{InnerMetadata, SubjectId, VerifiedHead};
+use exchange_core::identity::Certificate;
+use exchange_core::receipt::VerifiedReceipt;
+use exchange_core::route::Provision;
+use tokio::sync::watch;
+
+use crate::error::{Error, StoreError};
+use crate::node::{Node, unix_ms};
+use crate::store::{MessageMeta, MessageRecord, NewCheckpoint, NewProvision, ProvisionDirection};
+
+/// The facility secret's file name in the data directory.
+pub const SUBJECT_KEY_FILE: &str = "pseudonym.key";
+
+/// How often the checkpointer signs a new checkpoint when the log grew.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often the retention purge runs (when retention is configured).
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The text a patient identifier is pseudonymised from: `SYSTEM`, a NUL,
+/// `VALUE` (unambiguous: neither part may contain a control character).
+pub fn subject_text(system: &str, value: &str) -> String {
+    format!("{system}\u{0}{value}")
+}
+
+/// The pseudonym of one subject identifier under `key`.
+pub fn pseudonym(key: &SubjectKey, subject: &SubjectId) -> Pseudonym {
+    key.pseudonym(&subject_text(&subject.system, &subject.value))
+}
+
+/// Reads the facility's pseudonym key from `data_dir` (never creates it).
+pub fn load_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
+    let path = data_dir.join(SUBJECT_KEY_FILE);
+    let bytes = zeroize::Zeroizing::new(fs::read(&path).map_err(|source| Error::ReadFile {
+        path: path.clone(),
+        source,
+    })?);
+    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        Error::Config(format!(
+            "{}: a pseudonym key is 32 bytes, this file has {}",
+            path.display(),
+            bytes.len()
+        ))
+    })?;
+    Ok(SubjectKey::from_bytes(key))
+}
+
+/// Reads the facility's pseudonym key, creating it (32 random bytes, mode
+/// 0600, written to a temporary file, fsynced, then linked into place so a
+/// concurrent start cannot clobber it) if there is none.
+pub fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
+    let path = data_dir.join(SUBJECT_KEY_FILE);
+    if path.exists() {
+        return load_subject_key(data_dir);
+    }
+    let io = |op: &'static str, p: &Path, source: std::io::Error| {
+        Error::Store(StoreError::Io {
+            op,
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    fs::create_dir_all(data_dir).map_err(|e| io("create", data_dir, e))?;
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(secret.as_mut_slice())
+        .map_err(|e| Error::Config(format!("no randomness for the pseudonym key: {e}")))?;
+    let tmp = tempfile_in(data_dir).map_err(|e| io("create a temporary file in", data_dir, e))?;
+    {
+        let mut f = tmp.as_file();
+        f.write_all(secret.as_slice())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io("write", tmp.path(), e))?;
+    }
+    match fs::hard_link(tmp.path(), &path) {
+        Ok(()) => {
+            if let Ok(d) = fs::File::open(data_dir) {
+                let _ = d.sync_all();
+            }
+            tracing::info!(path = %path.display(), "created the facility's patient pseudonym key");
+            Ok(SubjectKey::from_bytes(*secret))
+        }
+        // Someone else created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_subject_key(data_dir),
+        Err(e) => Err(io("link", &path, e)),
+    }
+}
+
+/// A private temporary file (mode 0600), removed on drop.
+fn tempfile_in(dir: &Path) -> std::io::Result<TempFile> {
+    let mut name = [0u8; 12];
+    getrandom::fill(&mut name).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let path = dir.join(format!(".{}.tmp", hex::encode(name)));
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let file = o.open(&path)?;
+    Ok(TempFile { path, file })
+}
+
+struct TempFile {
+    path: std::path::PathBuf,
+    file: fs::File,
+}
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn as_file(&self) -> &fs::File {
+        &self.file
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Who did something, as the audit log names them.
+pub(crate) fn client_actor(party: &str) -> String {
+    format!("client:{party}")
+}
+
+/// A peer facility, as the audit log names it.
+pub(crate) fn peer_actor(party: &exchange_core::PartyUri) -> String {
+    format!("peer:{party}")
+}
+
+/// The daemon itself.
+pub(crate) const DAEMON: &str = "daemon";
+
+/// A display name from a certificate: its common name, else its subject.
+pub(crate) fn certificate_name(cert: &Certificate) -> String {
+    cert.common_name()
+        .map_or_else(|| cert.subject().to_owned(), ToOwned::to_owned)
+}
+
+impl Node {
+    /// An audit entry by `actor` (its `seq` and time are set when appended).
+    pub(crate) fn entry(
+        &self,
+        actor: &str,
+        action: AuditAction,
+        message: Option<MessageId>,
+        outcome: AuditOutcome,
+        reason: Option<&str>,
+        detail: Option<String>,
+    ) -> AuditEntry {
+        AuditEntry {
+            seq: 0,
+            time_ms: 0,
+            party: self.party.to_string(),
+            actor: actor.to_owned(),
+            action,
+            message_id: message.map(|m| m.to_string()),
+            subjects: Vec::new(),
+            outcome,
+            reason: reason.map(ToOwned::to_owned),
+            detail,
+        }
+    }
+
+    /// An entry for a refusal of `actor`'s request.
+    pub(crate) fn refusal(
+        &self,
+        actor: &str,
+        action: AuditAction,
+        message: Option<MessageId>,
+        error: &Error,
+    ) -> AuditEntry {
+        self.entry(
+            actor,
+            action,
+            message,
+            AuditOutcome::Rejected,
+            Some(error.reason_code()),
+            Some(error.to_string()),
+        )
+    }
+
+    /// Appends entries now (reads, refusals, daemon events).
+    pub(crate) async fn audit(&self, entries: Vec<AuditEntry>) -> Result<(), Error> {
+        Ok(self.store.append_audit(entries).await?)
+    }
+
+    /// Appends a refusal; a failure to record it is logged (the request is
+    /// refused anyway).
+    pub(crate) async fn audit_refusal(&self, entry: AuditEntry) {
+        if let Err(e) = self.audit(vec![entry]).await {
+            tracing::error!(error = %e, "cannot append a refusal to the audit log");
+        }
+    }
+
+    /// What an envelope carries, with the identifiers pseudonymised.
+    pub(crate) fn meta(&self, inner: &InnerMetadata) -> MessageMeta {
+        let mut subjects: Vec<Pseudonym> = inner
+            .subject_ids
+            .iter()
+            .map(|s| pseudonym(&self.subject_key, s))
+            .collect();
+        subjects.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        subjects.dedup();
+        MessageMeta {
+            document_type: inner.document_type.clone(),
+            title: inner.title.clone(),
+            subjects,
+        }
+    }
+
+    /// The provision records `new` receipts complete for an outbound
+    /// message, aligned with `new`: the boundary of each recipient whose
+    /// passing receipt is among them.
+    pub(crate) async fn boundary_provisions(
+        &self,
+        record: &MessageRecord,
+        head: &VerifiedHead,
+        new: &[VerifiedReceipt],
+    ) -> Result<Vec<Option<NewProvision>>, Error> {
+        let mut out: Vec<Option<NewProvision>> = vec![None; new.len()];
+        if new.is_empty() {
+            return Ok(out);
+        }
+        let stored = self.store.receipts(record.id).await?;
+        let mut all = Vec::with_capacity(stored.len() + new.len());
+        for r in &stored {
+            all.push(self.check_receipt(head, &r.signed)?);
+        }
+        let first_new = all.len();
+        all.extend(new.iter().cloned());
+        for p in head.route().provision_boundaries(&all) {
+            let Provision::Passed { boundary, receipt } = p.provision else {
+                continue;
+            };
+            let Some(slot) = receipt.checked_sub(first_new).and_then(|i| out.get_mut(i)) else {
+                continue;
+            };
+            let r = &all[receipt];
+            *slot = Some(NewProvision {
+                direction: ProvisionDirection::Provided,
+                counterparty: boundary.party.clone(),
+                counterparty_name: certificate_name(r.issuer_certificate()),
+                recipient: p.recipient.clone(),
+                role: boundary.role.as_str().to_owned(),
+                time_ms: unix_ms(r.issued()),
+                receipt: r.signed().to_bytes(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Signs a checkpoint over the whole log if it grew since the last one;
+    /// returns the new tree size.
+    pub(crate) async fn checkpoint(&self) -> Result<Option<u64>, Error> {
+        let tail = self.store.audit_tail().await?;
+        if tail.leaf_hashes.is_empty() {
+            return Ok(None);
+        }
+        let mut frontier = match &tail.checkpoint {
+            Some((_, bytes)) => Frontier::from_bytes(bytes)?,
+            None => Frontier::new(),
+        };
+        for h in tail.leaf_hashes {
+            frontier.push(h);
+        }
+        let now = unix_ms(SystemTime::now());
+        let checkpoint = Checkpoint {
+            party: self.party.clone(),
+            tree_size: frontier.size(),
+            root: frontier.root(),
+            time_ms: now,
+        };
+        let signed = SignedCheckpoint::sign(&self.identity, &checkpoint)?;
+        let stored = self
+            .store
+            .add_checkpoint(NewCheckpoint {
+                tree_size: checkpoint.tree_size,
+                time_ms: now,
+                root: checkpoint.root,
+                frontier: frontier.to_bytes(),
+                signed: signed.to_bytes(),
+            })
+            .await?;
+        Ok(stored.then_some(checkpoint.tree_size))
+    }
+
+    /// Removes messages older than the retention period (if one is set),
+    /// recording what went in the audit log.
+    pub(crate) async fn purge_expired(&self) -> Result<usize, Error> {
+        let Some(days) = self.config.retention.messages_days else {
+            return Ok(0);
+        };
+        let keep = Duration::from_secs(days.saturating_mul(86_400));
+        let before = unix_ms(SystemTime::now())
+            .saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
+        let mut total = 0;
+        loop {
+            let entry = self.entry(
+                DAEMON,
+                AuditAction::Purge,
+                None,
+                AuditOutcome::Ok,
+                None,
+                Some(format!("retention {days} day(s)")),
+            );
+            let purged = self.store.purge(before, entry).await?;
+            if purged.messages.is_empty() {
+                return Ok(total);
+            }
+            total += purged.messages.len();
+            tracing::info!(
+                messages = purged.messages.len(),
+                bytes = purged.bytes,
+                retention_days = days,
+                "retention purge"
+            );
+        }
+    }
+}
+
+/// Signs checkpoints every [`CHECKPOINT_INTERVAL`] and purges expired
+/// messages every [`PURGE_INTERVAL`] until `stop`.
+pub(crate) async fn run(node: std::sync::Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let mut last_purge: Option<tokio::time::Instant> = None;
+    loop {
+        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_INTERVAL) {
+            last_purge = Some(tokio::time::Instant::now());
+            if let Err(e) = node.purge_expired().await {
+                tracing::error!(error = %e, "retention purge failed");
+            }
+        }
+        match node.checkpoint().await {
+            Ok(Some(size)) => tracing::debug!(size, "audit checkpoint signed"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot sign an audit checkpoint"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The provision records about one patient in the store in `data_dir`
+/// (read-only; works beside a running daemon): the disclosure report's
+/// content. The identifier is pseudonymised with the facility's key and
+/// looked up by pseudonym; it is not stored or logged.
+pub fn provision_report(
+    data_dir: &Path,
+    subject: &SubjectId,
+) -> Result<Vec<crate::store::ProvisionRecord>, Error> {
+    let key = load_subject_key(data_dir)?;
+    let conn = crate::store::sqlite::open_read_only(data_dir)?;
+    Ok(crate::store::sqlite::provisions_for(
+        &conn,
+        &pseudonym(&key, subject),
+    )?)
+}
+
+/// Most earlier checkpoints an export carries (the newest ones in its range).
+pub const MAX_EXPORTED_CHECKPOINTS: usize = 1000;
+
+/// What [`export_audit`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// The latest checkpoint the export is proven against.
+    pub checkpoint: Checkpoint,
+    /// Entries exported: seqs `first..end`.
+    pub first: u64,
+    /// One past the last exported seq.
+    pub end: u64,
+    /// Earlier checkpoints included, with consistency proofs.
+    pub earlier_checkpoints: usize,
+    /// Entries appended after the latest checkpoint (not exported: the next
+    /// checkpoint will cover them).
+    pub not_yet_checkpointed: u64,
+}
+
+/// Writes the audit log of the store in `data_dir` (read-only; works
+/// beside a running daemon) as an export file (`exchange_core::audit`
+/// format): the entries dated in `[from_ms, to_ms)` (all if both are
+/// `None`), each with its inclusion proof, witnesses at the range's ends,
+/// earlier checkpoints of the range with consistency proofs, and the latest
+/// signed checkpoint. Everything is read in one transaction.
+pub fn export_audit(
+    data_dir: &Path,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+    out: impl Write,
+) -> Result<ExportSummary, Error> {
+    use exchange_core::audit::{ExportRange, ExportWriter, MerkleTree};
+    use rusqlite::OptionalExtension;
+
+    if let (Some(f), Some(t)) = (from_ms, to_ms)
+        && f >= t
+    {
+        return Err(Error::BadRequest(
+            "the start of the range must be before its end".into(),
+        ));
+    }
+    let ms = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    let conn = crate::store::sqlite::open_read_only(data_dir)?;
+    conn.execute_batch("BEGIN").map_err(StoreError::from)?;
+    let latest: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT signed FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(StoreError::from)?;
+    let Some(latest) = latest else {
+        return Err(Error::NotFound(format!(
+            "no signed audit checkpoint in {} yet (a running daemon signs one within {} s; a stopped one signed its last at shutdown)",
+            data_dir.display(),
+            CHECKPOINT_INTERVAL.as_secs()
+        )));
+    };
+    let latest = SignedCheckpoint::from_bytes(&latest)?;
+    let checkpoint = latest.unverified()?;
+    let n = i64::try_from(checkpoint.tree_size).unwrap_or(i64::MAX);
+    let q = |e: rusqlite::Error| Error::Store(e.into());
+
+    let leaves = conn
+        .prepare("SELECT leaf_hash FROM audit_log WHERE seq < ?1 ORDER BY seq")
+        .map_err(q)?
+        .query_map([n], |r| r.get::<_, Vec<u8>>(0))
+        .map_err(q)?
+        .map(|h| {
+            let h = h.map_err(q)?;
+            <[u8; 32]>::try_from(h.as_slice())
+                .map_err(|_| Error::Store(StoreError::Corrupt("audit leaf hash length".into())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if leaves.len() as u64 != checkpoint.tree_size {
+        return Err(Error::Store(StoreError::Corrupt(format!(
+            "the latest checkpoint covers {} entries, the log holds {}",
+            checkpoint.tree_size,
+            leaves.len()
+        ))));
+    }
+    let tree = MerkleTree::from_leaf_hashes(leaves);
+    let seq_at = |time: Option<i64>, default: i64| -> Result<u64, Error> {
+        let seq: i64 = match time {
+            None => default,
+            Some(t) => conn
+                .query_row(
+                    "SELECT COALESCE(MIN(seq), ?2) FROM audit_log WHERE time_ms >= ?1 AND seq < ?2",
+                    rusqlite::params![t, n],
+                    |r| r.get(0),
+                )
+                .map_err(q)?,
+        };
+        Ok(u64::try_from(seq).unwrap_or(0))
+    };
+    let first = seq_at(ms(from_ms), 0)?;
+    let end = seq_at(ms(to_ms), n)?.max(first);
+    let range = ExportRange {
+        from_ms,
+        to_ms,
+        first,
+        end,
+    };
+    let entry_at = |seq: u64| -> Result<AuditEntry, Error> {
+        let bytes: Vec<u8> = conn
+            .query_row(
+                "SELECT entry FROM audit_log WHERE seq = ?1",
+                [i64::try_from(seq).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )
+            .map_err(q)?;
+        Ok(AuditEntry::from_json(&bytes)?)
+    };
+    let mut writer = ExportWriter::new(out, &tree, &latest, range)?;
+    if from_ms.is_some() && first > 0 {
+        writer.before(&entry_at(first - 1)?)?;
+    }
+    {
+        let mut stmt = conn
+            .prepare("SELECT entry FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")
+            .map_err(q)?;
+        let mut rows = stmt
+            .query(rusqlite::params![
+                i64::try_from(first).unwrap_or(i64::MAX),
+                i64::try_from(end).unwrap_or(i64::MAX)
+            ])
+            .map_err(q)?;
+        while let Some(row) = rows.next().map_err(q)? {
+            let bytes: Vec<u8> = row.get(0).map_err(q)?;
+            writer.entry_json(&bytes)?;
+        }
+    }
+    if to_ms.is_some() && end < checkpoint.tree_size {
+        writer.after(&entry_at(end)?)?;
+    }
+    let earlier = conn
+        .prepare(
+            "SELECT signed FROM (SELECT tree_size, signed FROM audit_checkpoints \
+             WHERE tree_size < ?1 AND time_ms >= ?2 AND time_ms < ?3 \
+             ORDER BY tree_size DESC LIMIT ?4) ORDER BY tree_size",
+        )
+        .map_err(q)?
+        .query_map(
+            rusqlite::params![
+                n,
+                ms(from_ms).unwrap_or(0),
+                ms(to_ms).unwrap_or(i64::MAX),
+                i64::try_from(MAX_EXPORTED_CHECKPOINTS).unwrap_or(i64::MAX)
+            ],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .map_err(q)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(q)?;
+    for signed in &earlier {
+        writer.earlier_checkpoint(&SignedCheckpoint::from_bytes(signed)?)?;
+    }
+    writer.finish()?;
+    let total: i64 = conn
+        .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+        .map_err(q)?;
+    conn.execute_batch("COMMIT").map_err(q)?;
+    Ok(ExportSummary {
+        checkpoint: checkpoint.clone(),
+        first,
+        end,
+        earlier_checkpoints: earlier.len(),
+        not_yet_checkpointed: u64::try_from(total - n).unwrap_or(0),
+    })
+}
