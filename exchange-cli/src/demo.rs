@@ -59,8 +59,9 @@ SY,8830417,20261101,01,,\r\n\
 SI,11,1,111000110,,1,\r\n\
 GO,1,1234,\r\n";
 
-/// Patient identifiers issued by the clinic (synthetic).
-const SUBJECT_SYSTEM: &str = "urn:oid:1.2.392.100495.20.3.51.11310000013";
+/// Patient identifiers of the demo (synthetic): the CLI's default system,
+/// so that `--subject P-000123` names the demo patient in every command.
+const SUBJECT_SYSTEM: &str = crate::envelope_cmd::DEFAULT_SUBJECT_SYSTEM;
 
 /// One party of the demo network.
 struct Site {
@@ -274,7 +275,15 @@ fn readme(root: &Path, ports: &[Ports], sent: &[(&str, String)]) -> String {
          \x20       --in clinic/app/referral.json --wait\n\
          \x20   exchange fetch MESSAGE_ID --out referral.json --client-config hospital/app/client.toml\n\
          \x20   exchange ack MESSAGE_ID --receipt processed.exrcpt --client-config hospital/app/client.toml\n\n\
-         (or export EXCHANGE_CLIENT_CONFIG=clinic/app/client.toml instead of --client-config).\n",
+         (or export EXCHANGE_CLIENT_CONFIG=clinic/app/client.toml instead of --client-config).\n\n\
+         Accountability (offline, also while the daemons run):\n\n\
+         \x20   exchange audit export --data clinic/data --out clinic-audit.jsonl\n\
+         \x20   exchange audit verify --cert clinic/identity.pem clinic-audit.jsonl\n\
+         \x20   exchange provisions --data clinic/data --subject P-000123 --receipts evidence\n\
+         \x20   for r in evidence/*.exrcpt; do exchange receipt verify --trust ca/ca.pem \"$r\"; done\n\
+         \x20   exchange provisions --data payer/data --subject P-000123 --format json\n\
+         \x20   exchange admin verify-store --config clinic/exchanged.toml\n\
+         \x20   exchange admin backup --data clinic/data --out clinic-backup.tar\n",
     );
     if !sent.is_empty() {
         t.push_str("\nMessages the demo sent (MESSAGE_ID above):\n\n");
@@ -443,6 +452,18 @@ pub(crate) async fn run(dir: Option<&Path>, burst: usize) -> Result<()> {
             println!("  exchanged --config {}/clinic/exchanged.toml", d.display());
             println!(
                 "  exchange status {referral} --client-config {}/clinic/app/client.toml",
+                d.display()
+            );
+            println!(
+                "  exchange audit export --data {}/clinic/data --out clinic-audit.jsonl",
+                d.display()
+            );
+            println!(
+                "  exchange audit verify --cert {}/clinic/identity.pem clinic-audit.jsonl",
+                d.display()
+            );
+            println!(
+                "  exchange provisions --data {}/clinic/data --subject P-000123",
                 d.display()
             );
         }

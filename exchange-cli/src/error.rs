@@ -76,6 +76,14 @@ pub(crate) enum CliError {
         /// Why.
         source: exchange_daemon::Error,
     },
+    /// An audit export does not match the signed log it claims to be.
+    #[error("{}: {problems} problem(s): the export does not match the signed audit log", file.display())]
+    Tampered {
+        /// The export file.
+        file: PathBuf,
+        /// How many problems the verifier found.
+        problems: usize,
+    },
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -86,6 +94,22 @@ pub(crate) enum CliError {
         what: String,
         /// How long we waited.
         secs: u64,
+    },
+    /// A store administration command failed (`exchange admin`).
+    #[error("{what}: {source}")]
+    Admin {
+        /// The operation and its input.
+        what: String,
+        /// Why.
+        source: exchange_daemon::Error,
+    },
+    /// `exchange admin verify-store` found failures (listed on stdout).
+    #[error("store {}: {count} check(s) failed (listed above)", dir.display())]
+    StoreProblems {
+        /// The store directory.
+        dir: PathBuf,
+        /// How many failures.
+        count: usize,
     },
     /// A message ended FAILED (a hop refused it or it expired).
     #[error("message {id} failed: {reason}")]

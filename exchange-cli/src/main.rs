@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+mod admin_cmd;
+mod audit_cmd;
 mod ca;
 mod client_cmd;
 mod demo;
@@ -141,6 +143,33 @@ enum Command {
         #[arg(long)]
         receipt: Option<PathBuf>,
     },
+    /// The tamper-evident audit log: export it with proofs, verify an export offline.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Disclosure report: every provision (第三者提供記録) and receipt
+    /// (確認記録) about one patient in a facility's store, with the signed
+    /// receipts as evidence.
+    Provisions {
+        /// The facility's data directory (`data_dir` of exchanged.toml).
+        #[arg(long)]
+        data: PathBuf,
+        /// The patient identifier, [SYSTEM|]VALUE as given to `exchange send --subject`.
+        #[arg(long)]
+        subject: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = audit_cmd::ReportFormat::Text)]
+        format: audit_cmd::ReportFormat,
+        /// Also write each receipt as a .exrcpt file (for `exchange receipt verify`) into this new directory.
+        #[arg(long)]
+        receipts: Option<PathBuf>,
+    },
+    /// Store administration beside a running daemon: backup, restore, integrity scrub.
+    Admin {
+        #[command(subcommand)]
+        command: admin_cmd::AdminCommand,
+    },
     /// Run a live network on loopback: a CA, a clinic, a hospital, a claims
     /// agent and a payer, each with its own daemon and store; send a referral
     /// and a claim, show every receipt and the provision boundary.
@@ -236,6 +265,36 @@ enum CertCommand {
         at: Option<String>,
         /// The certificate (PEM; chain after the leaf allowed).
         cert: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Export the audit log (JSON lines: entries with inclusion proofs, the
+    /// latest signed checkpoint); works while the daemon runs.
+    Export {
+        /// The facility's data directory (`data_dir` of exchanged.toml).
+        #[arg(long)]
+        data: PathBuf,
+        /// Only entries at or after this time (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only entries before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        /// Write here (a new file) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify an export offline: signature, inclusion of every entry,
+    /// completeness; reports modified, deleted, inserted, reordered and
+    /// truncated entries.
+    Verify {
+        /// The log owner's identity certificate (PEM), obtained independently.
+        #[arg(long)]
+        cert: PathBuf,
+        /// The export file.
+        file: PathBuf,
     },
 }
 
@@ -355,6 +414,22 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ack { conn, id, receipt } => {
             block_on(client_cmd::ack(&conn, &id, receipt.as_deref()))
         }
+        Command::Audit { command } => match command {
+            AuditCommand::Export {
+                data,
+                from,
+                to,
+                out,
+            } => audit_cmd::export(&data, from.as_deref(), to.as_deref(), out.as_deref()),
+            AuditCommand::Verify { cert, file } => audit_cmd::verify(&cert, &file),
+        },
+        Command::Provisions {
+            data,
+            subject,
+            format,
+            receipts,
+        } => audit_cmd::provisions(&data, &subject, format, receipts.as_deref()),
+        Command::Admin { command } => admin_cmd::run(command),
         Command::Demo { dir, burst } => block_on(demo::run(dir.as_deref(), burst)),
     }
 }
