@@ -265,6 +265,21 @@ impl Node {
                 continue;
             };
             let r = &all[receipt];
+            let audit = self.entry(
+                DAEMON,
+                AuditAction::Provision,
+                Some(record.id),
+                AuditOutcome::Ok,
+                None,
+                Some(format!(
+                    "provided: responsibility passed to {} ({}) with its {} receipt issued at {} ms, for recipient {}",
+                    boundary.party,
+                    boundary.role,
+                    r.disposition(),
+                    unix_ms(r.issued()),
+                    p.recipient
+                )),
+            );
             *slot = Some(NewProvision {
                 direction: ProvisionDirection::Provided,
                 counterparty: boundary.party.clone(),
@@ -273,6 +288,7 @@ impl Node {
                 role: boundary.role.as_str().to_owned(),
                 time_ms: unix_ms(r.issued()),
                 receipt: r.signed().to_bytes(),
+                audit: Some(audit),
             });
         }
         Ok(out)

@@ -53,15 +53,19 @@ impl ClientService {
 
     /// The configured client behind a request; an unknown one is refused
     /// and recorded.
-    async fn client<T>(&self, req: &Request<T>) -> Result<&ClientConfig, Status> {
+    async fn client<T>(
+        &self,
+        req: &Request<T>,
+        action: AuditAction,
+    ) -> Result<&ClientConfig, Status> {
         let party = peer_of(req)?;
         match self.node.client(&party) {
             Ok(c) => Ok(c),
             Err(e) => {
                 tracing::warn!(client = %party, "request from an unknown local client");
-                let entry =
-                    self.node
-                        .refusal(&client_actor(party.as_str()), AuditAction::Admin, None, &e);
+                let entry = self
+                    .node
+                    .refusal(&client_actor(party.as_str()), action, None, &e);
                 self.node.audit_refusal(entry).await;
                 Err(e.into())
             }
@@ -565,7 +569,7 @@ impl Client for ClientService {
         &self,
         req: Request<Streaming<SendRequest>>,
     ) -> Result<Response<SendResponse>, Status> {
-        let client = self.client(&req).await?;
+        let client = self.client(&req, AuditAction::Send).await?;
         let mut stream = req.into_inner();
         let start = match stream.message().await? {
             Some(SendRequest {
@@ -583,7 +587,7 @@ impl Client for ClientService {
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<MessageStatus>, Status> {
-        let client = self.client(&req).await?;
+        let client = self.client(&req, AuditAction::Status).await?;
         let record = self
             .outbound_for(client, AuditAction::Status, &req.get_ref().message_id)
             .await?;
@@ -611,7 +615,7 @@ impl Client for ClientService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        let client = self.client(&req).await?;
+        let client = self.client(&req, AuditAction::Status).await?;
         let record = self
             .outbound_for(client, AuditAction::Status, &req.get_ref().message_id)
             .await?;
@@ -669,7 +673,7 @@ impl Client for ClientService {
         &self,
         req: Request<ListInboxRequest>,
     ) -> Result<Response<ListInboxResponse>, Status> {
-        let client = self.client(&req).await?;
+        let client = self.client(&req, AuditAction::List).await?;
         let all = match self.node.store.inbox(req.get_ref().include_acked).await {
             Ok(all) => all,
             Err(e) => return Err(self.deny(client, AuditAction::List, None, e.into()).await),
@@ -703,7 +707,7 @@ impl Client for ClientService {
         &self,
         req: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
-        let client = self.client(&req).await?;
+        let client = self.client(&req, AuditAction::Fetch).await?;
         let record = self
             .inbound_for(client, AuditAction::Fetch, &req.get_ref().message_id)
             .await?;
@@ -812,7 +816,7 @@ impl Client for ClientService {
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        let client = self.client(&req).await?;
+        let client = self.client(&req, AuditAction::Ack).await?;
         let record = self
             .inbound_for(client, AuditAction::Ack, &req.get_ref().message_id)
             .await?;

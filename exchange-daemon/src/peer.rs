@@ -16,7 +16,7 @@ use exchange_core::receipt::Disposition;
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::accountability::{certificate_name, peer_actor};
+use crate::accountability::{self, certificate_name, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA};
 use crate::node::{Node, Position, position, unix_ms};
 use crate::proto::deliver_request::Part;
@@ -207,6 +207,17 @@ impl Node {
                     role: pos.role.as_str().to_owned(),
                     time_ms: unix_ms(now),
                     receipt: receipt.clone(),
+                    audit: Some(self.entry(
+                        accountability::DAEMON,
+                        AuditAction::Provision,
+                        Some(id),
+                        AuditOutcome::Ok,
+                        None,
+                        Some(format!(
+                            "received: record of receipt from {sender} ({}), DELIVERED receipt issued",
+                            pos.role
+                        )),
+                    )),
                 }),
             ),
             _ => (AuditAction::Relay, None),

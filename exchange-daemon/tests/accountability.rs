@@ -384,6 +384,32 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
             .is_empty()
     );
 
+    // The moment responsibility passed is in the clinic's log too, with
+    // the patient's pseudonym.
+    let log = audit_log(&clinic.data_dir());
+    let passed = find(
+        &log,
+        AuditAction::Provision,
+        AuditOutcome::Ok,
+        Some(&mid.to_string()),
+    );
+    assert_eq!(passed.len(), 1, "{log:?}");
+    let detail = passed[0].detail.as_deref().unwrap();
+    assert!(
+        detail.contains(&format!("passed to {PAYER} (THIRD_PARTY)")),
+        "{detail}"
+    );
+    assert_eq!(passed[0].subjects, vec![pseudonym_hex(&clinic.data_dir())]);
+    let log = audit_log(&payer.data_dir());
+    let recorded = find(
+        &log,
+        AuditAction::Provision,
+        AuditOutcome::Ok,
+        Some(&mid.to_string()),
+    );
+    assert_eq!(recorded.len(), 1, "{log:?}");
+    assert!(recorded[0].detail.as_deref().unwrap().contains(CLINIC));
+
     // The recipient's record of receipt: from the clinic, with its own receipt.
     let received = accountability::provision_report(&payer.data_dir(), &patient()).unwrap();
     assert_eq!(received.len(), 1);

@@ -241,6 +241,8 @@ pub struct NewProvision {
     /// The evidence: the boundary receipt (provided), or the DELIVERED
     /// receipt we issued (received).
     pub receipt: Vec<u8>,
+    /// Appended only if the record is new.
+    pub audit: Option<AuditEntry>,
 }
 
 /// A stored provision record.

@@ -1369,6 +1369,9 @@ fn insert_provision(
              SELECT last_insert_rowid(), pseudonym FROM message_subjects WHERE message_id = ?1",
         )?
         .execute([message.as_bytes()])?;
+        if let Some(e) = &p.audit {
+            append_audit(conn, e.clone())?;
+        }
     }
     Ok(())
 }
