@@ -75,11 +75,28 @@ pub fn load_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
 
 /// Reads the facility's pseudonym key, creating it (32 random bytes, mode
 /// 0600, written to a temporary file, fsynced, then linked into place so a
-/// concurrent start cannot clobber it) if there is none.
+/// concurrent start cannot clobber it) if there is none and the store in
+/// `data_dir` has no audit entry yet. A store that already has entries
+/// refuses to start without its key: a new key would silently make every
+/// earlier pseudonym unsearchable (restore the key from a backup).
 pub fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
     let path = data_dir.join(SUBJECT_KEY_FILE);
     if path.exists() {
         return load_subject_key(data_dir);
+    }
+    if let Ok(conn) = crate::store::sqlite::open_read_only(data_dir) {
+        let entries: i64 = conn
+            .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+            .map_err(StoreError::from)?;
+        if entries > 0 {
+            return Err(Error::Config(format!(
+                "{} is missing but the store in {} already holds {entries} audit entries: \
+                 restore the facility's pseudonym key from a backup (a new key would make \
+                 every earlier patient pseudonym unsearchable)",
+                path.display(),
+                data_dir.display()
+            )));
+        }
     }
     let io = |op: &'static str, p: &Path, source: std::io::Error| {
         Error::Store(StoreError::Io {

@@ -586,3 +586,30 @@ async fn verify_store_detects_a_rewritten_audit_entry_and_provision_receipt() {
         "{failures:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_with_history_refuses_to_start_without_its_pseudonym_key() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    net.configure(&clinic, &[], &[], "");
+    start(&clinic).await.shutdown().await;
+    let key = clinic.data_dir().join("pseudonym.key");
+    let original = std::fs::read(&key).unwrap();
+    assert_eq!(original.len(), 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    std::fs::remove_file(&key).unwrap();
+    let e = exchange_daemon::Daemon::start(clinic.config())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("pseudonym.key is missing"), "{e}");
+    assert!(!key.exists(), "no new key was made");
+    // With the key restored it starts, and keeps the same key.
+    std::fs::write(&key, &original).unwrap();
+    start(&clinic).await.shutdown().await;
+    assert_eq!(std::fs::read(&key).unwrap(), original);
+}

@@ -35,13 +35,23 @@ pub const AGENT: &str = "urn:jp:example:agent:claims-agent-01";
 pub const PAYER: &str = "urn:jp:example:payer:shiharai-kikin-13";
 pub const OTHER: &str = "urn:jp:mhlw:facility:1310000039";
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a daemon to listen on. Taken below the
+/// kernel's ephemeral range (32768-60999 on Linux), so that the outgoing
+/// connections of tests running in parallel cannot grab it between this
+/// check and the daemon's bind; each call in a process gets another port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = (std::process::id() % 200) * 60;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (base + n) % SPAN).unwrap();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One party's files and addresses.
