@@ -238,8 +238,25 @@ pub(crate) fn export(
     data: &Path,
     from: Option<&str>,
     to: Option<&str>,
+    witnesses: &[PathBuf],
     out: Option<&Path>,
 ) -> Result<()> {
+    let witnessed = witnesses
+        .iter()
+        .map(|w| latest_checkpoint_of(w))
+        .collect::<Result<Vec<_>>>()?;
+    let export_err = |e: exchange_daemon::Error| match e {
+        exchange_daemon::Error::Core(exchange_core::Error::Audit(
+            exchange_core::AuditError::ConsistencyProof,
+        )) if !witnesses.is_empty() => CliError::Usage(format!(
+            "{}: the audit log does not extend a witnessed checkpoint: it was rewritten after that checkpoint was exported",
+            data.display()
+        )),
+        e => CliError::Daemon {
+            what: data.display().to_string(),
+            source: e,
+        },
+    };
     let ms = |t: Option<&str>| -> Result<Option<u64>> {
         t.map(|s| files::parse_time(s).map(exchange_daemon::unix_ms))
             .transpose()
@@ -255,9 +272,10 @@ pub(crate) fn export(
                 data,
                 from_ms,
                 to_ms,
+                &witnessed,
                 std::io::BufWriter::new(tmp.as_file()),
             )
-            .map_err(daemon_err(data))?;
+            .map_err(export_err)?;
             tmp.as_file().sync_all().map_err(|source| CliError::Write {
                 path: path.to_path_buf(),
                 source,
@@ -267,8 +285,8 @@ pub(crate) fn export(
         }
         None => {
             let stdout = std::io::stdout();
-            accountability::export_audit(data, from_ms, to_ms, stdout.lock())
-                .map_err(daemon_err(data))?
+            accountability::export_audit(data, from_ms, to_ms, &witnessed, stdout.lock())
+                .map_err(export_err)?
         }
     };
     let cp = &summary.checkpoint;
@@ -294,9 +312,44 @@ pub(crate) fn export(
     Ok(())
 }
 
+/// The latest signed checkpoint of an export file (its last `latest` line).
+fn latest_checkpoint_of(file: &Path) -> Result<exchange_core::audit::SignedCheckpoint> {
+    let text = String::from_utf8(files::read(file)?).map_err(|_| {
+        CliError::Usage(format!(
+            "{}: not an audit export (not UTF-8)",
+            file.display()
+        ))
+    })?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"type\":\"latest\""))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{}: not an audit export (no latest checkpoint line)",
+                file.display()
+            ))
+        })?;
+    let v: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| CliError::Usage(format!("{}: latest checkpoint line: {e}", file.display())))?;
+    let bytes = v["checkpoint"]
+        .as_str()
+        .and_then(|b| B64.decode(b).ok())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{}: latest checkpoint line: no base64 checkpoint",
+                file.display()
+            ))
+        })?;
+    exchange_core::audit::SignedCheckpoint::from_bytes(&bytes)
+        .map_err(CliError::about(file.display().to_string()))
+}
+
 /// `exchange audit verify`: checks an export offline against the log
-/// owner's identity certificate and reports every problem found.
-pub(crate) fn verify(cert: &Path, file: &Path) -> Result<()> {
+/// owner's identity certificate and reports every problem found; with
+/// witnesses (earlier exports kept elsewhere), also that the log only grew
+/// since each of their checkpoints.
+pub(crate) fn verify(cert: &Path, file: &Path, witnesses: &[PathBuf]) -> Result<()> {
     let cert = exchange_core::identity::Certificate::from_pem(&files::read(cert)?)
         .map_err(CliError::about(cert.display().to_string()))?
         .into_iter()
@@ -326,16 +379,41 @@ pub(crate) fn verify(cert: &Path, file: &Path) -> Result<()> {
         "range: {range}, entries {}..{}; {} entries proven included; {} earlier checkpoint(s) consistent",
         report.first, report.end, report.entries_verified, report.checkpoints_verified
     );
-    if report.is_ok() {
+    let mut problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+    for w in witnesses {
+        let witnessed = latest_checkpoint_of(w)?
+            .verify_with_certificate(&cert)
+            .map_err(CliError::about(w.display().to_string()))?;
+        let same = |c: &exchange_core::audit::Checkpoint| {
+            c.tree_size == witnessed.tree_size && c.root == witnessed.root
+        };
+        if same(&report.checkpoint) || report.consistent_checkpoints.iter().any(same) {
+            println!(
+                "witness {}: its checkpoint ({} entries, signed at {}) is consistent with this export: the log only grew since",
+                w.display(),
+                witnessed.tree_size,
+                time_of(witnessed.time_ms)
+            );
+        } else {
+            problems.push(format!(
+                "witness {}: its checkpoint ({} entries, signed at {}) is not proven consistent with this export: the log was rewritten since, or the export was made without --witness {}",
+                w.display(),
+                witnessed.tree_size,
+                time_of(witnessed.time_ms),
+                w.display()
+            ));
+        }
+    }
+    if problems.is_empty() {
         println!("OK: complete and unaltered");
         return Ok(());
     }
-    for p in &report.problems {
+    for p in &problems {
         println!("PROBLEM: {p}");
     }
     Err(CliError::Tampered {
         file: file.to_path_buf(),
-        problems: report.problems.len(),
+        problems: problems.len(),
     })
 }
 

@@ -282,6 +282,10 @@ enum AuditCommand {
         /// Only entries before this time (RFC 3339).
         #[arg(long)]
         to: Option<String>,
+        /// An earlier export kept elsewhere: include its checkpoint with a
+        /// consistency proof (fails if the log was rewritten since). Repeatable.
+        #[arg(long = "witness", value_name = "EARLIER_EXPORT")]
+        witnesses: Vec<PathBuf>,
         /// Write here (a new file) instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -293,6 +297,10 @@ enum AuditCommand {
         /// The log owner's identity certificate (PEM), obtained independently.
         #[arg(long)]
         cert: PathBuf,
+        /// An earlier export kept elsewhere: require that this export proves
+        /// the log only grew since its checkpoint. Repeatable.
+        #[arg(long = "witness", value_name = "EARLIER_EXPORT")]
+        witnesses: Vec<PathBuf>,
         /// The export file.
         file: PathBuf,
     },
@@ -419,9 +427,20 @@ fn run(cli: Cli) -> Result<()> {
                 data,
                 from,
                 to,
+                witnesses,
                 out,
-            } => audit_cmd::export(&data, from.as_deref(), to.as_deref(), out.as_deref()),
-            AuditCommand::Verify { cert, file } => audit_cmd::verify(&cert, &file),
+            } => audit_cmd::export(
+                &data,
+                from.as_deref(),
+                to.as_deref(),
+                &witnesses,
+                out.as_deref(),
+            ),
+            AuditCommand::Verify {
+                cert,
+                witnesses,
+                file,
+            } => audit_cmd::verify(&cert, &file, &witnesses),
         },
         Command::Provisions {
             data,

@@ -464,3 +464,224 @@ fn provisions_report_with_receipts_that_verify_offline() {
     let r = exchange(d, &["provisions", "--data", "ca", "--subject", "P-000123"]).fails();
     assert!(r.stderr().starts_with("error: "), "{}", r.stderr());
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let name = e.file_name();
+        if name == "store.lock" {
+            continue;
+        }
+        if p.is_dir() {
+            copy_dir(&p, &to.join(&name));
+        } else {
+            std::fs::copy(&p, to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Runs the clinic's daemon of the network in `net` once (on ports the
+/// system picks): its start and stop are appended and a new checkpoint is
+/// signed, so the log grows.
+fn run_clinic_once(net: &Path) {
+    let path = net.join("clinic/exchanged.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("peer = \"127.0.0.1:") {
+                "peer = \"127.0.0.1:0\"".to_owned()
+            } else if l.starts_with("client = \"127.0.0.1:") {
+                "client = \"127.0.0.1:0\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = exchange_daemon::Config::parse(&text, &net.join("clinic")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        exchange_daemon::Daemon::start(config)
+            .await
+            .unwrap()
+            .shutdown()
+            .await;
+    });
+}
+
+#[test]
+fn a_witnessed_checkpoint_shows_the_log_only_grew_or_was_rewritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("net");
+    copy_dir(demo(), &net);
+    let verify = |file: &str, witness: &str| {
+        exchange(
+            &net,
+            &[
+                "audit",
+                "verify",
+                "--cert",
+                "clinic/identity.pem",
+                "--witness",
+                witness,
+                file,
+            ],
+        )
+    };
+    // The first export is kept elsewhere (the witness); the log grows.
+    exchange(
+        &net,
+        &[
+            "audit",
+            "export",
+            "--data",
+            "clinic/data",
+            "--out",
+            "old.jsonl",
+        ],
+    )
+    .ok();
+    run_clinic_once(&net);
+    exchange(
+        &net,
+        &[
+            "audit",
+            "export",
+            "--data",
+            "clinic/data",
+            "--witness",
+            "old.jsonl",
+            "--out",
+            "new.jsonl",
+        ],
+    )
+    .ok();
+    let out = verify("new.jsonl", "old.jsonl").ok().stdout();
+    assert!(
+        out.contains("is consistent with this export: the log only grew since"),
+        "{out}"
+    );
+    assert!(out.contains("OK: complete and unaltered"), "{out}");
+    assert_eq!(
+        entry_count(
+            &std::fs::read_to_string(net.join("new.jsonl"))
+                .unwrap()
+                .lines()
+                .map(ToOwned::to_owned)
+                .collect::<Vec<_>>()
+        ),
+        entry_count(&export_lines()) + 2,
+        "start and stop were appended"
+    );
+
+    // An insider holding the identity key rewrites entry 1 and re-signs a
+    // checkpoint over the rewritten log: an export of it verifies on its
+    // own, but not against the witness, and exporting with the witness fails.
+    {
+        use exchange_core::audit::{AuditEntry, Checkpoint, Frontier, SignedCheckpoint};
+        let db = net.join("clinic/data/store.sqlite3");
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("DROP TRIGGER audit_log_no_update; DELETE FROM audit_checkpoints;")
+            .unwrap();
+        let bytes: Vec<u8> = conn
+            .query_row("SELECT entry FROM audit_log WHERE seq = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let mut e = AuditEntry::from_json(&bytes).unwrap();
+        e.detail = Some("nothing happened here".into());
+        conn.execute(
+            "UPDATE audit_log SET entry = ?1, leaf_hash = ?2 WHERE seq = 1",
+            rusqlite::params![e.to_canonical_json(), e.leaf_hash().to_vec()],
+        )
+        .unwrap();
+        let mut frontier = Frontier::new();
+        let mut stmt = conn
+            .prepare("SELECT leaf_hash FROM audit_log ORDER BY seq")
+            .unwrap();
+        for h in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap() {
+            frontier.push(h.unwrap().try_into().unwrap());
+        }
+        drop(stmt);
+        let identity = exchange_core::identity::Identity::from_pem(
+            &std::fs::read(net.join("clinic/identity.pem")).unwrap(),
+            &std::fs::read(net.join("clinic/identity.key.pem")).unwrap(),
+        )
+        .unwrap();
+        let cp = Checkpoint {
+            party: identity.party().clone(),
+            tree_size: frontier.size(),
+            root: frontier.root(),
+            time_ms: exchange_daemon::unix_ms(std::time::SystemTime::now()),
+        };
+        let signed = SignedCheckpoint::sign(&identity, &cp).unwrap();
+        conn.execute(
+            "INSERT INTO audit_checkpoints (tree_size, time_ms, root, frontier, signed) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![
+                cp.tree_size as i64,
+                cp.time_ms as i64,
+                cp.root.to_vec(),
+                frontier.to_bytes(),
+                signed.to_bytes()
+            ],
+        )
+        .unwrap();
+    }
+    exchange(
+        &net,
+        &[
+            "audit",
+            "export",
+            "--data",
+            "clinic/data",
+            "--out",
+            "forged.jsonl",
+        ],
+    )
+    .ok();
+    let alone = exchange(
+        &net,
+        &[
+            "audit",
+            "verify",
+            "--cert",
+            "clinic/identity.pem",
+            "forged.jsonl",
+        ],
+    )
+    .ok()
+    .stdout();
+    assert!(
+        alone.contains("OK: complete and unaltered"),
+        "re-signed with the key: {alone}"
+    );
+    let run = verify("forged.jsonl", "old.jsonl").fails();
+    let p = problems(&run);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].contains("is not proven consistent with this export"),
+        "{p:?}"
+    );
+    let r = exchange(
+        &net,
+        &[
+            "audit",
+            "export",
+            "--data",
+            "clinic/data",
+            "--witness",
+            "old.jsonl",
+            "--out",
+            "forged-witnessed.jsonl",
+        ],
+    )
+    .fails();
+    assert!(r.stderr().contains("was rewritten"), "{}", r.stderr());
+    assert!(
+        !net.join("forged-witnessed.jsonl").exists(),
+        "nothing written"
+    );
+}

@@ -444,10 +444,18 @@ pub struct ExportSummary {
 /// `None`), each with its inclusion proof, witnesses at the range's ends,
 /// earlier checkpoints of the range with consistency proofs, and the latest
 /// signed checkpoint. Everything is read in one transaction.
+///
+/// `witnesses` are checkpoints of this log kept elsewhere (from earlier
+/// exports): each is included with its consistency proof to the latest, so
+/// a verifier holding it can check that the log only grew since. If the log
+/// does not extend one of them (it was rewritten), the export fails with
+/// [`Error::Core`] carrying the consistency error, and nothing is written
+/// after the header.
 pub fn export_audit(
     data_dir: &Path,
     from_ms: Option<u64>,
     to_ms: Option<u64>,
+    witnesses: &[SignedCheckpoint],
     out: impl Write,
 ) -> Result<ExportSummary, Error> {
     use exchange_core::audit::{ExportRange, ExportWriter, MerkleTree};
@@ -555,7 +563,7 @@ pub fn export_audit(
     if to_ms.is_some() && end < checkpoint.tree_size {
         writer.after(&entry_at(end)?)?;
     }
-    let earlier = conn
+    let mut earlier = conn
         .prepare(
             "SELECT signed FROM (SELECT tree_size, signed FROM audit_checkpoints \
              WHERE tree_size < ?1 AND time_ms >= ?2 AND time_ms < ?3 \
@@ -573,9 +581,40 @@ pub fn export_audit(
         )
         .map_err(q)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(q)?;
+        .map_err(q)?
+        .iter()
+        .map(|b| SignedCheckpoint::from_bytes(b))
+        .collect::<Result<Vec<_>, _>>()?;
+    for w in witnesses {
+        let c = w.unverified()?;
+        if c.party != checkpoint.party {
+            return Err(Error::BadRequest(format!(
+                "the witnessed checkpoint is {}'s, this log is {}'s",
+                c.party, checkpoint.party
+            )));
+        }
+        if c.tree_size > checkpoint.tree_size {
+            return Err(Error::BadRequest(format!(
+                "the witnessed checkpoint covers {} entries, more than this log's latest checkpoint ({}): the log was rolled back or the witness is of another store",
+                c.tree_size, checkpoint.tree_size
+            )));
+        }
+        earlier.push(w.clone());
+    }
+    let key = |c: &SignedCheckpoint| c.unverified().map(|c| (c.tree_size, c.root, c.time_ms));
+    let mut keyed = earlier
+        .into_iter()
+        .map(|c| Ok((key(&c)?, c)))
+        .collect::<Result<Vec<_>, exchange_core::Error>>()?;
+    keyed.sort_by_key(|a| a.0);
+    keyed.dedup_by(|a, b| a.0 == b.0);
+    let earlier: Vec<SignedCheckpoint> = keyed
+        .into_iter()
+        .map(|(_, c)| c)
+        .filter(|c| key(c).is_ok_and(|k| k.0 < checkpoint.tree_size || k.1 != checkpoint.root))
+        .collect();
     for signed in &earlier {
-        writer.earlier_checkpoint(&SignedCheckpoint::from_bytes(signed)?)?;
+        writer.earlier_checkpoint(signed)?;
     }
     writer.finish()?;
     let total: i64 = conn

@@ -469,6 +469,9 @@ pub struct ExportReport {
     pub entries_verified: u64,
     /// Earlier checkpoints that verified and are consistent with the latest.
     pub checkpoints_verified: u64,
+    /// Those checkpoints, in file order (to match against checkpoints kept
+    /// elsewhere: a witness).
+    pub consistent_checkpoints: Vec<Checkpoint>,
     /// Start of the time range, as the header claims.
     pub from_ms: Option<u64>,
     /// End of the time range, as the header claims.
@@ -712,6 +715,7 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
         checkpoint: cp.clone(),
         entries_verified: 0,
         checkpoints_verified: 0,
+        consistent_checkpoints: Vec::new(),
         from_ms: header.from_ms,
         to_ms: header.to_ms,
         first: 0,
@@ -733,6 +737,7 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
         };
         if verify_consistency(old.tree_size, n, &old.root, &cp.root, &proof).is_ok() {
             report.checkpoints_verified += 1;
+            report.consistent_checkpoints.push(old);
         } else {
             problems.push(Problem::Inconsistent {
                 line,
