@@ -24,6 +24,8 @@ use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, Ne
 
 /// How long a claim lasts before another worker may take the item.
 const LEASE: Duration = Duration::from_secs(120);
+/// How long running attempts may finish at shutdown before they are stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often the queue is polled when nothing wakes the loop.
 const POLL: Duration = Duration::from_millis(200);
 /// Ciphertext slice per gRPC message.
@@ -48,7 +50,9 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let owner = node.config.delivery.node_name.clone();
     let permits = Arc::new(Semaphore::new(node.config.delivery.concurrency));
     let in_flight = Arc::new(InFlight::default());
+    let mut attempts = tokio::task::JoinSet::new();
     loop {
+        while attempts.try_join_next().is_some() {}
         if *shutdown.borrow() {
             break;
         }
@@ -74,7 +78,7 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                         };
                         let node = node.clone();
                         let in_flight = in_flight.clone();
-                        tokio::spawn(async move {
+                        attempts.spawn(async move {
                             let id = item.id;
                             node.attempt(item).await;
                             in_flight.end(id);
@@ -99,6 +103,17 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             () = tokio::time::sleep(POLL) => {}
             _ = shutdown.changed() => {}
         }
+    }
+    // Let running attempts finish for a moment, then stop the rest: their
+    // claims lapse (or are released at the next start) and they are
+    // attempted again, so nothing is lost; and the store is released.
+    let drain = async { while attempts.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::info!(
+            running = attempts.len(),
+            "stopping deliveries still running; they resume at the next start"
+        );
+        attempts.shutdown().await;
     }
 }
 

@@ -173,6 +173,30 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::NotFound);
     wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+
+    // What the origin keeps after sending is sealed to the recipient: its
+    // own keys do not open it (what it holds is the sealed envelope, not
+    // the record).
+    let stored = c
+        .node()
+        .store()
+        .message(MessageId::from_slice(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let head = exchange_core::envelope::EnvelopeHead::decode(&stored.head)
+        .unwrap()
+        .verify(&net_trust(&net), std::time::SystemTime::now())
+        .unwrap();
+    let own_key = exchange_core::identity::DecryptionKey::from_pem(
+        &std::fs::read(clinic.file("encryption.pem")).unwrap(),
+        &std::fs::read(clinic.file("encryption.key.pem")).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        head.open(&[own_key]),
+        Err(exchange_core::Error::NotARecipient)
+    ));
     c.shutdown().await;
     h.shutdown().await;
 
