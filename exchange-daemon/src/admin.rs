@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -46,7 +46,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::config::Config;
 use crate::error::{Error, StoreError};
-use crate::store::sqlite::MIGRATIONS;
+use crate::store::sqlite::{MIGRATIONS, create_private, io_err, sync_dir, valid_blob_name};
 use crate::{from_unix_ms, unix_ms};
 
 const DB_FILE: &str = "store.sqlite3";
@@ -1235,37 +1235,10 @@ fn supported_version() -> u32 {
     u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
 }
 
-/// Opens the store database read-only without the store lock, refusing a
-/// directory without one and a schema newer than this build's. Older
-/// schemas are accepted (their missing tables are skipped).
+/// Opens the store database read-only without the store lock (older
+/// schemas accepted: their missing tables are skipped).
 fn open_db_read_only(data_dir: &Path) -> Result<Connection, StoreError> {
-    let db = data_dir.join(DB_FILE);
-    if !db.is_file() {
-        return Err(StoreError::NotFound(format!(
-            "no store in {} (expected {})",
-            data_dir.display(),
-            db.display()
-        )));
-    }
-    let conn = Connection::open_with_flags(
-        &db,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    let version = schema_version(&conn)?;
-    if version > supported_version() {
-        return Err(StoreError::SchemaTooNew {
-            found: version,
-            supported: supported_version(),
-        });
-    }
-    if version == 0 {
-        return Err(StoreError::NotFound(format!(
-            "no store schema in {}",
-            db.display()
-        )));
-    }
-    Ok(conn)
+    crate::store::sqlite::open_read_only_any_version(data_dir).map(|(conn, _)| conn)
 }
 
 fn schema_version(conn: &Connection) -> Result<u32, StoreError> {
@@ -1317,24 +1290,6 @@ fn id_string(b: &[u8]) -> String {
     MessageId::from_slice(b).map_or_else(|_| hex::encode(b), |id| id.to_string())
 }
 
-/// The store's blob name rule (store/sqlite.rs): `0-9a-f-`, at most 80.
-fn valid_blob_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 80
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-')
-}
-
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
-    StoreError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// The directory a path lives in.
 fn dir_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -1348,21 +1303,6 @@ fn create_dir(dir: &Path) -> Result<(), StoreError> {
     std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
     b.create(dir)
         .map_err(|e| io_err("create directory", dir, e))
-}
-
-/// A new file that must not exist yet (mode 0600 on unix).
-fn create_private(path: &Path) -> Result<File, StoreError> {
-    let mut o = OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-    o.open(path).map_err(|e| io_err("create", path, e))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
 }
 
 /// A temporary file or directory, removed on drop unless kept.

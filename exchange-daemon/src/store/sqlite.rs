@@ -855,6 +855,20 @@ impl Store for SqliteStore {
 /// that run beside a live daemon. Refuses a directory without a store and a
 /// schema this build does not know.
 pub fn open_read_only(dir: &Path) -> Result<Connection, StoreError> {
+    let (conn, version) = open_read_only_any_version(dir)?;
+    let known = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
+    if version < known {
+        return Err(StoreError::Invalid(format!(
+            "store schema version {version} predates this build ({known}): start the daemon once to migrate it"
+        )));
+    }
+    Ok(conn)
+}
+
+/// [`open_read_only`] for tools that can read older schemas too (backup,
+/// scrub): refuses only a directory without a store and a newer schema;
+/// returns the schema version found.
+pub fn open_read_only_any_version(dir: &Path) -> Result<(Connection, u32), StoreError> {
     let db = dir.join(DB_FILE);
     if !db.is_file() {
         return Err(StoreError::NotFound(format!(
@@ -878,12 +892,13 @@ pub fn open_read_only(dir: &Path) -> Result<Connection, StoreError> {
             supported: known,
         });
     }
-    if version < known {
-        return Err(StoreError::Invalid(format!(
-            "store schema version {version} predates this build ({known}): start the daemon once to migrate it"
+    if version == 0 {
+        return Err(StoreError::NotFound(format!(
+            "no store schema in {}",
+            db.display()
         )));
     }
-    Ok(conn)
+    Ok((conn, version))
 }
 
 /// See [`Store::audit_tail`]; call inside a read transaction.
@@ -1619,7 +1634,7 @@ fn check_len(actual: Option<u64>, declared: u64) -> Result<(), StoreError> {
 // ---------------------------------------------------------------------------
 // Files.
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
+pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
     StoreError::Io {
         op,
         path: path.to_path_buf(),
@@ -1638,7 +1653,7 @@ fn create_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// A new file that must not exist yet (mode 0600 on unix).
-fn create_private(path: &Path) -> Result<File, StoreError> {
+pub(crate) fn create_private(path: &Path) -> Result<File, StoreError> {
     let mut o = OpenOptions::new();
     o.write(true).create_new(true);
     #[cfg(unix)]
@@ -1646,7 +1661,7 @@ fn create_private(path: &Path) -> Result<File, StoreError> {
     o.open(path).map_err(|e| io_err("create", path, e))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err("fsync directory", dir, e))
@@ -1754,7 +1769,7 @@ fn sweep_blobs(conn: &Connection, blobs: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn valid_blob_name(name: &str) -> bool {
+pub(crate) fn valid_blob_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 80
         && name
