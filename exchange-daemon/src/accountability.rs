@@ -264,7 +264,10 @@ impl Node {
         new: &[VerifiedReceipt],
     ) -> Result<Vec<Option<NewProvision>>, Error> {
         let mut out: Vec<Option<NewProvision>> = vec![None; new.len()];
-        if new.is_empty() {
+        // Only a THIRD_PARTY custody receipt can be a boundary receipt; for
+        // any other (an entrusted agent's ACCEPTED_FOR_RELAY, a REJECTED)
+        // skip reading and re-verifying the stored receipts.
+        if !new.iter().any(VerifiedReceipt::is_third_party_custody) {
             return Ok(out);
         }
         let stored = self.store.receipts(record.id).await?;
