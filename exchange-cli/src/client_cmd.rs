@@ -342,15 +342,18 @@ fn id_of(bytes: &[u8]) -> String {
 }
 
 /// A recipient or relay, `URI[=ROLE]`: checked here so that a typo is one
-/// clear line before anything is sent.
-fn parse_party_role(s: &str, flag: &str, default: HopRole) -> Result<(PartyUri, HopRole)> {
+/// clear line before anything is sent. No role: the daemon's contract for
+/// the party decides.
+fn parse_party_role(s: &str, flag: &str) -> Result<(PartyUri, Option<HopRole>)> {
     let (party, role) = match s.split_once('=') {
         Some((p, r)) => (
             p,
-            r.parse::<HopRole>()
-                .map_err(CliError::about(format!("--{flag} {s:?}")))?,
+            Some(
+                r.parse::<HopRole>()
+                    .map_err(CliError::about(format!("--{flag} {s:?}")))?,
+            ),
         ),
-        None => (s, default),
+        None => (s, None),
     };
     let party =
         PartyUri::new(party.to_owned()).map_err(CliError::about(format!("--{flag} {s:?}")))?;
@@ -369,10 +372,14 @@ fn role_word(role: HopRole) -> &'static str {
 pub(crate) struct SendArgs {
     #[command(flatten)]
     pub(crate) conn: ConnArgs,
-    /// A final recipient, URI[=third-party|entrusted] (repeatable; default third-party, 第三者提供).
+    /// A final recipient, URI[=third-party|entrusted] (repeatable). The role is
+    /// the one the daemon's peer directory contracts for the party (default
+    /// third-party, 第三者提供); naming another is refused.
     #[arg(long = "to", required = true, value_name = "URI[=ROLE]")]
     pub(crate) to: Vec<String>,
-    /// A relay in travel order, URI[=entrusted|third-party] (repeatable; default entrusted, 委託).
+    /// A relay in travel order, URI[=entrusted|third-party] (repeatable). The
+    /// role is the one the daemon's peer directory contracts for the party;
+    /// naming another is refused.
     #[arg(long = "via", value_name = "URI[=ROLE]")]
     pub(crate) via: Vec<String>,
     /// Payload content type, e.g. application/fhir+json.
@@ -409,8 +416,8 @@ impl SendArgs {
         let mut recipients = Vec::new();
         let mut entrusted = Vec::new();
         for to in &self.to {
-            let (party, role) = parse_party_role(to, "to", HopRole::ThirdParty)?;
-            if role == HopRole::Entrusted {
+            let (party, role) = parse_party_role(to, "to")?;
+            if role == Some(HopRole::Entrusted) {
                 entrusted.push(party.to_string());
             }
             recipients.push(party.to_string());
@@ -419,8 +426,11 @@ impl SendArgs {
             .via
             .iter()
             .map(|v| {
-                let (party, role) = parse_party_role(v, "via", HopRole::Entrusted)?;
-                Ok(format!("{party}={}", role_word(role)))
+                let (party, role) = parse_party_role(v, "via")?;
+                Ok(match role {
+                    Some(role) => format!("{party}={}", role_word(role)),
+                    None => party.to_string(),
+                })
             })
             .collect::<Result<_>>()?;
         Ok(SendStart {
@@ -672,7 +682,7 @@ pub(crate) fn receipt_line(r: &Receipt) -> String {
         format!("{} ({})", r.disposition, r.reason)
     };
     format!(
-        "{disposition:<18} {:<11}  {:<24}  {} <{}>{}",
+        "{disposition:<18} {:<11}  {:<24}  {} <{}>{}{}",
         r.role,
         ms(r.issued_ms),
         if r.issuer_name.is_empty() {
@@ -683,6 +693,11 @@ pub(crate) fn receipt_line(r: &Receipt) -> String {
         r.issuer,
         if r.provision_boundary {
             "  <- provision boundary (責任分界点)"
+        } else {
+            ""
+        },
+        if r.issuer_revoked_since {
+            "  (issuer revoked since; valid when it arrived)"
         } else {
             ""
         }
@@ -745,6 +760,7 @@ pub(crate) fn status_json(s: &MessageStatus) -> serde_json::Value {
             "issuer": r.issuer, "issuer_name": r.issuer_name, "role": r.role,
             "disposition": r.disposition, "reason": r.reason, "time": ms(r.issued_ms),
             "provision_boundary": r.provision_boundary,
+            "issuer_revoked_since": r.issuer_revoked_since,
         })).collect::<Vec<_>>(),
         "provisions": s.provisions.iter().map(|p| json!({
             "recipient": p.recipient, "provision": p.provision, "boundary": p.boundary,

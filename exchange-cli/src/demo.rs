@@ -77,9 +77,10 @@ struct Site {
         &'static [&'static str],
         &'static [&'static str],
     ),
-    /// Peers: (site dir, with its encryption certificate, with its address).
-    /// A party reached only through a relay needs no address.
-    peers: &'static [(&'static str, bool, bool)],
+    /// Peers: (site dir, with its encryption certificate, with its address,
+    /// its contracted role). A party reached only through a relay needs no
+    /// address.
+    peers: &'static [(&'static str, bool, bool, &'static str)],
 }
 
 const SITES: [Site; 4] = [
@@ -96,9 +97,9 @@ const SITES: [Site; 4] = [
             &["treatment"],
         ),
         peers: &[
-            ("hospital", true, true),
-            ("agent", false, true),
-            ("payer", true, false),
+            ("hospital", true, true, "third-party"),
+            ("agent", false, true, "entrusted"),
+            ("payer", true, false, "third-party"),
         ],
     },
     Site {
@@ -109,7 +110,7 @@ const SITES: [Site; 4] = [
         app: "urn:local:hospital:his",
         app_name: "Minato General Hospital HIS",
         role: (&[CLINIC], &["treatment"], &["treatment"]),
-        peers: &[("clinic", true, true)],
+        peers: &[("clinic", true, true, "third-party")],
     },
     Site {
         dir: "agent",
@@ -119,7 +120,10 @@ const SITES: [Site; 4] = [
         app: "urn:local:agent:ops",
         app_name: "Demo Claims Agent operations",
         role: (&[], &[], &["*"]),
-        peers: &[("clinic", false, true), ("payer", false, true)],
+        peers: &[
+            ("clinic", false, true, "third-party"),
+            ("payer", false, true, "third-party"),
+        ],
     },
     Site {
         dir: "payer",
@@ -129,7 +133,7 @@ const SITES: [Site; 4] = [
         app: "urn:local:payer:intake",
         app_name: "Demo Claims Review Office intake",
         role: (&[], &[], &["claims"]),
-        peers: &[("agent", false, true)],
+        peers: &[("agent", false, true, "third-party")],
     },
 ];
 
@@ -200,9 +204,9 @@ fn daemon_config(s: &Site, ports: &[Ports]) -> Result<String> {
         pp = me.peer,
         cp = me.client,
     );
-    for (dir, with_key, with_address) in s.peers {
+    for (dir, with_key, with_address, role) in s.peers {
         let p = site(dir)?;
-        let _ = write!(t, "\n[[peer]]\nparty = {}\n", q(p.uri));
+        let _ = write!(t, "\n[[peer]]\nparty = {}\nrole = \"{role}\"\n", q(p.uri));
         if *with_address {
             let _ = writeln!(t, "address = \"127.0.0.1:{}\"", ports[index(dir)?].peer);
         }

@@ -212,6 +212,20 @@ impl TrustStore {
         TrustStoreBuilder::default()
     }
 
+    /// The same anchors and intermediates, without revocation checking: for
+    /// re-reading evidence (a stored receipt) whose verdict was reached with
+    /// this store's full policy when it arrived, so that a later revocation
+    /// of its issuer does not unmake it. Never for anything new.
+    pub fn without_revocation(&self) -> TrustStore {
+        TrustStore {
+            anchors: self.anchors.clone(),
+            intermediates: self.intermediates.clone(),
+            crls: Vec::new(),
+            require_crls: false,
+            allow_stale_crls: self.allow_stale_crls,
+        }
+    }
+
     /// Validates `cert` (with extra chain certificates) at time `at`, for `role`.
     fn validate(
         &self,

@@ -225,6 +225,31 @@ impl Node {
         )
     }
 
+    /// An entry for a refusal of a peer's request about a message it only
+    /// claims (an unverified head, receipts from off the route): the claimed
+    /// id is named in the detail, not as the entry's message, so the entry
+    /// is never linked to the patients of a stored message with that id.
+    pub(crate) fn claimed_refusal(
+        &self,
+        actor: &str,
+        action: AuditAction,
+        claimed: Option<MessageId>,
+        error: &Error,
+    ) -> AuditEntry {
+        let detail = match claimed {
+            Some(id) => format!("claimed message id {id} (not verified): {error}"),
+            None => error.to_string(),
+        };
+        self.entry(
+            actor,
+            action,
+            None,
+            AuditOutcome::Rejected,
+            Some(error.reason_code()),
+            Some(detail),
+        )
+    }
+
     /// Appends entries now (reads, refusals, daemon events).
     pub(crate) async fn audit(&self, entries: Vec<AuditEntry>) -> Result<(), Error> {
         Ok(self.store.append_audit(entries).await?)
@@ -255,26 +280,25 @@ impl Node {
     }
 
     /// The provision records `new` receipts complete for an outbound
-    /// message, aligned with `new`: the boundary of each recipient whose
-    /// passing receipt is among them.
+    /// message, aligned with `new`: for each new receipt, the recipients
+    /// whose boundary it marks (several recipients behind one third-party
+    /// relay share its receipt, and each gets its own record).
     pub(crate) async fn boundary_provisions(
         &self,
         record: &MessageRecord,
         head: &VerifiedHead,
         new: &[VerifiedReceipt],
-    ) -> Result<Vec<Option<NewProvision>>, Error> {
-        let mut out: Vec<Option<NewProvision>> = vec![None; new.len()];
+    ) -> Result<Vec<Vec<NewProvision>>, Error> {
+        let mut out: Vec<Vec<NewProvision>> = vec![Vec::new(); new.len()];
         // Only a THIRD_PARTY custody receipt can be a boundary receipt; for
         // any other (an entrusted agent's ACCEPTED_FOR_RELAY, a REJECTED)
-        // skip reading and re-verifying the stored receipts.
+        // skip reading the stored receipts.
         if !new.iter().any(VerifiedReceipt::is_third_party_custody) {
             return Ok(out);
         }
-        let stored = self.store.receipts(record.id).await?;
-        let mut all = Vec::with_capacity(stored.len() + new.len());
-        for r in &stored {
-            all.push(self.check_receipt(head, &r.signed)?);
-        }
+        // Verified when they arrived: a later revocation of one's issuer
+        // must not cost the new receipts their records.
+        let mut all = self.stored_receipts(record, head).await?;
         let first_new = all.len();
         all.extend(new.iter().cloned());
         for p in head.route().provision_boundaries(&all) {
@@ -300,7 +324,7 @@ impl Node {
                     p.recipient
                 )),
             );
-            *slot = Some(NewProvision {
+            slot.push(NewProvision {
                 direction: ProvisionDirection::Provided,
                 counterparty: boundary.party.clone(),
                 counterparty_name: certificate_name(r.issuer_certificate()),

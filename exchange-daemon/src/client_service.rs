@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use exchange_core::envelope::{InnerMetadata, SealerBuilder, SubjectId};
-use exchange_core::receipt::{Disposition, VerifiedReceipt};
-use exchange_core::route::{HopRole, Provision};
+use exchange_core::receipt::Disposition;
+use exchange_core::route::{Hop, HopRole, Provision};
 use exchange_core::{MessageId, PartyUri};
 use futures_util::Stream;
 use tokio::sync::mpsc;
@@ -127,22 +127,31 @@ impl Node {
                     key.party()
                 )));
             }
-            let role = if start.entrusted_recipients.contains(r) {
-                HopRole::Entrusted
-            } else {
-                HopRole::ThirdParty
-            };
-            builder = builder.recipient(key, role);
+            let asked = start
+                .entrusted_recipients
+                .contains(r)
+                .then_some(HopRole::Entrusted);
+            builder = builder.recipient(key, self.contracted_role(&party, asked)?);
+        }
+        if let Some(stray) = start
+            .entrusted_recipients
+            .iter()
+            .find(|e| !start.recipients.contains(e))
+        {
+            return Err(Error::BadRequest(format!(
+                "entrusted recipient {stray} is not a recipient"
+            )));
         }
         for relay in &start.relays {
-            let hop = Node::parse_relay(relay)?;
-            if !client.may_send_to(&hop.party) {
+            let (party, asked) = Node::parse_relay(relay)?;
+            if !client.may_send_to(&party) {
                 return Err(Error::Forbidden(format!(
-                    "client {} may not send through {}",
-                    client.name, hop.party
+                    "client {} may not send through {party}",
+                    client.name
                 )));
             }
-            builder = builder.relay(hop);
+            let role = self.contracted_role(&party, asked)?;
+            builder = builder.relay(Hop { party, role });
         }
         if start.lifetime_seconds > 0 {
             builder = builder.lifetime(Duration::from_secs(start.lifetime_seconds));
@@ -312,11 +321,9 @@ impl Node {
     async fn status(&self, record: &MessageRecord) -> Result<MessageStatus, Error> {
         let head = self.verify_stored(record)?;
         let deliveries = self.store.deliveries(record.id).await?;
-        let stored = self.store.receipts(record.id).await?;
-        let verified: Vec<VerifiedReceipt> = stored
-            .iter()
-            .map(|r| self.check_receipt(&head, &r.signed))
-            .collect::<Result<_, _>>()?;
+        // Each receipt was verified when it arrived; a later revocation of
+        // its issuer is shown beside it, not as a failure of the message.
+        let verified = self.stored_receipts(record, &head).await?;
         let provisions = head.route().provision_boundaries(&verified);
         let boundary_receipts: Vec<usize> = provisions
             .iter()
@@ -344,6 +351,7 @@ impl Node {
                 },
                 issued_ms: unix_ms(r.issued()),
                 provision_boundary: boundary_receipts.contains(&i),
+                issuer_revoked_since: self.issuer_revoked_since(r),
             })
             .collect();
         let hops: Vec<HopState> = deliveries
@@ -366,9 +374,16 @@ impl Node {
                 .iter()
                 .any(|r| r.issuer() == party && d.contains(r.disposition()))
         };
-        let rejected = verified
-            .iter()
-            .any(|r| matches!(r.disposition(), Disposition::Rejected(_)));
+        // Each hop's latest signed state counts: a REJECTED that a later
+        // custody receipt from the same party supersedes is history.
+        let rejected = verified.iter().any(|r| {
+            matches!(r.disposition(), Disposition::Rejected(_))
+                && !verified.iter().any(|later| {
+                    later.issuer() == r.issuer()
+                        && later.issued() > r.issued()
+                        && !matches!(later.disposition(), Disposition::Rejected(_))
+                })
+        });
         let state = if rejected || hops.iter().any(|h| h.state == "FAILED") {
             "FAILED"
         } else if recipients

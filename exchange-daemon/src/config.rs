@@ -276,6 +276,32 @@ pub struct PeerConfig {
     /// Its encryption certificate (PEM): needed to send to it as a final recipient.
     #[serde(default)]
     pub encryption_cert: Option<PathBuf>,
+    /// What the facility's contract with it makes it on any route:
+    /// `third-party` (第三者提供, the default) or `entrusted` (委託). A local
+    /// application cannot choose otherwise per message.
+    #[serde(default)]
+    pub role: PeerRole,
+}
+
+/// The contracted role of a peer (see [`PeerConfig::role`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerRole {
+    /// A third party: a transfer to it is a provision (第三者提供).
+    #[default]
+    ThirdParty,
+    /// An agent acting for us under contract (委託): not a provision.
+    Entrusted,
+}
+
+impl PeerRole {
+    /// As a hop role on a route.
+    pub fn hop_role(self) -> exchange_core::route::HopRole {
+        match self {
+            Self::ThirdParty => exchange_core::route::HopRole::ThirdParty,
+            Self::Entrusted => exchange_core::route::HopRole::Entrusted,
+        }
+    }
 }
 
 /// One local client and its role.

@@ -9,11 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use exchange_core::PartyUri;
 use exchange_core::audit::{AuditAction, AuditOutcome};
 use exchange_core::envelope::EnvelopeHead;
 use exchange_core::receipt::Disposition;
 use tokio::sync::{Semaphore, watch};
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::accountability::{self, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA, status_reason};
@@ -155,6 +156,26 @@ fn is_refusal(code: Code) -> bool {
     )
 }
 
+/// What a peer's error status means for the delivery: a refusal (it will
+/// refuse again), its own internal failure, or a failure to reach it.
+fn peer_error(target: &PartyUri, status: &Status) -> Error {
+    let reason = status_reason(status);
+    if is_refusal(status.code()) {
+        Error::Refused {
+            party: target.to_string(),
+            reason: reason.unwrap_or("transport").to_owned(),
+        }
+    } else if let (Code::Internal, Some(reason)) = (status.code(), reason) {
+        // The peer answered, with a reason code: it is up, and failing.
+        Error::PeerInternal {
+            party: target.to_string(),
+            reason: reason.to_owned(),
+        }
+    } else {
+        Error::Transport(format!("{target}: {}", status.message()))
+    }
+}
+
 impl Node {
     async fn attempt(&self, item: DeliveryRecord) {
         let id = item.message_id;
@@ -194,7 +215,11 @@ impl Node {
                     self.config.delivery.max_backoff_ms,
                 ));
                 if e.is_transient() && next < item.expires_ms {
-                    tracing::info!(message = %id, to = %item.target, attempt = item.attempts + 1, error = %e, "delivery failed; will retry");
+                    if matches!(e, Error::PeerInternal { .. }) {
+                        tracing::error!(message = %id, to = %item.target, attempt = item.attempts + 1, error = %e, "delivery failed inside the peer; will retry");
+                    } else {
+                        tracing::info!(message = %id, to = %item.target, attempt = item.attempts + 1, error = %e, "delivery failed; will retry");
+                    }
                     let entry = audit(
                         AuditOutcome::Failed,
                         Some(e.reason_code()),
@@ -325,17 +350,7 @@ impl Node {
                 .and_then(|v| v.to_bytes().ok())
                 .map(|b| b.to_vec())
                 .unwrap_or_default(),
-            Err(status) => {
-                let reason = status_reason(&status).unwrap_or("transport").to_owned();
-                return Err(fail(if is_refusal(status.code()) {
-                    Error::Refused {
-                        party: item.target.to_string(),
-                        reason,
-                    }
-                } else {
-                    Error::Transport(format!("{}: {}", item.target, status.message()))
-                }));
-            }
+            Err(status) => return Err(fail(peer_error(&item.target, &status))),
         };
         let verified = self.check_receipt(&head, &receipt).map_err(|e| {
             fail(Error::Transport(format!(
@@ -357,7 +372,7 @@ impl Node {
                 .await
                 .map_err(fail)?;
             for (k, p) in kept.iter_mut().zip(provisions) {
-                k.provision = p;
+                k.provisions = p;
             }
         }
         let route = head.route();
@@ -396,17 +411,7 @@ impl Node {
                 receipts: vec![receipt.to_vec()],
             })
             .await
-            .map_err(|status| {
-                let reason = status_reason(&status).unwrap_or("transport").to_owned();
-                fail(if is_refusal(status.code()) {
-                    Error::Refused {
-                        party: item.target.to_string(),
-                        reason,
-                    }
-                } else {
-                    Error::Transport(format!("{}: {}", item.target, status.message()))
-                })
-            })?;
+            .map_err(|status| fail(peer_error(&item.target, &status)))?;
         Ok(())
     }
 }

@@ -97,6 +97,30 @@ pub enum Error {
         /// Its reason code.
         reason: String,
     },
+    /// A peer failed internally while taking the envelope (its store or
+    /// its configuration): not a network failure. Retried, since the peer
+    /// may recover, but logged at error level and audited under its own
+    /// reason so that an operator sees it long before the envelope expires.
+    #[error(
+        "peer-internal: {party} failed internally ({reason}); its operator must look at its log"
+    )]
+    PeerInternal {
+        /// The peer.
+        party: String,
+        /// The reason code it sent.
+        reason: String,
+    },
+    /// A local client asked for a hop role that the facility's contract
+    /// with that party (its `role` in the peer directory) does not allow.
+    #[error("{party} is {contracted} by contract; a message may not name it {asked}")]
+    RoleMismatch {
+        /// The party.
+        party: String,
+        /// The role the client asked for.
+        asked: String,
+        /// The role configured for the party.
+        contracted: String,
+    },
     /// The daemon is shutting down.
     #[error("shutting down")]
     Shutdown,
@@ -190,14 +214,26 @@ impl Error {
             Self::Transport(_) => "transport",
             Self::Refused { .. } => "refused",
             Self::Shutdown => "shutdown",
+            Self::PeerInternal { .. } => "peer-internal",
+            Self::RoleMismatch { .. } => "role-mismatch",
         }
+    }
+
+    /// Whether this is our own failure (store, configuration, TLS setup)
+    /// rather than something wrong with the request.
+    pub fn is_internal(&self) -> bool {
+        self.code() == Code::Internal
     }
 
     /// Whether retrying the same delivery later can succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Transport(_) | Self::Store(_) | Self::Shutdown | Self::UnknownPeer(_)
+            Self::Transport(_)
+                | Self::Store(_)
+                | Self::Shutdown
+                | Self::UnknownPeer(_)
+                | Self::PeerInternal { .. }
         )
     }
 
@@ -211,12 +247,12 @@ impl Error {
             Self::Core(_) | Self::BadRequest(_) | Self::Protocol(_) | Self::NotOnRoute => {
                 Code::InvalidArgument
             }
-            Self::Forbidden(_) => Code::PermissionDenied,
+            Self::Forbidden(_) | Self::RoleMismatch { .. } => Code::PermissionDenied,
             Self::TooLarge { .. } => Code::ResourceExhausted,
             Self::Replay(_) => Code::AlreadyExists,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
             Self::UnknownPeer(_) | Self::Refused { .. } => Code::FailedPrecondition,
-            Self::Transport(_) | Self::Shutdown => Code::Unavailable,
+            Self::Transport(_) | Self::Shutdown | Self::PeerInternal { .. } => Code::Unavailable,
             Self::Config(_)
             | Self::ReadFile { .. }
             | Self::Store(_)

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
 use exchange_core::identity::{Certificate, DecryptionKey, Identity};
 use exchange_core::receipt::{Disposition, ReceiptContent, SignedReceipt, VerifiedReceipt};
-use exchange_core::route::{Hop, HopRole};
+use exchange_core::route::HopRole;
 use exchange_core::trust::TrustStore;
 use exchange_core::{MessageId, PartyUri};
 use tokio::sync::{Notify, broadcast};
@@ -44,6 +44,8 @@ pub fn from_unix_ms(ms: u64) -> SystemTime {
 pub(crate) struct Peer {
     pub(crate) address: Option<String>,
     pub(crate) encryption: Option<Certificate>,
+    /// Its role on any route, by contract.
+    pub(crate) role: HopRole,
 }
 
 /// Where this facility stands on an envelope's route.
@@ -207,6 +209,7 @@ impl Node {
                 Peer {
                     address: p.address.clone(),
                     encryption,
+                    role: p.role.hop_role(),
                 },
             );
         }
@@ -335,6 +338,56 @@ impl Node {
         Ok(receipt)
     }
 
+    /// A receipt read back from the store, tied to `head`. It was verified
+    /// with the full policy (chain and revocation at its issue time) when it
+    /// arrived, and only then stored; a later revocation of its issuer does
+    /// not unmake that verdict (see [`Node::issuer_revoked_since`]).
+    pub(crate) fn stored_receipt(
+        &self,
+        head: &VerifiedHead,
+        bytes: &[u8],
+    ) -> Result<VerifiedReceipt, Error> {
+        let receipt =
+            SignedReceipt::from_bytes(bytes)?.verify(&self.trust().without_revocation())?;
+        receipt.check_for(head)?;
+        Ok(receipt)
+    }
+
+    /// The stored receipts of `record`, read back (see
+    /// [`Node::stored_receipt`]). One that no longer reads back (a damaged
+    /// row) is logged and left out: it must not cost the others.
+    pub(crate) async fn stored_receipts(
+        &self,
+        record: &MessageRecord,
+        head: &VerifiedHead,
+    ) -> Result<Vec<VerifiedReceipt>, Error> {
+        let stored = self.store.receipts(record.id).await?;
+        let mut out = Vec::with_capacity(stored.len());
+        for r in &stored {
+            match self.stored_receipt(head, &r.signed) {
+                Ok(v) => out.push(v),
+                Err(e) => tracing::error!(
+                    message = %record.id,
+                    issuer = %r.issuer,
+                    error = %e,
+                    "a stored receipt no longer reads back; run admin verify-store"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the issuer of a stored receipt has been revoked since it
+    /// arrived (shown beside the receipt; it stays evidence).
+    pub(crate) fn issuer_revoked_since(&self, receipt: &VerifiedReceipt) -> bool {
+        matches!(
+            receipt.signed().verify(&self.trust()),
+            Err(exchange_core::Error::Trust(
+                exchange_core::error::TrustError::Revoked
+            ))
+        )
+    }
+
     /// A receipt to keep, passed on upstream when we are a relay, with the
     /// audit entry of its arrival from `actor` (appended if it is new).
     pub(crate) fn keep_receipt(
@@ -372,20 +425,40 @@ impl Node {
             disposition: receipt.disposition().as_str().to_owned(),
             issued_ms: unix_ms(receipt.issued()),
             forward,
-            provision: None,
+            provisions: Vec::new(),
             audit: Some(audit),
         }
     }
 
-    /// Relays a client names as `party` or `party=entrusted|third-party` (default entrusted).
-    pub(crate) fn parse_relay(spec: &str) -> Result<Hop, Error> {
+    /// A relay as a client names it, `party` or `party=entrusted|third-party`:
+    /// the party and the role the client asked for, if any.
+    pub(crate) fn parse_relay(spec: &str) -> Result<(PartyUri, Option<HopRole>), Error> {
         let (party, role) = match spec.split_once('=') {
-            Some((p, r)) => (p, r.parse::<HopRole>()?),
-            None => (spec, HopRole::Entrusted),
+            Some((p, r)) => (p, Some(r.parse::<HopRole>()?)),
+            None => (spec, None),
         };
-        Ok(Hop {
-            party: PartyUri::new(party.to_owned())?,
-            role,
-        })
+        Ok((PartyUri::new(party.to_owned())?, role))
+    }
+
+    /// The role `party` takes on any route: what the peer directory's
+    /// contract says (third-party for a party it does not list). A client
+    /// that `asked` for another role is refused.
+    pub(crate) fn contracted_role(
+        &self,
+        party: &PartyUri,
+        asked: Option<HopRole>,
+    ) -> Result<HopRole, Error> {
+        let contracted = self
+            .peers
+            .get(party)
+            .map_or(HopRole::ThirdParty, |p| p.role);
+        match asked {
+            Some(asked) if asked != contracted => Err(Error::RoleMismatch {
+                party: party.to_string(),
+                asked: asked.as_str().to_owned(),
+                contracted: contracted.as_str().to_owned(),
+            }),
+            _ => Ok(contracted),
+        }
     }
 }

@@ -337,7 +337,7 @@ impl Node {
         if record.kind == MessageKind::Outbound {
             let provisions = self.boundary_provisions(&record, &head, &verified).await?;
             for (k, p) in new.iter_mut().zip(provisions) {
-                k.provision = p;
+                k.provisions = p;
             }
         }
         let stored = self.store.add_receipts(id, new).await?;
@@ -376,15 +376,23 @@ impl Peer for PeerService {
         match self.node.receive(&peer, &head, stream).await {
             Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
             Err(Refusal { error, receipt }) => {
-                tracing::warn!(from = %peer, reason = error.reason_code(), "envelope rejected: {error}");
-                // The id as the (possibly unauthentic) head claims it.
+                if error.is_internal() {
+                    tracing::error!(from = %peer, reason = error.reason_code(), "envelope refused by an internal failure: {error}");
+                } else {
+                    tracing::warn!(from = %peer, reason = error.reason_code(), "envelope rejected: {error}");
+                }
+                // The id as the (possibly unauthentic) head claims it: named
+                // in the entry, never linked to a stored message's patients.
                 let claimed = EnvelopeHead::decode(&head)
                     .and_then(|h| h.header_unverified())
                     .ok()
                     .map(|h| h.message_id);
-                let entry =
-                    self.node
-                        .refusal(&peer_actor(&peer), AuditAction::Receive, claimed, &error);
+                let entry = self.node.claimed_refusal(
+                    &peer_actor(&peer),
+                    AuditAction::Receive,
+                    claimed,
+                    &error,
+                );
                 self.node.audit_refusal(entry).await;
                 let mut status = Status::from(error);
                 if let Some(r) = receipt {
@@ -411,9 +419,12 @@ impl Peer for PeerService {
             })),
             Err(e) => {
                 tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {e}");
-                let entry =
-                    self.node
-                        .refusal(&peer_actor(&peer), AuditAction::Receipt, Some(id), &e);
+                let entry = self.node.claimed_refusal(
+                    &peer_actor(&peer),
+                    AuditAction::Receipt,
+                    Some(id),
+                    &e,
+                );
                 self.node.audit_refusal(entry).await;
                 Err(e.into())
             }

@@ -329,13 +329,12 @@ async fn refused_peers_are_audited_with_the_reason() {
     h.shutdown().await;
     let log = audit_log(&hospital.data_dir());
     let mid = head.header_unverified().unwrap().message_id.to_string();
-    let refused = find(
-        &log,
-        AuditAction::Receive,
-        AuditOutcome::Rejected,
-        Some(&mid),
-    );
+    // The entry names the id the head claims (in its detail: an id is
+    // linked to patients only by a verified envelope we accepted).
+    let refused = find(&log, AuditAction::Receive, AuditOutcome::Rejected, None);
     assert_eq!(refused.len(), 1, "{log:?}");
+    assert!(refused[0].detail.as_deref().unwrap().contains(&mid));
+    assert!(refused[0].subjects.is_empty());
     assert_eq!(refused[0].actor, format!("peer:{OTHER}"));
     assert_eq!(refused[0].reason.as_deref(), Some("identity-mismatch"));
     assert!(find(&log, AuditAction::Receive, AuditOutcome::Ok, None).is_empty());
@@ -348,7 +347,14 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
     let agent = net.party("agent", AGENT);
     let payer = net.party("payer", PAYER);
     let emr = net.client("emr", "urn:local:clinic:emr");
-    net.configure(&clinic, &[&agent, &payer], &[&emr], "");
+    // The clinic entrusts the agent by contract (委託).
+    net.configure_roles(
+        &clinic,
+        &[&agent, &payer],
+        &[&emr],
+        "",
+        &[(&agent, "entrusted")],
+    );
     net.configure(&agent, &[&clinic, &payer], &[], "");
     net.configure(&payer, &[&agent], &[], "");
     // The payer is reached only through the agent.

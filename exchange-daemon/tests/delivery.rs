@@ -156,7 +156,14 @@ async fn delivery_through_an_agent_returns_both_receipts() {
     let payer = net.party("payer", PAYER);
     let emr = net.client("emr", "urn:local:clinic:emr");
     let payer_app = net.client("payer-app", "urn:local:payer:intake");
-    net.configure(&clinic, &[&agent, &payer], &[&emr], "");
+    // The clinic entrusts the agent by contract (委託).
+    net.configure_roles(
+        &clinic,
+        &[&agent, &payer],
+        &[&emr],
+        "",
+        &[(&agent, "entrusted")],
+    );
     // The agent knows both ends; the payer only the agent (receipts go back the way they came).
     net.configure(&agent, &[&clinic, &payer], &[], "");
     net.configure(&payer, &[&agent], &[&payer_app], "");

@@ -608,7 +608,7 @@ async fn local_client_outside_its_role_is_a_policy_violation() {
     assert!(e.message().contains("treatment"), "{e:?}");
     // A relay not in send_to (allowed recipient and purpose): send_to covers
     // the parties a client routes its records through, not only the last.
-    let relay = format!("{AGENT}=entrusted");
+    let relay = AGENT.to_owned();
     let e = send(
         &mut app,
         referral_start(&[&payer], &[relay.as_str()], "claims"),

@@ -428,8 +428,10 @@ pub struct NewReceipt {
     pub issued_ms: u64,
     /// Created only if the receipt is new to the store.
     pub forward: Option<NewDelivery>,
-    /// Kept only if the receipt is new: the provision record it proves.
-    pub provision: Option<NewProvision>,
+    /// Kept only if the receipt is new: the provision records it proves
+    /// (one per recipient whose boundary it marks; several recipients can
+    /// share one boundary, a third-party relay).
+    pub provisions: Vec<NewProvision>,
     /// Appended only if the receipt is new.
     pub audit: Option<AuditEntry>,
 }

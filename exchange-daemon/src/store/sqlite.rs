@@ -1254,7 +1254,7 @@ struct ReceiptRow {
     disposition: String,
     issued_ms: i64,
     forward: Option<DeliveryRow>,
-    provision: Option<ProvisionRow>,
+    provisions: Vec<ProvisionRow>,
     audit: Option<AuditEntry>,
 }
 
@@ -1264,7 +1264,11 @@ impl ReceiptRow {
             digest: sha256(&r.signed),
             issued_ms: to_i64(r.issued_ms, "receipt issued_ms")?,
             forward: r.forward.map(DeliveryRow::new).transpose()?,
-            provision: r.provision.map(ProvisionRow::new).transpose()?,
+            provisions: r
+                .provisions
+                .into_iter()
+                .map(ProvisionRow::new)
+                .collect::<Result<_, _>>()?,
             audit: r.audit,
             signed: r.signed,
             issuer: r.issuer,
@@ -1379,11 +1383,15 @@ fn insert_provision(
             p.receipt,
         ])?;
     if inserted == 1 {
+        // The provision's id is read once, before the copy: inside
+        // `INSERT ... SELECT`, `last_insert_rowid()` would change after each
+        // copied row.
+        let provision_id = conn.last_insert_rowid();
         conn.prepare_cached(
             "INSERT INTO provision_subjects (provision_id, pseudonym) \
-             SELECT last_insert_rowid(), pseudonym FROM message_subjects WHERE message_id = ?1",
+             SELECT ?1, pseudonym FROM message_subjects WHERE message_id = ?2",
         )?
-        .execute([message.as_bytes()])?;
+        .execute(params![provision_id, message.as_bytes()])?;
         if let Some(e) = &p.audit {
             append_audit(conn, e.clone())?;
         }
@@ -1475,7 +1483,7 @@ fn insert_receipts(
             if let Some(forward) = &r.forward {
                 insert_delivery(conn, message, forward)?;
             }
-            if let Some(p) = &r.provision {
+            for p in &r.provisions {
                 insert_provision(conn, &message_id(message)?, p)?;
             }
             if let Some(e) = &r.audit {

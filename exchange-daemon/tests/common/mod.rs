@@ -218,6 +218,19 @@ impl Net {
         clients: &[&LocalClient],
         extra: &str,
     ) {
+        self.configure_roles(party, peers, clients, extra, &[]);
+    }
+
+    /// [`Net::configure`], with the contracted role of some peers
+    /// (`entrusted` or `third-party`; the others are left to the default).
+    pub fn configure_roles(
+        &self,
+        party: &Party,
+        peers: &[&Party],
+        clients: &[&LocalClient],
+        extra: &str,
+        roles: &[(&Party, &str)],
+    ) {
         let mut s = String::new();
         writeln!(
             s,
@@ -258,6 +271,9 @@ max_backoff_ms = 1000
                 p.file("encryption.pem").display()
             )
             .unwrap();
+            if let Some((_, role)) = roles.iter().find(|(r, _)| r.uri == p.uri) {
+                writeln!(s, "role = \"{role}\"").unwrap();
+            }
         }
         for c in clients {
             writeln!(

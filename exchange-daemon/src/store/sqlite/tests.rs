@@ -64,7 +64,7 @@ fn receipt(signed: &[u8], fwd: Option<NewDelivery>) -> NewReceipt {
         disposition: "DELIVERED".into(),
         issued_ms: 3_000,
         forward: fwd,
-        provision: None,
+        provisions: Vec::new(),
         audit: None,
     }
 }
