@@ -207,6 +207,19 @@ pub struct DeliveryConfig {
     /// Deliveries attempted at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Deliveries attempted at once to any one next hop (at most
+    /// `concurrency`): a peer that stops answering holds no more than this.
+    #[serde(default = "default_per_peer_concurrency")]
+    pub per_peer_concurrency: usize,
+    /// Deadline of one delivery attempt (ms) before its size is counted:
+    /// an attempt still unanswered after `attempt_timeout_ms` plus the
+    /// envelope's size at `attempt_min_bytes_per_second` is abandoned and
+    /// retried later.
+    #[serde(default = "default_attempt_timeout")]
+    pub attempt_timeout_ms: u64,
+    /// The slowest transfer rate an attempt is given time for (bytes/s).
+    #[serde(default = "default_attempt_min_rate")]
+    pub attempt_min_bytes_per_second: u64,
     /// First retry delay (ms); doubles each attempt, with jitter.
     #[serde(default = "default_initial_backoff")]
     pub initial_backoff_ms: u64,
@@ -226,6 +239,15 @@ pub struct DeliveryConfig {
 
 fn default_concurrency() -> usize {
     32
+}
+fn default_per_peer_concurrency() -> usize {
+    8
+}
+fn default_attempt_timeout() -> u64 {
+    60_000
+}
+fn default_attempt_min_rate() -> u64 {
+    256 * 1024
 }
 fn default_initial_backoff() -> u64 {
     500
@@ -247,6 +269,9 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             concurrency: default_concurrency(),
+            per_peer_concurrency: default_per_peer_concurrency(),
+            attempt_timeout_ms: default_attempt_timeout(),
+            attempt_min_bytes_per_second: default_attempt_min_rate(),
             initial_backoff_ms: default_initial_backoff(),
             max_backoff_ms: default_max_backoff(),
             default_lifetime_seconds: default_lifetime(),
@@ -260,6 +285,15 @@ impl DeliveryConfig {
     /// The connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The deadline of one attempt to move `bytes` (an envelope's
+    /// ciphertext; 0 for a receipt): the base timeout plus the time the
+    /// bytes take at the slowest rate allowed.
+    pub fn attempt_deadline(&self, bytes: u64) -> Duration {
+        let rate = self.attempt_min_bytes_per_second.max(1);
+        Duration::from_millis(self.attempt_timeout_ms)
+            .saturating_add(Duration::from_secs(bytes / rate))
     }
 }
 
@@ -417,6 +451,19 @@ impl Config {
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {
             return Err(Error::Config(
                 "delivery.concurrency and delivery.initial_backoff_ms must be positive".into(),
+            ));
+        }
+        let d = &self.delivery;
+        if d.per_peer_concurrency == 0 || d.per_peer_concurrency > d.concurrency {
+            return Err(Error::Config(format!(
+                "delivery.per_peer_concurrency = {} must be between 1 and delivery.concurrency ({})",
+                d.per_peer_concurrency, d.concurrency
+            )));
+        }
+        if d.attempt_timeout_ms == 0 || d.attempt_min_bytes_per_second == 0 {
+            return Err(Error::Config(
+                "delivery.attempt_timeout_ms and delivery.attempt_min_bytes_per_second must be positive"
+                    .into(),
             ));
         }
         Ok(())

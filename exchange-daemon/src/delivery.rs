@@ -6,6 +6,7 @@
 //! come back; receiving is idempotent by message id, so an item delivered
 //! just before a crash and delivered again makes no second inbox entry.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,7 +64,14 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             let now = unix_ms(SystemTime::now());
             match node
                 .store
-                .claim_due(&owner, now, now + unix_ms_of(LEASE), free)
+                .claim_fair(
+                    &owner,
+                    now,
+                    now + unix_ms_of(LEASE),
+                    free,
+                    node.config.delivery.per_peer_concurrency,
+                    in_flight.per_target(),
+                )
                 .await
             {
                 Ok(items) => {
@@ -71,7 +79,7 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                     for item in items {
                         // A transfer outlasting its lease comes back claimable:
                         // it is still running here, so leave it be.
-                        if !in_flight.start(item.id) {
+                        if !in_flight.start(item.id, &item.target) {
                             continue;
                         }
                         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -80,9 +88,9 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                         let node = node.clone();
                         let in_flight = in_flight.clone();
                         attempts.spawn(async move {
-                            let id = item.id;
+                            let (id, target) = (item.id, item.target.clone());
                             node.attempt(item).await;
-                            in_flight.end(id);
+                            in_flight.end(id, &target);
                             drop(permit);
                             node.work.notify_one();
                         });
@@ -118,24 +126,48 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Deliveries being attempted by this process.
+/// Deliveries being attempted by this process, and how many per target.
 #[derive(Debug, Default)]
-struct InFlight(std::sync::Mutex<std::collections::HashSet<i64>>);
+struct InFlight(std::sync::Mutex<Running>);
+
+#[derive(Debug, Default)]
+struct Running {
+    ids: HashSet<i64>,
+    per_target: HashMap<PartyUri, usize>,
+}
 
 impl InFlight {
-    /// Marks `id` running; false if it already was.
-    fn start(&self, id: i64) -> bool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id)
     }
 
-    fn end(&self, id: i64) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&id);
+    /// Marks `id` (to `target`) running; false if it already was.
+    fn start(&self, id: i64, target: &PartyUri) -> bool {
+        let mut r = self.lock();
+        if !r.ids.insert(id) {
+            return false;
+        }
+        *r.per_target.entry(target.clone()).or_insert(0) += 1;
+        true
+    }
+
+    fn end(&self, id: i64, target: &PartyUri) {
+        let mut r = self.lock();
+        if r.ids.remove(&id)
+            && let Some(n) = r.per_target.get_mut(target)
+        {
+            *n -= 1;
+            if *n == 0 {
+                r.per_target.remove(target);
+            }
+        }
+    }
+
+    /// Attempts running per target.
+    fn per_target(&self) -> HashMap<PartyUri, usize> {
+        self.lock().per_target.clone()
     }
 }
 
@@ -174,6 +206,14 @@ fn peer_error(target: &PartyUri, status: &Status) -> Error {
     } else {
         Error::Transport(format!("{target}: {}", status.message()))
     }
+}
+
+/// An attempt that reached its deadline unanswered (retried later).
+fn no_answer(target: &PartyUri, deadline: Duration) -> Error {
+    Error::Transport(format!(
+        "{target}: no answer within {} ms (the attempt's deadline)",
+        deadline.as_millis()
+    ))
 }
 
 impl Node {
@@ -326,10 +366,17 @@ impl Node {
                 }
             }
         });
-        let response = PeerClient::new(channel)
-            .max_decoding_message_size(exchange_core::receipt::MAX_RECEIPT_LEN * 2)
-            .deliver(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await;
+        // A peer that takes the call and never answers must not hold this
+        // worker: the attempt ends at a deadline that grows with the size.
+        let deadline = self.config.delivery.attempt_deadline(record.ciphertext_len);
+        let response = tokio::time::timeout(
+            deadline,
+            PeerClient::new(channel)
+                .max_decoding_message_size(exchange_core::receipt::MAX_RECEIPT_LEN * 2)
+                .deliver(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| fail(no_answer(&item.target, deadline)))?;
         match reader.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -405,13 +452,17 @@ impl Node {
     ) -> Result<(), (Error, Vec<NewReceipt>)> {
         let fail = |e: Error| (e, Vec::new());
         let channel = self.channel(&item.target).map_err(fail)?;
-        PeerClient::new(channel)
-            .return_receipts(ReturnReceiptsRequest {
+        let deadline = self.config.delivery.attempt_deadline(0);
+        tokio::time::timeout(
+            deadline,
+            PeerClient::new(channel).return_receipts(ReturnReceiptsRequest {
                 message_id: item.message_id.as_bytes().to_vec(),
                 receipts: vec![receipt.to_vec()],
-            })
-            .await
-            .map_err(|status| fail(peer_error(&item.target, &status)))?;
+            }),
+        )
+        .await
+        .map_err(|_| fail(no_answer(&item.target, deadline)))?
+        .map_err(|status| fail(peer_error(&item.target, &status)))?;
         Ok(())
     }
 }

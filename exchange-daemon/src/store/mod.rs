@@ -21,6 +21,7 @@
 
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::future::Future;
@@ -494,6 +495,29 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         lease_until_ms: u64,
         limit: usize,
+    ) -> StoreFuture<'_, Vec<DeliveryRecord>> {
+        self.claim_fair(
+            owner,
+            now_ms,
+            lease_until_ms,
+            limit,
+            usize::MAX,
+            HashMap::new(),
+        )
+    }
+
+    /// [`Store::claim_due`], fair across next hops: targets take turns
+    /// (each one's oldest due item first, then each one's second …), and
+    /// no target gets more than `per_target` items counting the `busy`
+    /// ones it already has running.
+    fn claim_fair(
+        &self,
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+        per_target: usize,
+        busy: HashMap<PartyUri, usize>,
     ) -> StoreFuture<'_, Vec<DeliveryRecord>>;
 
     /// Releases every claim `owner` holds (a single-node daemon at start).

@@ -88,7 +88,7 @@
 //!
 //! One process per store directory (enforced by `store.lock`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -560,33 +560,52 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn claim_due(
+    fn claim_fair(
         &self,
         owner: &str,
         now_ms: u64,
         lease_until_ms: u64,
         limit: usize,
+        per_target: usize,
+        busy: HashMap<PartyUri, usize>,
     ) -> StoreFuture<'_, Vec<DeliveryRecord>> {
         let owner = owner.to_owned();
         Box::pin(async move {
             let now = to_i64(now_ms, "now_ms")?;
             let until = to_i64(lease_until_ms, "lease_until_ms")?;
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            if limit == 0 {
+            if limit == 0 || per_target == 0 {
                 return Ok(Vec::new());
             }
+            let per_target_sql = i64::try_from(per_target).unwrap_or(i64::MAX);
             self.write(move |conn| {
-                let due = conn
+                // Each target's due items ranked oldest first; then rank 1
+                // of every target, rank 2 of every target, and so on.
+                let candidates = conn
                     .prepare_cached(&format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM deliveries \
-                         WHERE state = 'pending' AND next_attempt_ms <= ?1 \
-                           AND (claim_until_ms IS NULL OR claim_until_ms < ?1) \
-                         ORDER BY next_attempt_ms, id LIMIT ?2"
+                        "SELECT {DELIVERY_COLUMNS} FROM ( \
+                           SELECT *, ROW_NUMBER() OVER \
+                             (PARTITION BY target ORDER BY next_attempt_ms, id) AS turn \
+                           FROM deliveries \
+                           WHERE state = 'pending' AND next_attempt_ms <= ?1 \
+                             AND (claim_until_ms IS NULL OR claim_until_ms < ?1)) \
+                         WHERE turn <= ?2 ORDER BY turn, next_attempt_ms, id"
                     ))?
-                    .query_map(params![now, limit], delivery_from_row)?
+                    .query_map(params![now, per_target_sql], delivery_from_row)?
                     .collect::<Result<Vec<_>, _>>()?
                     .into_iter()
                     .collect::<Result<Vec<_>, _>>()?;
+                let mut taken: HashMap<PartyUri, usize> = busy;
+                let mut due = Vec::new();
+                for d in candidates {
+                    if due.len() == limit {
+                        break;
+                    }
+                    let n = taken.entry(d.target.clone()).or_insert(0);
+                    if *n < per_target {
+                        *n += 1;
+                        due.push(d);
+                    }
+                }
                 let mut claim = conn.prepare_cached(
                     "UPDATE deliveries SET claimed_by = ?1, claim_until_ms = ?2 WHERE id = ?3",
                 )?;

@@ -323,6 +323,70 @@ async fn claim_due_respects_next_attempt_lease_and_limit() {
 }
 
 #[tokio::test]
+async fn claim_fair_takes_targets_in_turn_and_caps_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    // Six items for a busy target queued before two for a quiet one.
+    for n in 1..=8 {
+        let mut e = inline(mid(n), MessageKind::Relay);
+        let target = if n <= 6 {
+            "urn:test:busy"
+        } else {
+            "urn:test:quiet"
+        };
+        e.deliveries = vec![forward(target, DeliveryKind::Envelope)];
+        store.accept(e).await.unwrap();
+    }
+    let targets = |v: &[DeliveryRecord]| {
+        v.iter()
+            .map(|d| d.target.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // Taking turns: the quiet target's first item comes second, not seventh.
+    let a = store
+        .claim_fair("a", 10, 1_000, 3, usize::MAX, HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        targets(&a),
+        vec!["urn:test:busy", "urn:test:quiet", "urn:test:busy"]
+    );
+    assert_eq!(a[0].message_id, mid(1));
+    assert_eq!(a[1].message_id, mid(7));
+    assert_eq!(a[2].message_id, mid(2));
+    // At most two per target, counting the one already running there.
+    let busy = HashMap::from([(uri("urn:test:busy"), 1)]);
+    let b = store.claim_fair("b", 10, 1_000, 10, 2, busy).await.unwrap();
+    assert_eq!(targets(&b), vec!["urn:test:busy", "urn:test:quiet"]);
+    assert_eq!(b[0].message_id, mid(3));
+    assert_eq!(b[1].message_id, mid(8));
+    // A target at its cap gets nothing; the rest stay unclaimed for later.
+    let busy = HashMap::from([(uri("urn:test:busy"), 2)]);
+    assert!(
+        store
+            .claim_fair("c", 10, 1_000, 10, 2, busy)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let d = store
+        .claim_fair("d", 10, 1_000, 10, 2, HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        d.iter().map(|d| d.message_id).collect::<Vec<_>>(),
+        vec![mid(4), mid(5)]
+    );
+    assert!(
+        store
+            .claim_fair("e", 10, 1_000, 10, 0, HashMap::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
 async fn release_claims_frees_only_that_owner() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();

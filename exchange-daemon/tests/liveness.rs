@@ -1,0 +1,214 @@
+//! Delivery against a peer that takes calls and never answers (real TLS on
+//! loopback, a real gRPC server whose handlers never return): it must not
+//! hold the workers that other peers' deliveries need, and each attempt to
+//! it ends at a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::*;
+use exchange_daemon::proto::peer_server::{Peer, PeerServer};
+use exchange_daemon::proto::{
+    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse,
+};
+use exchange_daemon::tls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+
+/// A peer service that accepts every call and never answers.
+#[derive(Clone, Default)]
+struct Stall {
+    calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Peer for Stall {
+    async fn deliver(
+        &self,
+        req: Request<Streaming<DeliverRequest>>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let _held = req;
+        std::future::pending().await
+    }
+
+    async fn return_receipts(
+        &self,
+        _req: Request<ReturnReceiptsRequest>,
+    ) -> Result<Response<ReturnReceiptsResponse>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// A TLS connection as the gRPC server sees it.
+struct Io(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl Connected for Io {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Serves [`Stall`] on `party`'s peer address with its identity
+/// certificate; returns the count of calls it took.
+async fn stalling_peer(party: &Party) -> Arc<AtomicUsize> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    tls::install_provider();
+    let chain = CertificateDer::pem_file_iter(party.file("identity.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(party.file("identity.key.pem")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(tls::versions(false))
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(party.peer_addr()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Io, std::io::Error>>(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = tx.send(Ok(Io(tls))).await;
+                }
+            });
+        }
+    });
+    let stall = Stall::default();
+    let calls = stall.calls.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PeerServer::new(stall))
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    );
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_does_not_hold_delivery_to_the_others() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let payer = net.party("payer", PAYER);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    // Default concurrency and deadlines.
+    net.configure(&clinic, &[&hospital, &payer], &[&emr], "");
+    net.configure(&payer, &[&clinic], &[], "");
+    let calls = stalling_peer(&hospital).await;
+    let c = start(&clinic).await;
+    let p = start(&payer).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    // More messages to the stuck hospital than the daemon runs at once.
+    for i in 0..50 {
+        send(
+            &mut app,
+            referral_start(&[&hospital], &[], "treatment"),
+            format!("referral {i}").as_bytes(),
+        )
+        .await
+        .unwrap();
+    }
+    // Let the stuck peer take every call it is offered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while calls.load(Ordering::SeqCst) < 8 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        calls.load(Ordering::SeqCst) >= 1,
+        "the stuck peer got no call"
+    );
+    // Then a message to the healthy payer.
+    let sent = tokio::time::Instant::now();
+    let id = send(&mut app, referral_start(&[&payer], &[], "treatment"), b"x")
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_status(&mut app, &id, |s| s.state == "DELIVERED"),
+    )
+    .await
+    .expect("the healthy peer's message was not delivered within 10 s");
+    assert_eq!(status.state, "DELIVERED");
+    let taken = sent.elapsed();
+    // The stuck peer holds no more than its share of the workers.
+    assert!(
+        calls.load(Ordering::SeqCst) <= 8,
+        "the stuck peer holds {} attempts at once",
+        calls.load(Ordering::SeqCst)
+    );
+    eprintln!("delivered to the healthy peer in {taken:?}");
+    c.shutdown().await;
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_gets_no_answer_ends_at_its_deadline_and_is_retried() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], "attempt_timeout_ms = 500\n");
+    let calls = stalling_peer(&hospital).await;
+    let c = start(&clinic).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let id = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"x",
+    )
+    .await
+    .unwrap();
+    let status = wait_status(&mut app, &id, |s| s.hops.iter().any(|h| h.attempts >= 2)).await;
+    let hop = &status.hops[0];
+    assert_eq!(hop.state, "PENDING");
+    assert!(
+        hop.last_error.contains("no answer within 500 ms"),
+        "{hop:?}"
+    );
+    assert!(calls.load(Ordering::SeqCst) >= 2);
+    c.shutdown().await;
+}
