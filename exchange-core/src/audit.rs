@@ -42,6 +42,14 @@
 //! | `outcome` | string | `ok`, `rejected`, `failed` |
 //! | `reason` | string or null | reason code of a rejection or failure (printable ASCII, at most 64 bytes) |
 //! | `detail` | string or null | free text |
+//! | `subject_set` | object, left out when `None` | the subjects by reference ([`SubjectSet`]) when the message names more than [`MAX_INLINE_SUBJECTS`]; `subjects` is then empty |
+//!
+//! Free text enters the log through [`log_text`] (bounded, control
+//! characters escaped), and [`AuditEntry::validate`] is the one rule for
+//! entries: the daemon applies it on append, the export writer and the
+//! verifier when they read. An entry the writer still cannot export is
+//! written as an `unreadable` line (its proven leaf hash), which the verifier
+//! reports as [`Problem::Unreadable`] before checking the rest.
 //!
 //! Example:
 //! `{"seq":0,"time_ms":1780272000000,"party":"urn:jp:mhlw:facility:1310000013","actor":"daemon","action":"start","message_id":null,"subjects":[],"outcome":"ok","reason":null,"detail":null}`
@@ -160,7 +168,10 @@ mod pseudonym;
 pub use checkpoint::{
     CHECKPOINT_FILE_VERSION, CHECKPOINT_MAGIC, Checkpoint, MAX_CHECKPOINT_LEN, SignedCheckpoint,
 };
-pub use entry::{AuditAction, AuditEntry, AuditOutcome, MAX_ENTRY_LEN, MAX_SUBJECTS};
+pub use entry::{
+    AuditAction, AuditEntry, AuditOutcome, MAX_ACTOR, MAX_DETAIL, MAX_ENTRY_LEN,
+    MAX_INLINE_SUBJECTS, MAX_SUBJECTS, SubjectSet, log_text,
+};
 pub use export::{
     EXPORT_FORMAT, ExportRange, ExportReport, ExportWriter, MAX_LINE_LEN, Problem, verify_export,
 };

@@ -567,6 +567,7 @@ fn entry(seq: u64) -> AuditEntry {
         detail: seq
             .is_multiple_of(7)
             .then(|| format!("note \"{seq}\" — 詳細")),
+        subject_set: None,
     }
 }
 
@@ -583,6 +584,7 @@ fn canonical_json_is_exact() {
         outcome: AuditOutcome::Ok,
         reason: None,
         detail: None,
+        subject_set: None,
     };
     let want = r#"{"seq":0,"time_ms":1780272000000,"party":"urn:jp:mhlw:facility:1310000013","actor":"daemon","action":"start","message_id":null,"subjects":[],"outcome":"ok","reason":null,"detail":null}"#;
     assert_eq!(String::from_utf8(e.to_canonical_json()).unwrap(), want);
@@ -1310,9 +1312,121 @@ fn unusable_files_are_errors() {
     assert!(log.verify("").is_err());
     let long = format!("{}\n", "x".repeat(2 * 1024 * 1024));
     assert!(matches!(
-        log.verify(&(lines(&text)[0].clone() + "\n" + &long)),
+        log.verify(&(long.clone() + &text)),
         Err(Error::Format(FormatError::TooLarge { .. }))
     ));
+    // A long line after the header is reported, and the rest is checked.
+    let mut all = lines(&text);
+    all.insert(5, "x".repeat(2 * 1024 * 1024));
+    let report = log.verify(&join(&all)).unwrap();
+    assert_eq!(
+        report.problems,
+        vec![Problem::Malformed {
+            line: 6,
+            reason: format!("a line of {} bytes (at most 1048576)", 2 * 1024 * 1024)
+        }]
+    );
+    assert_eq!(report.entries_verified, 30);
+}
+
+#[test]
+fn an_entry_that_cannot_be_exported_is_reported_and_the_rest_verifies() {
+    // A legacy entry far beyond the limits (as stored before entries were
+    // checked on append) among valid ones.
+    let mut entries: Vec<AuditEntry> = (0..6).map(entry).collect();
+    entries[3].subjects = (0..3000u32)
+        .map(|i| hex::encode(sha256(&i.to_be_bytes())))
+        .collect();
+    let stored: Vec<Vec<u8>> = entries.iter().map(AuditEntry::to_canonical_json).collect();
+    assert!(AuditEntry::from_json(&stored[3]).is_err());
+    let tree = MerkleTree::from_leaf_hashes(stored.iter().map(|b| merkle_leaf_hash(b)).collect());
+    let net = Net::new("Audit Test CA");
+    let clinic = net.party(CLINIC);
+    let latest = SignedCheckpoint::sign(
+        &clinic.identity,
+        &Checkpoint {
+            party: clinic.uri.clone(),
+            tree_size: 6,
+            root: tree.root(),
+            time_ms: ms(6),
+        },
+    )
+    .unwrap();
+    let mut w = ExportWriter::new(Vec::new(), &tree, &latest, ExportRange::all(6)).unwrap();
+    // The writer refuses an unreadable line whose bytes are not the leaf.
+    let mut other = ExportWriter::new(Vec::new(), &tree, &latest, ExportRange::all(6)).unwrap();
+    assert!(other.unreadable(0, b"{}", "x").is_err());
+    for (seq, bytes) in stored.iter().enumerate() {
+        match AuditEntry::from_json(bytes) {
+            Ok(e) => w.entry(&e).unwrap(),
+            Err(e) => w.unreadable(seq as u64, bytes, &e.to_string()).unwrap(),
+        }
+    }
+    let out = w.finish().unwrap();
+    let report = verify_export(&out[..], clinic.identity.certificate()).unwrap();
+    assert_eq!(report.entries_verified, 5);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        matches!(&report.problems[0], Problem::Unreadable { line: 5, seq: 3, reason } if reason.contains("audit")),
+        "{:?}",
+        report.problems
+    );
+    // An altered unreadable line is not authentic: Modified.
+    let text = String::from_utf8(out).unwrap();
+    let mut all = lines(&text);
+    let mut v: serde_json::Value = serde_json::from_str(&lines(&text)[4]).unwrap();
+    v["leaf_hash"] = serde_json::Value::String("00".repeat(32));
+    all[4] = v.to_string();
+    let report = verify_export(join(&all).as_bytes(), clinic.identity.certificate()).unwrap();
+    assert_eq!(report.problems, vec![Problem::Modified { line: 5, seq: 3 }]);
+}
+
+#[test]
+fn free_text_is_bounded_and_escaped_for_the_log() {
+    use exchange_core::audit::log_text;
+    assert_eq!(log_text("plain — テキスト", 100), "plain — テキスト");
+    assert_eq!(log_text("a\nb\u{1b}[31m\\", 100), "a\\nb\\u{1b}[31m\\\\");
+    let long = "x".repeat(1024 * 1024);
+    let cut = log_text(&long, 4096);
+    assert!(cut.len() <= 4096);
+    assert!(cut.ends_with("…[1048576 bytes]"), "{}", &cut[4000..]);
+    let wide = "詳".repeat(2000);
+    let cut = log_text(&wide, 100);
+    assert!(cut.len() <= 100 && cut.starts_with("詳詳"));
+    assert!(!log_text("\u{7}\u{85}", 100).chars().any(char::is_control));
+}
+
+#[test]
+fn many_subjects_are_kept_by_reference() {
+    use exchange_core::audit::SubjectSet;
+    let a = [1u8; 32];
+    let b = [2u8; 32];
+    let set = SubjectSet::of(&[b, a, b]);
+    assert_eq!(set.count, 2);
+    assert_eq!(set, SubjectSet::of(&[a, b]));
+    let mut input = b"exchange/v1 audit subject set\0".to_vec();
+    input.extend_from_slice(&a);
+    input.extend_from_slice(&b);
+    assert_eq!(set.sha256, hex::encode(sha256(&input)));
+    let mut e = entry(1);
+    e.subjects.clear();
+    e.subject_set = Some(set.clone());
+    let json = e.to_canonical_json();
+    assert!(String::from_utf8(json.clone()).unwrap().ends_with(&format!(
+        ",\"subject_set\":{{\"count\":2,\"sha256\":\"{}\"}}}}",
+        set.sha256
+    )));
+    assert_eq!(AuditEntry::from_json(&json).unwrap(), e);
+    // Not both, and a well-formed digest.
+    let mut both = e.clone();
+    both.subjects = entry(1).subjects;
+    assert!(both.validate().is_err());
+    let mut bad = e.clone();
+    bad.subject_set = Some(SubjectSet {
+        count: 2,
+        sha256: "AB".repeat(32),
+    });
+    assert!(bad.validate().is_err());
 }
 
 #[test]

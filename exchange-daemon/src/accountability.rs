@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime};
 
 use exchange_core::MessageId;
 use exchange_core::audit::{
-    AuditAction, AuditEntry, AuditOutcome, Checkpoint, Frontier, Pseudonym, SignedCheckpoint,
-    SubjectKey,
+    AuditAction, AuditEntry, AuditOutcome, Checkpoint, Frontier, MAX_ACTOR, MAX_DETAIL,
+    Pseudonym, SignedCheckpoint, SubjectKey, log_text,
 };
 use exchange_core::envelope::{InnerMetadata, SubjectId, VerifiedHead};
 use exchange_core::identity::Certificate;
@@ -184,6 +184,8 @@ pub(crate) fn certificate_name(cert: &Certificate) -> String {
 
 impl Node {
     /// An audit entry by `actor` (its `seq` and time are set when appended).
+    /// The actor and the free text are bounded and escaped here
+    /// ([`log_text`]): they may quote what a peer or a client sent.
     pub(crate) fn entry(
         &self,
         actor: &str,
@@ -197,13 +199,14 @@ impl Node {
             seq: 0,
             time_ms: 0,
             party: self.party.to_string(),
-            actor: actor.to_owned(),
+            actor: log_text(actor, MAX_ACTOR),
             action,
             message_id: message.map(|m| m.to_string()),
             subjects: Vec::new(),
             outcome,
             reason: reason.map(ToOwned::to_owned),
-            detail,
+            detail: detail.map(|d| log_text(&d, MAX_DETAIL)),
+            subject_set: None,
         }
     }
 
@@ -338,18 +341,126 @@ impl Node {
         Ok(out)
     }
 
-    /// Signs a checkpoint over the whole log if it grew since the last one;
-    /// returns the new tree size.
-    pub(crate) async fn checkpoint(&self) -> Result<Option<u64>, Error> {
-        let tail = self.store.audit_tail().await?;
-        if tail.leaf_hashes.is_empty() {
-            return Ok(None);
+    /// Checks a checkpoint this daemon signed: with its identity
+    /// certificate, or (after a rotation) with the chain it carries,
+    /// path-validated against the trust anchors; it must be this party's.
+    fn own_checkpoint(&self, bytes: &[u8]) -> Result<Checkpoint, Error> {
+        let signed = SignedCheckpoint::from_bytes(bytes)?;
+        let cp = match signed.verify_with_certificate(self.identity.certificate()) {
+            Ok(cp) => cp,
+            Err(_) => signed.verify(&self.trust())?,
+        };
+        if cp.party != self.party {
+            return Err(history(format!("a checkpoint of {}", cp.party)));
         }
-        let mut frontier = match &tail.checkpoint {
-            Some((_, bytes)) => Frontier::from_bytes(bytes)?,
+        Ok(cp)
+    }
+
+    /// The data directory (where the store and [`CHECKPOINT_FILE`] live).
+    fn data_dir(&self) -> std::path::PathBuf {
+        self.config.path(&self.config.data_dir)
+    }
+
+    /// Checks the audit log against what this daemon signed, without
+    /// signing: the daemon runs it at start and refuses to start if the
+    /// log was rewritten or signed checkpoints were deleted.
+    pub(crate) async fn check_audit_history(&self) -> Result<(), Error> {
+        self.verified_tail().await.map(|_| ())
+    }
+
+    /// The tree as last signed and the leaf hashes of the entries after
+    /// it, every part checked against what this daemon signed: the stored
+    /// frontier must have the latest signed checkpoint's size and root; the
+    /// leaf hashes are recomputed from the entries' bytes (and must equal
+    /// the stored ones); the checkpoint kept in [`CHECKPOINT_FILE`] must be
+    /// the latest stored one or, if the daemon stopped between the commit
+    /// and the file's update, the head of the first entries recomputed from
+    /// their bytes.
+    async fn verified_tail(&self) -> Result<(Frontier, Vec<[u8; 32]>), Error> {
+        let tail = self.store.audit_tail().await?;
+        let frontier = match &tail.checkpoint {
+            Some((size, frontier, signed)) => {
+                let cp = self.own_checkpoint(signed).map_err(|e| {
+                    history(format!(
+                        "the stored checkpoint of {size} entries does not verify: {e}"
+                    ))
+                })?;
+                let f = Frontier::from_bytes(frontier)?;
+                if cp.tree_size != *size || f.size() != *size || f.root() != cp.root {
+                    return Err(history(format!(
+                        "the stored frontier at {size} entries is not the tree that was signed"
+                    )));
+                }
+                f
+            }
             None => Frontier::new(),
         };
-        for h in tail.leaf_hashes {
+        let mut leaves = Vec::with_capacity(tail.entries.len());
+        for (seq, entry, stored) in &tail.entries {
+            let expected = frontier.size() + leaves.len() as u64;
+            if *seq != expected {
+                return Err(history(format!("entry {seq} where {expected} belongs")));
+            }
+            let leaf = exchange_core::suite::merkle_leaf_hash(entry);
+            if &leaf != stored {
+                return Err(history(format!(
+                    "entry {seq} does not match its stored leaf hash"
+                )));
+            }
+            leaves.push(leaf);
+        }
+        let data_dir = self.data_dir();
+        if let Some(kept) = read_kept_checkpoint(&data_dir)? {
+            let kept = self.own_checkpoint(&kept).map_err(|e| {
+                history(format!("{CHECKPOINT_FILE} does not verify: {e}"))
+            })?;
+            if kept.tree_size > frontier.size() {
+                return Err(history(format!(
+                    "the latest signed checkpoint ({} entries, kept in {CHECKPOINT_FILE}) is not in \
+                     the database, whose latest covers {}: checkpoints were deleted or the database \
+                     was restored from an older copy",
+                    kept.tree_size,
+                    frontier.size()
+                )));
+            }
+            if kept.tree_size == frontier.size() {
+                if kept.root != frontier.root() {
+                    return Err(history(format!(
+                        "the checkpoint kept in {CHECKPOINT_FILE} has another root than the \
+                         stored one at {} entries",
+                        kept.tree_size
+                    )));
+                }
+            } else {
+                let size = kept.tree_size;
+                let dir = data_dir.clone();
+                let root = tokio::task::spawn_blocking(move || audit_root_at(&dir, size))
+                    .await
+                    .map_err(|e| history(format!("recomputing the tree: {e}")))??;
+                if root != Some(kept.root) {
+                    return Err(history(format!(
+                        "the first {size} entries are not those of the checkpoint kept in \
+                         {CHECKPOINT_FILE} (entries altered)"
+                    )));
+                }
+            }
+        }
+        Ok((frontier, leaves))
+    }
+
+    /// Signs a checkpoint over the whole log if it grew since the last one;
+    /// returns the new tree size. The tree is extended only from a state
+    /// checked against what was signed before ([`Self::check_audit_history`]'s
+    /// rules): a rewritten log, frontier or deleted checkpoint is an
+    /// [`StoreError::AuditHistory`] error and nothing is signed. The new
+    /// checkpoint is stored, then written to [`CHECKPOINT_FILE`].
+    pub(crate) async fn checkpoint(&self) -> Result<Option<u64>, Error> {
+        let _one_at_a_time = CHECKPOINTING.lock().await;
+        let (mut frontier, leaves) = self.verified_tail().await?;
+        if leaves.is_empty() {
+            return Ok(None);
+        }
+        for h in leaves {
             frontier.push(h);
         }
         let now = unix_ms(SystemTime::now());
@@ -360,6 +471,7 @@ impl Node {
             time_ms: now,
         };
         let signed = SignedCheckpoint::sign(&self.identity, &checkpoint)?;
+        let bytes = signed.to_bytes();
         let stored = self
             .store
             .add_checkpoint(NewCheckpoint {
@@ -367,9 +479,15 @@ impl Node {
                 time_ms: now,
                 root: checkpoint.root,
                 frontier: frontier.to_bytes(),
-                signed: signed.to_bytes(),
+                signed: bytes.clone(),
             })
             .await?;
+        if stored {
+            let dir = self.data_dir();
+            tokio::task::spawn_blocking(move || write_kept_checkpoint(&dir, &bytes))
+                .await
+                .map_err(|e| history(format!("writing {CHECKPOINT_FILE}: {e}")))??;
+        }
         Ok(stored.then_some(checkpoint.tree_size))
     }
 
@@ -405,6 +523,80 @@ impl Node {
             );
         }
     }
+}
+
+/// The file in the data directory that keeps a copy of the latest signed
+/// checkpoint outside the database (its signed form), replaced atomically
+/// after each new checkpoint is stored: deleting checkpoint rows or
+/// rewriting the log behind the daemon's back is detected against it.
+pub const CHECKPOINT_FILE: &str = "checkpoint.latest";
+
+/// One checkpointer at a time (the periodic one and the one at shutdown),
+/// so that [`CHECKPOINT_FILE`] only moves forward.
+static CHECKPOINTING: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+fn history(what: String) -> Error {
+    Error::Store(StoreError::AuditHistory(what))
+}
+
+/// The signed checkpoint kept in `data_dir`'s [`CHECKPOINT_FILE`], if any.
+pub fn read_kept_checkpoint(data_dir: &Path) -> Result<Option<Vec<u8>>, Error> {
+    let path = data_dir.join(CHECKPOINT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::ReadFile { path, source }),
+    }
+}
+
+/// Replaces [`CHECKPOINT_FILE`] with `signed`: a temporary file, fsynced,
+/// renamed into place, the directory fsynced.
+fn write_kept_checkpoint(data_dir: &Path, signed: &[u8]) -> Result<(), Error> {
+    let io = |op: &'static str, p: &Path, source: std::io::Error| {
+        Error::Store(StoreError::Io {
+            op,
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let path = data_dir.join(CHECKPOINT_FILE);
+    let tmp = tempfile_in(data_dir).map_err(|e| io("create a temporary file in", data_dir, e))?;
+    {
+        let mut f = tmp.as_file();
+        f.write_all(signed)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io("write", tmp.path(), e))?;
+    }
+    fs::rename(tmp.path(), &path).map_err(|e| io("rename", &path, e))?;
+    if let Ok(d) = fs::File::open(data_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The head of the first `size` entries of the store in `data_dir`, their
+/// leaf hashes recomputed from the entries' bytes; `None` if the log holds
+/// fewer entries (or they are not numbered 0, 1, 2, …).
+pub fn audit_root_at(data_dir: &Path, size: u64) -> Result<Option<[u8; 32]>, Error> {
+    let conn = crate::store::sqlite::open_read_only(data_dir)?;
+    let q = |e: rusqlite::Error| Error::Store(e.into());
+    let mut stmt = conn
+        .prepare("SELECT seq, entry FROM audit_log WHERE seq < ?1 ORDER BY seq")
+        .map_err(q)?;
+    let mut rows = stmt
+        .query([i64::try_from(size).unwrap_or(i64::MAX)])
+        .map_err(q)?;
+    let mut frontier = Frontier::new();
+    while let Some(row) = rows.next().map_err(q)? {
+        let seq: i64 = row.get(0).map_err(q)?;
+        if u64::try_from(seq).ok() != Some(frontier.size()) {
+            return Ok(None);
+        }
+        let entry: Vec<u8> = row.get(1).map_err(q)?;
+        frontier.push(exchange_core::suite::merkle_leaf_hash(&entry));
+    }
+    Ok((frontier.size() == size).then(|| frontier.root()))
 }
 
 /// Signs checkpoints every [`CHECKPOINT_INTERVAL`] and purges expired
@@ -574,7 +766,7 @@ pub fn export_audit(
     }
     {
         let mut stmt = conn
-            .prepare("SELECT entry FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")
+            .prepare("SELECT seq, entry FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")
             .map_err(q)?;
         let mut rows = stmt
             .query(rusqlite::params![
@@ -583,8 +775,24 @@ pub fn export_audit(
             ])
             .map_err(q)?;
         while let Some(row) = rows.next().map_err(q)? {
-            let bytes: Vec<u8> = row.get(0).map_err(q)?;
-            writer.entry_json(&bytes)?;
+            let seq: i64 = row.get(0).map_err(q)?;
+            let bytes: Vec<u8> = row.get(1).map_err(q)?;
+            // An entry that cannot be exported as it is (one written before
+            // entries were checked on append) is exported as its proven
+            // leaf hash: the verifier reports it and goes on.
+            match AuditEntry::from_json(&bytes) {
+                Ok(e) if e.to_canonical_json() == bytes => writer.entry(&e)?,
+                Ok(_) => writer.unreadable(
+                    u64::try_from(seq).unwrap_or(u64::MAX),
+                    &bytes,
+                    "the stored entry is not in canonical form",
+                )?,
+                Err(e) => writer.unreadable(
+                    u64::try_from(seq).unwrap_or(u64::MAX),
+                    &bytes,
+                    &e.to_string(),
+                )?,
+            }
         }
     }
     if to_ms.is_some() && end < checkpoint.tree_size {

@@ -794,9 +794,12 @@ pub fn verify_store(data_dir: &Path, trust: &TrustStore) -> Result<VerifyStoreRe
     let conn = open_db_read_only(data_dir)?;
     let blobs_dir = data_dir.join(BLOBS_DIR);
     let mut report = VerifyStoreReport::default();
+    // Read before the snapshot: a running daemon replaces the file only
+    // after the checkpoint it holds is committed.
+    let kept = crate::accountability::read_kept_checkpoint(data_dir)?;
     // One read transaction: every query sees the same snapshot.
     conn.execute_batch("BEGIN").map_err(StoreError::from)?;
-    let named = scrub(&conn, &blobs_dir, trust, &mut report)?;
+    let named = scrub(&conn, &blobs_dir, trust, kept.as_deref(), &mut report)?;
     conn.execute_batch("COMMIT").map_err(StoreError::from)?;
 
     // Blob files no row of the snapshot names. One linked just before its
@@ -836,6 +839,7 @@ fn scrub(
     conn: &Connection,
     blobs_dir: &Path,
     trust: &TrustStore,
+    kept: Option<&[u8]>,
     report: &mut VerifyStoreReport,
 ) -> Result<BTreeSet<String>, StoreError> {
     report.schema_version = schema_version(conn)?;
@@ -1002,7 +1006,7 @@ fn scrub(
     } else {
         None
     };
-    report.failures.extend(verify_audit_log(conn, trust));
+    report.failures.extend(verify_audit_log(conn, trust, kept));
     Ok(named)
 }
 
@@ -1098,16 +1102,28 @@ fn verify_provisions(
 /// Verifies the tamper-evident audit log (schema 2 on): each `audit_log`
 /// row's `seq` follows the one before, its `entry` parses and names that
 /// `seq`, and its leaf hash recomputed from the entry equals `leaf_hash`;
-/// the Merkle tree rebuilt in `seq` order has, at every `audit_checkpoints`
-/// row's `tree_size`, that row's `root`, and the row's signed checkpoint
-/// verifies against `trust` (signature, signer chain at the checkpoint's
-/// time) and says the same size and root.
+/// the Merkle tree rebuilt in `seq` order from the recomputed leaf hashes
+/// has, at every `audit_checkpoints` row's `tree_size`, that row's `root`
+/// and `frontier`, and the row's signed checkpoint verifies against
+/// `trust` (signature, signer chain at the checkpoint's time) and says the
+/// same size and root; so each checkpoint is a prefix of the next.
+///
+/// `kept` is the signed checkpoint kept outside the database
+/// (`checkpoint.latest` in the data directory), if there is one: it must
+/// verify, the rebuilt tree must have its root at its size, and the
+/// database must still hold a checkpoint at least that large (else
+/// checkpoint rows were deleted, or the database was restored from an
+/// older copy).
 ///
 /// Returns no failure when the audit tables are absent (schema 1 stores).
 /// A database error is reported as a failure too.
-pub fn verify_audit_log(conn: &Connection, trust: &TrustStore) -> Vec<Failure> {
+pub fn verify_audit_log(
+    conn: &Connection,
+    trust: &TrustStore,
+    kept: Option<&[u8]>,
+) -> Vec<Failure> {
     let mut failures = Vec::new();
-    if let Err(e) = audit_checks(conn, trust, &mut failures) {
+    if let Err(e) = audit_checks(conn, trust, kept, &mut failures) {
         failures.push(Failure {
             message: None,
             what: "audit log".into(),
@@ -1120,6 +1136,7 @@ pub fn verify_audit_log(conn: &Connection, trust: &TrustStore) -> Vec<Failure> {
 fn audit_checks(
     conn: &Connection,
     trust: &TrustStore,
+    kept: Option<&[u8]>,
     failures: &mut Vec<Failure>,
 ) -> Result<(), StoreError> {
     use exchange_core::audit::{AuditEntry, Frontier};
@@ -1134,13 +1151,49 @@ fn audit_checks(
             error,
         });
     };
-    let checkpoints: Vec<(i64, Vec<u8>, Vec<u8>)> = if table_exists(conn, "audit_checkpoints")? {
-        conn.prepare("SELECT tree_size, root, signed FROM audit_checkpoints ORDER BY tree_size")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+    let checkpoints: Vec<(i64, Vec<u8>, Vec<u8>, Vec<u8>)> =
+        if table_exists(conn, "audit_checkpoints")? {
+            conn.prepare(
+                "SELECT tree_size, root, signed, frontier FROM audit_checkpoints \
+                 ORDER BY tree_size",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<Result<_, _>>()?
-    } else {
-        Vec::new()
-    };
+        } else {
+            Vec::new()
+        };
+    // The copy outside the database: checked like a row, at its size.
+    let kept_what = format!(
+        "audit checkpoint kept in {}",
+        crate::accountability::CHECKPOINT_FILE
+    );
+    let mut kept_at: Option<(u64, [u8; 32])> = None;
+    if let Some(bytes) = kept {
+        match exchange_core::audit::SignedCheckpoint::from_bytes(bytes).and_then(|c| c.verify(trust))
+        {
+            Err(e) => fail(kept_what.clone(), format!("signature: {e}")),
+            Ok(cp) => {
+                let stored_max = checkpoints.last().map_or(0, |c| c.0);
+                if i64::try_from(cp.tree_size).unwrap_or(i64::MAX) > stored_max {
+                    fail(
+                        kept_what.clone(),
+                        format!(
+                            "covers {} entries but the database's latest checkpoint covers {stored_max}: \
+                             signed checkpoints were deleted, or the database was restored from an older copy",
+                            cp.tree_size
+                        ),
+                    );
+                }
+                if cp.tree_size == 0 {
+                    if cp.root != exchange_core::audit::MerkleTree::from_leaf_hashes(vec![]).root() {
+                        fail(kept_what.clone(), "its root is not the empty tree's".into());
+                    }
+                } else {
+                    kept_at = Some((cp.tree_size, cp.root));
+                }
+            }
+        }
+    }
     let mut pending = checkpoints.into_iter().peekable();
     let mut frontier = Frontier::new();
     let mut stmt = conn.prepare("SELECT seq, entry, leaf_hash FROM audit_log ORDER BY seq")?;
@@ -1176,16 +1229,40 @@ fn audit_checks(
             }
         };
         frontier.push(leaf);
-        while let Some((size, _, _)) = pending.peek() {
+        if let Some((size, root)) = kept_at
+            && size == frontier.size()
+        {
+            kept_at = None;
+            if root != frontier.root() {
+                fail(
+                    kept_what.clone(),
+                    "its root is not the head of the entries before it (entries altered)".into(),
+                );
+            }
+        }
+        while let Some((size, _, _, _)) = pending.peek() {
             if u64::try_from(*size).ok() != Some(frontier.size()) {
                 break;
             }
-            if let Some((size, root, signed)) = pending.next() {
+            if let Some((size, root, signed, stored_frontier)) = pending.next() {
                 check_checkpoint(size, &root, &signed, frontier.root(), trust, &mut fail);
+                if stored_frontier != frontier.to_bytes() {
+                    fail(
+                        format!("audit checkpoint at {size}"),
+                        "its stored frontier is not the tree of the entries before it (rewritten)"
+                            .into(),
+                    );
+                }
             }
         }
     }
-    for (size, _, _) in pending {
+    if let Some((size, _)) = kept_at {
+        fail(
+            kept_what,
+            format!("covers {size} entries, the log holds {}", frontier.size()),
+        );
+    }
+    for (size, _, _, _) in pending {
         fail(
             format!("audit checkpoint at {size}"),
             format!("covers {size} entries, the log holds {}", frontier.size()),

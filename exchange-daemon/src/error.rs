@@ -163,6 +163,11 @@ pub enum StoreError {
     /// A value the store cannot keep (out of range or inconsistent).
     #[error("invalid value: {0}")]
     Invalid(String),
+    /// The audit log, its stored frontier or its checkpoints disagree with
+    /// the checkpoints the daemon signed (the database was rewritten, or
+    /// signed checkpoints were deleted): nothing is signed over it.
+    #[error("the audit log disagrees with its signed checkpoints: {0}")]
+    AuditHistory(String),
     /// An output (backup archive, restore target) already exists; it is
     /// never overwritten.
     #[error("{} already exists; refusing to overwrite it", .0.display())]

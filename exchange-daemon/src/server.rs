@@ -142,6 +142,9 @@ impl Daemon {
             tracing::info!(released, "resuming deliveries claimed before a restart");
         }
         let node = Arc::new(Node::new(config, store)?);
+        // Refuse to run (and sign) over an audit log that no longer matches
+        // the checkpoints this daemon signed.
+        node.check_audit_history().await?;
         let versions = node.versions();
         let peer_tls = tls::server_config(node.trust_source.clone(), &node.tls_identity, versions)?;
         let client_tls =

@@ -11,8 +11,86 @@ use crate::suite;
 pub const MAX_ENTRY_LEN: usize = 64 * 1024;
 /// Most subjects (patient pseudonyms) one entry may name.
 pub const MAX_SUBJECTS: usize = 1024;
-const MAX_ACTOR: usize = 1024;
+/// Most subjects an entry written by this version names in `subjects`; a
+/// message naming more is referred to by a [`SubjectSet`] instead.
+pub const MAX_INLINE_SUBJECTS: usize = 64;
+/// Longest `actor` (bytes).
+pub const MAX_ACTOR: usize = 1024;
+/// Longest `detail` an entry written by this version carries (bytes): longer
+/// free text is cut by [`log_text`].
+pub const MAX_DETAIL: usize = 4096;
 const MAX_REASON: usize = 64;
+/// Domain separation of a [`SubjectSet`] digest.
+const SUBJECT_SET_CONTEXT: &[u8] = b"exchange/v1 audit subject set";
+
+/// Free text as it may enter the log: every control character (and the
+/// backslash, so the escape is unambiguous) is written as a Rust-style
+/// escape (`\n`, `\u{1b}`, `\\`), and the result is cut, at a character
+/// boundary, to at most `max` bytes, ending in `…[N bytes]` (the length of
+/// the original text) when it was cut. Text that came from a peer or a
+/// client (error messages quoting a party URI or a purpose) can then neither
+/// grow an entry beyond [`MAX_ENTRY_LEN`] nor forge lines in a terminal.
+pub fn log_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    let mut cut = false;
+    for c in text.chars() {
+        let piece: String = if c.is_control() || c == '\\' {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > max {
+            cut = true;
+            break;
+        }
+        out.push_str(&piece);
+    }
+    if cut {
+        let marker = format!("…[{} bytes]", text.len());
+        while out.len() + marker.len() > max {
+            if out.pop().is_none() {
+                break;
+            }
+        }
+        if out.len() + marker.len() <= max {
+            out.push_str(&marker);
+        }
+    }
+    out
+}
+
+/// The subjects of an entry given by reference: the number of distinct
+/// pseudonyms and a digest of the set, `SHA-256("exchange/v1 audit subject
+/// set" || 0x00 || p1 || p2 || …)` over the 32-byte pseudonyms in ascending
+/// byte order. The log owner stores each set once beside the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectSet {
+    /// How many distinct pseudonyms the set holds.
+    pub count: u64,
+    /// The digest, 64 lowercase hex digits.
+    pub sha256: String,
+}
+
+impl SubjectSet {
+    /// The reference to a set of 32-byte pseudonyms (sorted and
+    /// deduplicated here).
+    pub fn of(pseudonyms: &[[u8; 32]]) -> Self {
+        let mut sorted = pseudonyms.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut input = Vec::with_capacity(SUBJECT_SET_CONTEXT.len() + 1 + sorted.len() * 32);
+        input.extend_from_slice(SUBJECT_SET_CONTEXT);
+        input.push(0);
+        for p in &sorted {
+            input.extend_from_slice(p);
+        }
+        Self {
+            count: sorted.len() as u64,
+            sha256: hex::encode(suite::sha256(&input)),
+        }
+    }
+}
 
 /// What was done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -121,6 +199,10 @@ pub struct AuditEntry {
     /// Free text.
     #[serde(deserialize_with = "Option::deserialize")]
     pub detail: Option<String>,
+    /// The message's subjects by reference, when they are too many to list
+    /// in `subjects` (which is then empty). Absent from the JSON when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_set: Option<SubjectSet>,
 }
 
 /// A message id as [`crate::MessageId`] displays it: lowercase UUID form,
@@ -170,7 +252,9 @@ impl AuditEntry {
     }
 
     /// Checks the field formats: party URI, actor, message id (UUID form),
-    /// 64-hex subjects, reason code.
+    /// 64-hex subjects, subject set, reason code, and the size of the
+    /// canonical entry. The one rule for entries: the daemon applies it when
+    /// it appends, the export writer and the verifier when they read.
     pub fn validate(&self) -> Result<(), Error> {
         PartyUri::new(self.party.as_str())?;
         if self.actor.is_empty()
@@ -187,6 +271,11 @@ impl AuditEntry {
         if self.subjects.len() > MAX_SUBJECTS || !self.subjects.iter().all(|s| is_lower_hex(s, 64))
         {
             return Err(FormatError::InvalidField("audit subjects").into());
+        }
+        if let Some(set) = &self.subject_set
+            && (!self.subjects.is_empty() || set.count == 0 || !is_lower_hex(&set.sha256, 64))
+        {
+            return Err(FormatError::InvalidField("audit subject_set").into());
         }
         if let Some(r) = &self.reason
             && (r.is_empty() || r.len() > MAX_REASON || !r.bytes().all(|b| b.is_ascii_graphic()))

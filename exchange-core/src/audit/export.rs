@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
-use super::entry::AuditEntry;
+use super::entry::{AuditEntry, log_text};
 use super::merkle::{
     Hash, MAX_CONSISTENCY_PROOF, MAX_INCLUSION_PROOF, MerkleTree, root_from_inclusion_proof,
     verify_consistency,
@@ -60,6 +60,19 @@ struct HeaderOut<'a> {
     end: u64,
     tree_size: u64,
 }
+
+#[derive(Serialize)]
+struct UnreadableOut {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    leaf_hash: String,
+    reason: String,
+    proof: Vec<String>,
+}
+
+/// Longest `reason` of an `unreadable` line (bytes).
+const MAX_UNREADABLE_REASON: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
@@ -239,6 +252,39 @@ impl<'t, W: Write> ExportWriter<'t, W> {
         self.entry(&entry)
     }
 
+    /// Writes the next entry of the range as an `unreadable` line, for a
+    /// stored entry that cannot be exported as it is (it does not parse,
+    /// breaks the rules of an entry, or is not in canonical form): its seq,
+    /// the leaf hash of its stored bytes (which must be the tree's leaf at
+    /// that seq), the inclusion proof and `reason`. A verifier reports it
+    /// as [`Problem::Unreadable`] and goes on: one bad entry does not make
+    /// the rest of the log unexportable.
+    pub fn unreadable(&mut self, seq: u64, stored: &[u8], reason: &str) -> Result<(), Error> {
+        self.stage(Stage::Entries)?;
+        if seq != self.next || self.next >= self.range.end {
+            return Err(invalid(
+                "entries must be written in seq order within the range",
+            ));
+        }
+        let leaf = crate::suite::merkle_leaf_hash(stored);
+        if self.tree.leaf(seq) != Some(leaf) {
+            return Err(invalid("entry is not the tree's leaf at its seq"));
+        }
+        let proof = self.tree.inclusion_proof(seq, self.checkpoint.tree_size)?;
+        let line = UnreadableOut {
+            kind: "unreadable",
+            seq,
+            leaf_hash: hex::encode(leaf),
+            reason: log_text(reason, MAX_UNREADABLE_REASON),
+            proof: proof.iter().map(hex::encode).collect(),
+        };
+        let mut bytes = serde_json::to_vec(&line).map_err(|_| invalid("unreadable line"))?;
+        bytes.push(b'\n');
+        self.out.write_all(&bytes)?;
+        self.next += 1;
+        Ok(())
+    }
+
     /// Writes the `after` witness: entry `end`, dated at or after `to_ms`.
     pub fn after(&mut self, entry: &AuditEntry) -> Result<(), Error> {
         self.stage(Stage::After)?;
@@ -323,6 +369,17 @@ pub enum Problem {
         line: u64,
         /// The seq the line claims.
         seq: u64,
+    },
+    /// An entry of the range is present only as its proven leaf hash (an
+    /// `unreadable` line): the log holds an entry at that seq, unaltered
+    /// since it was signed, whose content the exporter could not export.
+    Unreadable {
+        /// Line number.
+        line: u64,
+        /// The seq of the entry.
+        seq: u64,
+        /// Why the exporter could not export it, as it says (not verified).
+        reason: String,
     },
     /// An entry inside `[first, end)` is missing.
     Deleted {
@@ -456,6 +513,10 @@ impl fmt::Display for Problem {
                 "line {line}: earlier checkpoint of size {old_size} is not consistent with the latest (log rewritten or forked)"
             ),
             Self::Malformed { line, reason } => write!(f, "line {line}: malformed: {reason}"),
+            Self::Unreadable { line, seq, reason } => write!(
+                f,
+                "line {line}: entry seq {seq} is in the log but could not be exported ({reason})"
+            ),
         }
     }
 }
@@ -513,6 +574,12 @@ enum LineIn {
     },
     After {
         entry: serde_json::Value,
+        proof: Vec<String>,
+    },
+    Unreadable {
+        seq: u64,
+        leaf_hash: String,
+        reason: String,
         proof: Vec<String>,
     },
     Checkpoint {
@@ -577,9 +644,32 @@ fn parse_leaf(
     })
 }
 
+fn parse_unreadable(
+    line: u64,
+    seq: u64,
+    leaf_hash: &str,
+    proof: &[String],
+    tree_size: u64,
+) -> Result<Leaf, String> {
+    let leaf = parse_hashes(&[leaf_hash.to_owned()], 1)?
+        .pop()
+        .ok_or_else(|| "unreadable entry without a leaf hash".to_owned())?;
+    let proof = parse_hashes(proof, MAX_INCLUSION_PROOF)?;
+    Ok(Leaf {
+        line,
+        seq,
+        time_ms: 0,
+        root: root_from_inclusion_proof(&leaf, seq, tree_size, &proof),
+    })
+}
+
 /// Reads one line of at most [`MAX_LINE_LEN`] bytes (without its `\n`);
-/// `None` at the end of input.
-fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, Error> {
+/// `None` at the end of input. A longer line is skipped to its end and
+/// reported as `Some(Err(length))`.
+fn read_line(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Result<(), u64>>, Error> {
     buf.clear();
     let limit = MAX_LINE_LEN as u64 + 1;
     let n = reader.by_ref().take(limit).read_until(b'\n', buf)?;
@@ -589,14 +679,25 @@ fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>,
     if buf.last() == Some(&b'\n') {
         buf.pop();
     } else if buf.len() > MAX_LINE_LEN {
-        return Err(FormatError::TooLarge {
-            what: "audit export line",
-            len: buf.len() as u64,
-            limit: MAX_LINE_LEN as u64,
+        let mut len = buf.len() as u64;
+        loop {
+            let (done, used) = {
+                let available = reader.fill_buf()?;
+                match available.iter().position(|&b| b == b'\n') {
+                    Some(i) => (true, i + 1),
+                    None => (available.is_empty(), available.len()),
+                }
+            };
+            reader.consume(used);
+            len += used as u64;
+            if done {
+                break;
+            }
         }
-        .into());
+        buf.clear();
+        return Ok(Some(Err(len)));
     }
-    Ok(Some(()))
+    Ok(Some(Ok(())))
 }
 
 fn decode_checkpoint(b64: &str) -> Result<SignedCheckpoint, Error> {
@@ -618,8 +719,17 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
     let mut problems = Vec::new();
 
     // Line 1: the header.
-    if read_line(&mut reader, &mut buf)?.is_none() {
-        return Err(FormatError::UnexpectedEof("audit export header").into());
+    match read_line(&mut reader, &mut buf)? {
+        None => return Err(FormatError::UnexpectedEof("audit export header").into()),
+        Some(Err(len)) => {
+            return Err(FormatError::TooLarge {
+                what: "audit export line",
+                len,
+                limit: MAX_LINE_LEN as u64,
+            }
+            .into());
+        }
+        Some(Ok(())) => {}
     }
     line_no += 1;
     let header = match serde_json::from_slice::<LineIn>(&buf) {
@@ -653,9 +763,17 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
     let mut earlier: Vec<(u64, Result<SignedCheckpoint, Error>, Vec<Hash>)> = Vec::new();
     let mut latest: Vec<(u64, String)> = Vec::new();
 
-    while read_line(&mut reader, &mut buf)?.is_some() {
+    let mut unreadable: Vec<(u64, u64, String)> = Vec::new();
+    while let Some(read) = read_line(&mut reader, &mut buf)? {
         line_no += 1;
         let line = line_no;
+        if let Err(len) = read {
+            problems.push(Problem::Malformed {
+                line,
+                reason: format!("a line of {len} bytes (at most {MAX_LINE_LEN})"),
+            });
+            continue;
+        }
         let parsed = match serde_json::from_slice::<LineIn>(&buf) {
             Ok(l) => l,
             Err(e) => {
@@ -677,6 +795,15 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
             LineIn::After { entry, proof } => {
                 parse_leaf(line, entry, &proof, header.tree_size).map(|l| afters.push(l))
             }
+            LineIn::Unreadable {
+                seq,
+                leaf_hash,
+                reason,
+                proof,
+            } => parse_unreadable(line, seq, &leaf_hash, &proof, header.tree_size).map(|l| {
+                entries.push(l);
+                unreadable.push((line, seq, log_text(&reason, MAX_UNREADABLE_REASON)));
+            }),
             LineIn::Checkpoint {
                 checkpoint,
                 consistency,
@@ -858,9 +985,18 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
             },
         );
     }
+    let mut unreadable_accepted = 0u64;
+    for (line, seq, reason) in unreadable {
+        if accepted_lines.contains(&line) {
+            unreadable_accepted += 1;
+            line_problems
+                .entry(line)
+                .or_insert(Problem::Unreadable { line, seq, reason });
+        }
+    }
     problems.extend(line_problems.into_values());
     problems.extend(missing(&mut covered, first, end));
-    report.entries_verified = accepted.len() as u64;
+    report.entries_verified = accepted.len() as u64 - unreadable_accepted;
 
     problems.sort_by_key(|p| match p {
         Problem::HeaderMismatch { .. } => (0, 0),
@@ -870,6 +1006,7 @@ pub fn verify_export(mut reader: impl BufRead, cert: &Certificate) -> Result<Exp
         | Problem::Reordered { line, .. }
         | Problem::BadCheckpoint { line, .. }
         | Problem::Inconsistent { line, .. }
+        | Problem::Unreadable { line, .. }
         | Problem::BadWitness {
             line: Some(line), ..
         } => (1, *line),

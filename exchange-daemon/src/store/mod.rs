@@ -280,10 +280,13 @@ pub struct ProvisionRecord {
 /// The audit log's tail not yet covered by a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuditTail {
-    /// The latest checkpoint's tree size and its stored frontier.
-    pub checkpoint: Option<(u64, Vec<u8>)>,
-    /// Leaf hashes of the entries after it, in order.
-    pub leaf_hashes: Vec<[u8; 32]>,
+    /// The latest checkpoint: its tree size, its stored frontier and its
+    /// signed form. Nothing here is trusted: the frontier is checked
+    /// against the signed root before it is extended.
+    pub checkpoint: Option<(u64, Vec<u8>, Vec<u8>)>,
+    /// The entries after it, in order: seq, stored entry bytes (the leaf
+    /// data: its hash is recomputed from them) and stored leaf hash.
+    pub entries: Vec<(u64, Vec<u8>, [u8; 32])>,
 }
 
 /// A signed checkpoint to store.
@@ -558,7 +561,7 @@ pub trait Store: Send + Sync + 'static {
     /// pseudonyms).
     fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<'_, ()>;
 
-    /// The latest checkpoint's frontier and the leaf hashes after it.
+    /// The latest checkpoint (frontier, signed form) and the entries after it.
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail>;
 
     /// Stores a checkpoint if it extends the latest one; false if not newer.

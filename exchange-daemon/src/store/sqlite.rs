@@ -60,6 +60,11 @@
 //!   indexes them by pseudonym. Neither references `messages`: they outlive a
 //!   retention purge.
 //!
+//! Version 3: `audit_subject_sets` (`digest`, `pseudonym`): the patient
+//! pseudonyms of a message naming more than an audit entry lists, stored
+//! once under the digest its entries carry (`exchange_core::audit::SubjectSet`);
+//! append-only, kept by the retention purge.
+//!
 //! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
 //! above `i64::MAX` is refused on the way in, a negative value read back is
 //! reported as [`StoreError::Corrupt`].
@@ -103,7 +108,7 @@ use exchange_core::{MessageId, PartyUri};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
-use exchange_core::audit::{AuditEntry, Pseudonym};
+use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS, Pseudonym, SubjectSet};
 
 use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, DeliveryKind, DeliveryRecord, DeliveryState,
@@ -233,6 +238,21 @@ CREATE TABLE provision_subjects (
     pseudonym    BLOB NOT NULL CHECK (length(pseudonym) = 32),
     PRIMARY KEY (pseudonym, provision_id)
 );
+",
+    // 3: the subject sets audit entries refer to (a message naming more
+    // patients than an entry lists), each stored once; append-only like the
+    // log, and kept by the retention purge.
+    r"
+CREATE TABLE audit_subject_sets (
+    digest    BLOB NOT NULL CHECK (length(digest) = 32),
+    pseudonym BLOB NOT NULL CHECK (length(pseudonym) = 32),
+    PRIMARY KEY (digest, pseudonym)
+);
+CREATE INDEX audit_subject_sets_pseudonym ON audit_subject_sets (pseudonym);
+CREATE TRIGGER audit_subject_sets_no_update BEFORE UPDATE ON audit_subject_sets
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_subject_sets_no_delete BEFORE DELETE ON audit_subject_sets
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 ",
 ];
 
@@ -922,26 +942,35 @@ pub fn open_read_only_any_version(dir: &Path) -> Result<(Connection, u32), Store
 
 /// See [`Store::audit_tail`]; call inside a read transaction.
 pub fn audit_tail(conn: &Connection) -> Result<AuditTail, StoreError> {
-    let checkpoint: Option<(i64, Vec<u8>)> = conn
+    let checkpoint: Option<(i64, Vec<u8>, Vec<u8>)> = conn
         .prepare_cached(
-            "SELECT tree_size, frontier FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
+            "SELECT tree_size, frontier, signed FROM audit_checkpoints \
+             ORDER BY tree_size DESC LIMIT 1",
         )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let from = checkpoint.as_ref().map_or(0, |c| c.0);
-    let leaf_hashes = conn
-        .prepare_cached("SELECT leaf_hash FROM audit_log WHERE seq >= ?1 ORDER BY seq")?
-        .query_map([from], |r| r.get::<_, Vec<u8>>(0))?
-        .map(|h| {
-            <[u8; 32]>::try_from(h?.as_slice())
-                .map_err(|_| StoreError::Corrupt("audit leaf hash is not 32 bytes".into()))
+    let entries = conn
+        .prepare_cached("SELECT seq, entry, leaf_hash FROM audit_log WHERE seq >= ?1 ORDER BY seq")?
+        .query_map([from], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?
+        .map(|row| {
+            let (seq, entry, leaf) = row?;
+            let leaf = <[u8; 32]>::try_from(leaf.as_slice())
+                .map_err(|_| StoreError::Corrupt("audit leaf hash is not 32 bytes".into()))?;
+            Ok((to_u64(seq, "audit seq")?, entry, leaf))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(AuditTail {
         checkpoint: checkpoint
-            .map(|(size, f)| Ok::<_, StoreError>((to_u64(size, "tree_size")?, f)))
+            .map(|(size, f, signed)| Ok::<_, StoreError>((to_u64(size, "tree_size")?, f, signed)))
             .transpose()?,
-        leaf_hashes,
+        entries,
     })
 }
 
@@ -1419,7 +1448,11 @@ fn insert_provision(
 }
 
 /// Appends one audit entry: the next `seq`, a time never before the last
-/// entry's, and the message's pseudonyms if the entry names none.
+/// entry's, and the message's pseudonyms if the entry names none: listed
+/// when they are at most [`MAX_INLINE_SUBJECTS`], else by reference (a
+/// [`SubjectSet`], the set itself kept once in `audit_subject_sets`). The
+/// entry must then pass [`AuditEntry::validate`], the rule exports and
+/// verifiers apply, or nothing is appended.
 fn append_audit(conn: &Connection, mut entry: AuditEntry) -> Result<(), StoreError> {
     let (next, last_ms): (i64, i64) = conn
         .prepare_cached(
@@ -1446,6 +1479,39 @@ fn append_audit(conn: &Connection, mut entry: AuditEntry) -> Result<(), StoreErr
             .map(|p| Ok(hex::encode(p?)))
             .collect::<Result<_, StoreError>>()?;
     }
+    if entry.subjects.len() > MAX_INLINE_SUBJECTS {
+        let set = entry
+            .subjects
+            .iter()
+            .map(|h| {
+                let mut p = [0u8; 32];
+                hex::decode_to_slice(h, &mut p)
+                    .map_err(|_| StoreError::Invalid("audit subject is not 64 hex digits".into()))?;
+                Ok(p)
+            })
+            .collect::<Result<Vec<[u8; 32]>, StoreError>>()?;
+        let reference = SubjectSet::of(&set);
+        let digest = hex::decode(&reference.sha256)
+            .map_err(|_| StoreError::Invalid("subject set digest".into()))?;
+        let known = conn
+            .prepare_cached("SELECT 1 FROM audit_subject_sets WHERE digest = ?1 LIMIT 1")?
+            .query_row([&digest], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !known {
+            let mut insert = conn.prepare_cached(
+                "INSERT OR IGNORE INTO audit_subject_sets (digest, pseudonym) VALUES (?1, ?2)",
+            )?;
+            for p in &set {
+                insert.execute(params![digest, p.as_slice()])?;
+            }
+        }
+        entry.subjects.clear();
+        entry.subject_set = Some(reference);
+    }
+    entry
+        .validate()
+        .map_err(|e| StoreError::Invalid(format!("audit entry {}: {e}", entry.seq)))?;
     let json = entry.to_canonical_json();
     let leaf = exchange_core::suite::merkle_leaf_hash(&json);
     conn.prepare_cached(
