@@ -104,11 +104,16 @@ fn deserves_receipt(e: &Error) -> bool {
 enum StreamCheck {
     /// A relay cannot decrypt: length and signed digest.
     Digest(CiphertextVerifier),
-    /// A final recipient decrypts and authenticates every chunk (and checks
-    /// length and digest); the plaintext is wiped, never kept.
+    /// A final recipient also decrypts and authenticates every chunk; the
+    /// plaintext is wiped, never kept. The stream is hashed on its own too,
+    /// so that a stream altered on the way is reported as such
+    /// (`digest-mismatch`) and a chunk that fails under a matching digest
+    /// shows the sender sealed it so (`decryption-failed`).
     Open {
+        digest: CiphertextVerifier,
         opener: Box<PayloadOpener>,
         scratch: Zeroizing<Vec<u8>>,
+        failed: Option<exchange_core::Error>,
     },
 }
 
@@ -116,10 +121,20 @@ impl StreamCheck {
     fn update(&mut self, data: &[u8]) -> Result<(), exchange_core::Error> {
         match self {
             Self::Digest(v) => v.update(data),
-            Self::Open { opener, scratch } => {
-                let r = opener.update(data, scratch);
-                scratch.zeroize();
-                r
+            Self::Open {
+                digest,
+                opener,
+                scratch,
+                failed,
+            } => {
+                digest.update(data)?;
+                if failed.is_none() {
+                    if let Err(e) = opener.update(data, scratch) {
+                        *failed = Some(e);
+                    }
+                    scratch.zeroize();
+                }
+                Ok(())
             }
         }
     }
@@ -127,7 +142,18 @@ impl StreamCheck {
     fn finish(self) -> Result<(), exchange_core::Error> {
         match self {
             Self::Digest(v) => v.finish(),
-            Self::Open { opener, .. } => opener.finish().map(drop),
+            Self::Open {
+                digest,
+                opener,
+                failed,
+                ..
+            } => {
+                digest.finish()?;
+                match failed {
+                    Some(e) => Err(e),
+                    None => opener.finish().map(drop),
+                }
+            }
         }
     }
 }
@@ -206,8 +232,10 @@ impl Node {
             (
                 Some(self.meta(opener.metadata())),
                 StreamCheck::Open {
+                    digest: head.ciphertext_verifier(),
                     opener: Box::new(opener),
                     scratch: Zeroizing::new(Vec::new()),
+                    failed: None,
                 },
             )
         } else {
