@@ -240,14 +240,7 @@ fn online_backup_restore_and_verify_store() {
         wait_delivered(&mut his, &ids).await;
         for id in &ids[..2] {
             // An acknowledgement needs a completed fetch.
-            let mut s = his
-                .fetch(FetchRequest {
-                    message_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            while s.message().await.unwrap().is_some() {}
+            fetch(&mut his, id).await;
             his.ack(AckRequest {
                 message_id: id.clone(),
             })
