@@ -1230,26 +1230,29 @@ fn purge(
 
 /// What remains of a purged message whose id is `id`, if any.
 fn load_purged(conn: &Connection, id: &MessageId) -> Result<Option<PurgedRecord>, StoreError> {
-    let row: Option<(String, Vec<u8>, i64, Option<Vec<u8>>, i64)> = conn
-        .prepare_cached(
-            "SELECT sender, header_sha256, expires_ms, our_receipt, purged_ms \
-             FROM purged_messages WHERE id = ?1",
-        )?
-        .query_row([id.as_bytes()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .optional()?;
-    row.map(|(sender, header, expires, our_receipt, purged)| {
-        Ok(PurgedRecord {
-            id: *id,
-            sender: party(sender, "sender")?,
-            header_sha256: <[u8; 32]>::try_from(header.as_slice())
-                .map_err(|_| StoreError::Corrupt("header_sha256 is not 32 bytes".into()))?,
-            expires_ms: to_u64(expires, "expires_ms")?,
-            our_receipt,
-            purged_ms: to_u64(purged, "purged_ms")?,
-        })
+    conn.prepare_cached(
+        "SELECT sender, header_sha256, expires_ms, our_receipt, purged_ms \
+         FROM purged_messages WHERE id = ?1",
+    )?
+    .query_row([id.as_bytes()], |r| {
+        let sender: String = r.get(0)?;
+        let header: Vec<u8> = r.get(1)?;
+        let expires: i64 = r.get(2)?;
+        let our_receipt: Option<Vec<u8>> = r.get(3)?;
+        let purged: i64 = r.get(4)?;
+        Ok((|| -> Result<PurgedRecord, StoreError> {
+            Ok(PurgedRecord {
+                id: *id,
+                sender: party(sender, "sender")?,
+                header_sha256: <[u8; 32]>::try_from(header.as_slice())
+                    .map_err(|_| StoreError::Corrupt("header_sha256 is not 32 bytes".into()))?,
+                expires_ms: to_u64(expires, "expires_ms")?,
+                our_receipt,
+                purged_ms: to_u64(purged, "purged_ms")?,
+            })
+        })())
     })
+    .optional()?
     .transpose()
 }
 
