@@ -1084,12 +1084,13 @@ struct PurgeLimits {
 impl PurgeLimits {
     fn new(p: PurgePolicy) -> Result<Self, StoreError> {
         let now = to_i64(p.now_ms, "now_ms")?;
-        let grace = to_i64(p.receipt_grace_ms, "receipt_grace_ms")?;
+        // Periods beyond the integer range mean "for ever".
+        let period = |ms: u64| i64::try_from(ms).unwrap_or(i64::MAX);
         Ok(Self {
             now,
             received_before: to_i64(p.received_before_ms, "received_before_ms")?,
-            expired_before: now.saturating_sub(grace),
-            max_jump: to_i64(p.max_clock_jump_ms, "max_clock_jump_ms")?,
+            expired_before: now.saturating_sub(period(p.receipt_grace_ms)),
+            max_jump: period(p.max_clock_jump_ms),
         })
     }
 }
