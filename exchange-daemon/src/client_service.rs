@@ -837,7 +837,11 @@ impl Client for ClientService {
             if !matches!(decrypt.await, Ok(true)) {
                 return;
             }
-            if let Err(e) = node.store.mark_fetched(id, unix_ms(SystemTime::now())).await {
+            if let Err(e) = node
+                .store
+                .mark_fetched(id, unix_ms(SystemTime::now()))
+                .await
+            {
                 tracing::error!(message = %id, error = %e, "cannot record a completed fetch");
                 let _ = done.send(Err(Error::from(e).into())).await;
             }

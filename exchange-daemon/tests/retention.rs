@@ -197,17 +197,26 @@ async fn envelope_lifetime_is_bounded_on_send_and_on_receive() {
         receipt.disposition(),
         &Disposition::Rejected("lifetime-too-long".into())
     );
-    assert!(h.node().store().message(id_of(&head)).await.unwrap().is_none());
+    assert!(
+        h.node()
+            .store()
+            .message(id_of(&head))
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store_counts(&hospital).messages, 1);
     c.shutdown().await;
     h.shutdown().await;
 
     // A configured maximum applies to both, and a default above it is a
     // configuration error.
-    let text = std::fs::read_to_string(clinic.config_path()).unwrap().replace(
-        "[delivery]\n",
-        "[delivery]\ndefault_lifetime_seconds = 600\nmax_lifetime_seconds = 3600\n",
-    );
+    let text = std::fs::read_to_string(clinic.config_path())
+        .unwrap()
+        .replace(
+            "[delivery]\n",
+            "[delivery]\ndefault_lifetime_seconds = 600\nmax_lifetime_seconds = 3600\n",
+        );
     std::fs::write(clinic.config_path(), &text).unwrap();
     let c = start(&clinic).await;
     let mut app = client_of(&net, &clinic, &emr);

@@ -122,10 +122,10 @@ use tokio::sync::oneshot;
 use exchange_core::audit::{AuditEntry, Pseudonym};
 
 use super::{
-    Accepted, AttemptOutcome, AuditTail, ClockJump, Ciphertext, DeliveryKind, DeliveryRecord, DeliveryState,
-    MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery, NewEnvelope, NewProvision,
-    NewReceipt, ProvisionDirection, ProvisionRecord, PurgePolicy, PurgeSummary, PurgedRecord,
-    ReceiptRecord, SpoolFile, Store, StoreFuture, StoredCiphertext,
+    Accepted, AttemptOutcome, AuditTail, Ciphertext, ClockJump, DeliveryKind, DeliveryRecord,
+    DeliveryState, MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery,
+    NewEnvelope, NewProvision, NewReceipt, ProvisionDirection, ProvisionRecord, PurgePolicy,
+    PurgeSummary, PurgedRecord, ReceiptRecord, SpoolFile, Store, StoreFuture, StoredCiphertext,
 };
 use crate::error::StoreError;
 
@@ -1174,13 +1174,16 @@ fn purge(
                          AND x.disposition IN ('DELIVERED', 'PROCESSED', 'REJECTED'))))) \
              ORDER BY received_ms, id LIMIT ?2",
         )?
-        .query_map(params![p.received_before, PURGE_BATCH, p.expired_before], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?
+        .query_map(
+            params![p.received_before, PURGE_BATCH, p.expired_before],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )?
         .collect::<Result<Vec<_>, _>>()?;
     let mut summary = PurgeSummary::default();
     let mut files = Vec::new();
