@@ -4,8 +4,10 @@
 //! (signature, sender chain, expiry), then our place on its route decides
 //! whether the TLS peer may deliver it (it must be the hop before us) and
 //! what we sign; the ciphertext is checked against the signed digest as it
-//! streams in; only a fully verified envelope is stored, and only a stored
-//! one gets a receipt. A relay never holds a key that opens the payload.
+//! streams in, and a final recipient also decrypts and authenticates every
+//! chunk (keeping no plaintext); only a fully verified envelope is stored,
+//! and only a stored one gets a receipt, dated when it was written. A relay
+//! never holds a key that opens the payload.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
