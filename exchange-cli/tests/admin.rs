@@ -239,6 +239,8 @@ fn online_backup_restore_and_verify_store() {
         }
         wait_delivered(&mut his, &ids).await;
         for id in &ids[..2] {
+            // An acknowledgement needs a completed fetch.
+            fetch(&mut his, id).await;
             his.ack(AckRequest {
                 message_id: id.clone(),
             })

@@ -492,14 +492,23 @@ impl Node {
     }
 
     /// Removes messages older than the retention period (if one is set),
-    /// recording what went in the audit log.
+    /// recording what went in the audit log. Inbox items never fetched,
+    /// sent or relayed messages within the receipt grace period, and
+    /// everything while the clock is too far ahead of the newest time a
+    /// purge accepted, are kept.
     pub(crate) async fn purge_expired(&self) -> Result<usize, Error> {
-        let Some(days) = self.config.retention.messages_days else {
+        let retention = &self.config.retention;
+        let Some(days) = retention.messages_days else {
             return Ok(0);
         };
-        let keep = Duration::from_secs(days.saturating_mul(86_400));
-        let before = unix_ms(SystemTime::now())
-            .saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
+        let day_ms = |d: u64| d.saturating_mul(86_400_000);
+        let now = unix_ms(SystemTime::now());
+        let policy = crate::store::PurgePolicy {
+            now_ms: now,
+            received_before_ms: now.saturating_sub(day_ms(days)),
+            receipt_grace_ms: day_ms(retention.receipt_grace_days),
+            max_clock_jump_ms: retention.max_clock_jump_seconds.saturating_mul(1000),
+        };
         let mut total = 0;
         loop {
             let entry = self.entry(
@@ -510,7 +519,28 @@ impl Node {
                 None,
                 Some(format!("retention {days} day(s)")),
             );
-            let purged = self.store.purge(before, entry).await?;
+            let suspended = self.entry(
+                DAEMON,
+                AuditAction::Purge,
+                None,
+                AuditOutcome::Failed,
+                Some("clock-jump"),
+                Some(format!(
+                    "purge suspended: the clock is more than {} s ahead of the newest time a purge accepted",
+                    retention.max_clock_jump_seconds
+                )),
+            );
+            let purged = self.store.purge(policy, entry, suspended).await?;
+            if let Some(jump) = purged.clock_jump {
+                tracing::error!(
+                    last_accepted_ms = jump.last_ms,
+                    now_ms = jump.now_ms,
+                    max_clock_jump_seconds = retention.max_clock_jump_seconds,
+                    "retention purge suspended: the clock jumped forward; nothing purged \
+                     (fix the clock, or after a long downtime raise retention.max_clock_jump_seconds once)"
+                );
+                return Ok(total);
+            }
             if purged.messages.is_empty() {
                 return Ok(total);
             }

@@ -153,13 +153,19 @@ impl Node {
             let role = self.contracted_role(&party, asked)?;
             builder = builder.relay(Hop { party, role });
         }
-        if start.lifetime_seconds > 0 {
-            builder = builder.lifetime(Duration::from_secs(start.lifetime_seconds));
+        let lifetime = if start.lifetime_seconds > 0 {
+            start.lifetime_seconds
         } else {
-            builder = builder.lifetime(Duration::from_secs(
-                self.config.delivery.default_lifetime_seconds,
-            ));
+            self.config.delivery.default_lifetime_seconds
+        };
+        let max = self.config.delivery.max_lifetime_seconds;
+        if lifetime > max {
+            return Err(Error::LifetimeTooLong {
+                seconds: lifetime,
+                max,
+            });
         }
+        builder = builder.lifetime(Duration::from_secs(lifetime));
         let metadata = InnerMetadata {
             subject_ids: start
                 .subject_ids
@@ -252,6 +258,7 @@ impl Node {
                 expires_ms: unix_ms(header.expires),
                 received_ms: unix_ms(now),
                 our_receipt: None,
+                awaited: header.recipients.iter().map(|r| r.party.clone()).collect(),
                 meta: Some(meta),
                 provision: None,
                 audit: vec![self.entry(
@@ -276,7 +283,7 @@ impl Node {
                     .collect(),
             })
             .await?;
-        if let Accepted::Duplicate(_) = accepted {
+        if let Accepted::Duplicate(_) | Accepted::Purged(_) = accepted {
             // A fresh random 128-bit id cannot collide unless the RNG is broken.
             return Err(Error::Replay(id.to_string()));
         }
@@ -444,6 +451,12 @@ impl Node {
         client: &ClientConfig,
         record: &MessageRecord,
     ) -> Result<Vec<u8>, Error> {
+        // PROCESSED says a local application took the content: only after a
+        // fetch delivered all of it, authenticated (an earlier
+        // acknowledgement returns its receipt below).
+        if record.acked_ms.is_none() && record.fetched_ms.is_none() {
+            return Err(Error::NotFetched(record.id.to_string()));
+        }
         let head = self.verify_stored(record)?;
         let pos = position(&head, &self.party)?;
         let now = SystemTime::now();
@@ -783,7 +796,8 @@ impl Client for ClientService {
         let chunk = |data| FetchResponse {
             part: Some(fetch_response::Part::Chunk(data)),
         };
-        tokio::task::spawn_blocking(move || {
+        let done = tx.clone();
+        let decrypt = tokio::task::spawn_blocking(move || {
             use std::io::Read;
             if tx
                 .blocking_send(Ok(FetchResponse {
@@ -791,9 +805,9 @@ impl Client for ClientService {
                 }))
                 .is_err()
             {
-                return;
+                return false;
             }
-            let run = || -> Result<(), Status> {
+            let run = || -> Result<bool, Status> {
                 let mut r = ciphertext
                     .reader()
                     .map_err(|e| Status::internal(format!("store: {e}")))?;
@@ -814,17 +828,37 @@ impl Client for ClientService {
                             .blocking_send(Ok(chunk(std::mem::take(&mut out))))
                             .is_err()
                     {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 // The last-chunk flag and the whole digest: an error here
                 // ends the stream with an error, so the client discards
                 // what it received.
                 opener.finish().map_err(|e| Status::from(Error::from(e)))?;
-                Ok(())
+                Ok(true)
             };
-            if let Err(status) = run() {
-                let _ = tx.blocking_send(Err(status));
+            match run() {
+                Ok(complete) => complete,
+                Err(status) => {
+                    let _ = tx.blocking_send(Err(status));
+                    false
+                }
+            }
+        });
+        // A completed fetch is recorded before the stream ends, so that an
+        // acknowledgement sent after the last byte finds it.
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if !matches!(decrypt.await, Ok(true)) {
+                return;
+            }
+            if let Err(e) = node
+                .store
+                .mark_fetched(id, unix_ms(SystemTime::now()))
+                .await
+            {
+                tracing::error!(message = %id, error = %e, "cannot record a completed fetch");
+                let _ = done.send(Err(Error::from(e).into())).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

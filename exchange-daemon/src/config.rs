@@ -78,14 +78,43 @@ pub struct IdentityConfig {
 
 /// Retention (保存期間) of stored envelopes. The audit log and the
 /// provision records are never purged by the daemon.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Remove envelopes (ciphertext, deliveries, receipts) this many days
-    /// after they were received, once no delivery of theirs is pending.
+    /// after they were received, once no delivery of theirs is pending, an
+    /// inbox item once it has been fetched, and a sent or relayed envelope
+    /// once `receipt_grace_days` have passed since its expiry.
     /// Unset: kept until removed by hand. 0: removed at the next purge
     /// (checked at start and every minute).
     pub messages_days: Option<u64>,
+    /// How long after its expiry a sent or relayed envelope is kept for
+    /// receipts still on their way (days).
+    #[serde(default = "default_receipt_grace")]
+    pub receipt_grace_days: u64,
+    /// The purge does nothing (and says so at error level and in the audit
+    /// log) while the clock is more than this far ahead of the newest time
+    /// it accepted before (seconds): a clock jumped forward would otherwise
+    /// purge everything at once. After a longer downtime, raise it once.
+    #[serde(default = "default_max_clock_jump")]
+    pub max_clock_jump_seconds: u64,
+}
+
+fn default_receipt_grace() -> u64 {
+    7
+}
+fn default_max_clock_jump() -> u64 {
+    7 * 86_400
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            messages_days: None,
+            receipt_grace_days: default_receipt_grace(),
+            max_clock_jump_seconds: default_max_clock_jump(),
+        }
+    }
 }
 
 /// A certificate and its key.
@@ -229,6 +258,12 @@ pub struct DeliveryConfig {
     /// Lifetime of envelopes sent without one (seconds).
     #[serde(default = "default_lifetime")]
     pub default_lifetime_seconds: u64,
+    /// Longest envelope lifetime (expiry minus creation, seconds): a Send
+    /// asking for more is refused, and an envelope declaring more is
+    /// refused with a REJECTED receipt. It bounds how long the ids of
+    /// purged messages must be remembered.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime_seconds: u64,
     /// TCP + TLS connect timeout (ms).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -258,6 +293,9 @@ fn default_max_backoff() -> u64 {
 fn default_lifetime() -> u64 {
     7 * 86_400
 }
+fn default_max_lifetime() -> u64 {
+    30 * 86_400
+}
 fn default_connect_timeout() -> u64 {
     5_000
 }
@@ -275,6 +313,7 @@ impl Default for DeliveryConfig {
             initial_backoff_ms: default_initial_backoff(),
             max_backoff_ms: default_max_backoff(),
             default_lifetime_seconds: default_lifetime(),
+            max_lifetime_seconds: default_max_lifetime(),
             connect_timeout_ms: default_connect_timeout(),
             node_name: default_node(),
         }
@@ -446,6 +485,13 @@ impl Config {
             return Err(Error::Config(format!(
                 "log = {:?}: use error, warn, info, debug or trace",
                 self.log
+            )));
+        }
+        let d = &self.delivery;
+        if d.max_lifetime_seconds == 0 || d.default_lifetime_seconds > d.max_lifetime_seconds {
+            return Err(Error::Config(format!(
+                "delivery.default_lifetime_seconds ({}) must be at most delivery.max_lifetime_seconds ({}), which must be positive",
+                d.default_lifetime_seconds, d.max_lifetime_seconds
             )));
         }
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {

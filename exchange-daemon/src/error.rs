@@ -124,6 +124,17 @@ pub enum Error {
     /// The daemon is shutting down.
     #[error("shutting down")]
     Shutdown,
+    /// An inbox item was acknowledged before any fetch of it completed.
+    #[error("message {0} has not been fetched completely; fetch it before acknowledging it")]
+    NotFetched(String),
+    /// An envelope's lifetime (expiry minus creation) exceeds the configured maximum.
+    #[error("envelope lifetime {seconds} s exceeds the maximum of {max} s")]
+    LifetimeTooLong {
+        /// The requested or declared lifetime (seconds).
+        seconds: u64,
+        /// The configured maximum (seconds).
+        max: u64,
+    },
 }
 
 /// Why the store failed.
@@ -221,6 +232,8 @@ impl Error {
             Self::Shutdown => "shutdown",
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
+            Self::NotFetched(_) => "not-fetched",
+            Self::LifetimeTooLong { .. } => "lifetime-too-long",
         }
     }
 
@@ -256,7 +269,10 @@ impl Error {
             Self::TooLarge { .. } => Code::ResourceExhausted,
             Self::Replay(_) => Code::AlreadyExists,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
-            Self::UnknownPeer(_) | Self::Refused { .. } => Code::FailedPrecondition,
+            Self::UnknownPeer(_) | Self::Refused { .. } | Self::NotFetched(_) => {
+                Code::FailedPrecondition
+            }
+            Self::LifetimeTooLong { .. } => Code::InvalidArgument,
             Self::Transport(_) | Self::Shutdown | Self::PeerInternal { .. } => Code::Unavailable,
             Self::Config(_)
             | Self::ReadFile { .. }

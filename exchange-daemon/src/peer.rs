@@ -4,17 +4,20 @@
 //! (signature, sender chain, expiry), then our place on its route decides
 //! whether the TLS peer may deliver it (it must be the hop before us) and
 //! what we sign; the ciphertext is checked against the signed digest as it
-//! streams in; only a fully verified envelope is stored, and only a stored
-//! one gets a receipt. A relay never holds a key that opens the payload.
+//! streams in, and a final recipient also decrypts and authenticates every
+//! chunk (keeping no plaintext); only a fully verified envelope is stored,
+//! and only a stored one gets a receipt, dated when it was written. A relay
+//! never holds a key that opens the payload.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
-use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
+use exchange_core::envelope::{CiphertextVerifier, EnvelopeHead, PayloadOpener, VerifiedHead};
 use exchange_core::receipt::Disposition;
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::accountability::{self, certificate_name, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA};
@@ -84,6 +87,7 @@ fn deserves_receipt(e: &Error) -> bool {
         e,
         Error::TooLarge { .. }
             | Error::Replay(_)
+            | Error::LifetimeTooLong { .. }
             | Error::Core(
                 C::Expired { .. }
                     | C::DigestMismatch
@@ -93,8 +97,67 @@ fn deserves_receipt(e: &Error) -> bool {
                     | C::KeyUnwrap
                     | C::CommitmentMismatch
                     | C::MetadataDecryption
+                    | C::ChunkDecryption { .. }
             )
     )
+}
+
+/// How a received ciphertext stream is checked before we take custody.
+enum StreamCheck {
+    /// A relay cannot decrypt: length and signed digest.
+    Digest(CiphertextVerifier),
+    /// A final recipient also decrypts and authenticates every chunk; the
+    /// plaintext is wiped, never kept. The stream is hashed on its own too,
+    /// so that a stream altered on the way is reported as such
+    /// (`digest-mismatch`) and a chunk that fails under a matching digest
+    /// shows the sender sealed it so (`decryption-failed`).
+    Open {
+        digest: CiphertextVerifier,
+        opener: Box<PayloadOpener>,
+        scratch: Zeroizing<Vec<u8>>,
+        failed: Option<exchange_core::Error>,
+    },
+}
+
+impl StreamCheck {
+    fn update(&mut self, data: &[u8]) -> Result<(), exchange_core::Error> {
+        match self {
+            Self::Digest(v) => v.update(data),
+            Self::Open {
+                digest,
+                opener,
+                scratch,
+                failed,
+            } => {
+                digest.update(data)?;
+                if failed.is_none() {
+                    if let Err(e) = opener.update(data, scratch) {
+                        *failed = Some(e);
+                    }
+                    scratch.zeroize();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(), exchange_core::Error> {
+        match self {
+            Self::Digest(v) => v.finish(),
+            Self::Open {
+                digest,
+                opener,
+                failed,
+                ..
+            } => {
+                digest.finish()?;
+                match failed {
+                    Some(e) => Err(e),
+                    None => opener.finish().map(drop),
+                }
+            }
+        }
+    }
 }
 
 impl Node {
@@ -120,7 +183,10 @@ impl Node {
             Ok(receipt) => Ok(receipt),
             Err(error) if deserves_receipt(&error) => {
                 let reason = Disposition::Rejected(error.reason_code().to_owned());
-                let receipt = self.sign_receipt(&head, pos.role, reason, now).to_bytes();
+                // Dated when the refusal was decided, not when the transfer started.
+                let receipt = self
+                    .sign_receipt(&head, pos.role, reason, SystemTime::now())
+                    .to_bytes();
                 Err(Refusal {
                     error,
                     receipt: Some(receipt),
@@ -142,20 +208,41 @@ impl Node {
         if now > header.expires {
             return Err(exchange_core::Error::Expired { at: header.expires }.into());
         }
+        // A bounded lifetime bounds how long a purged message's id must be
+        // remembered to keep delivery exactly-once.
+        let lifetime = header
+            .expires
+            .duration_since(header.created)
+            .unwrap_or_default();
+        let max = self.config.delivery.max_lifetime_seconds;
+        if lifetime > Duration::from_secs(max) {
+            return Err(Error::LifetimeTooLong {
+                seconds: lifetime.as_secs() + u64::from(lifetime.subsec_nanos() > 0),
+                max,
+            });
+        }
         let limit = self.config.limits.max_envelope_bytes;
         let len = header.ciphertext_length();
         if len > limit {
             return Err(Error::TooLarge { len, limit });
         }
-        let meta = if pos.kind == MessageKind::Inbound {
+        let (meta, mut check) = if pos.kind == MessageKind::Inbound {
             // Our key must open it (recipient entry, key commitment, inner
-            // metadata) before we take responsibility for it.
+            // metadata, then every payload chunk) before we take
+            // responsibility for it.
             let opener = head.open(&self.keys)?;
-            Some(self.meta(opener.metadata()))
+            (
+                Some(self.meta(opener.metadata())),
+                StreamCheck::Open {
+                    digest: head.ciphertext_verifier(),
+                    opener: Box::new(opener),
+                    scratch: Zeroizing::new(Vec::new()),
+                    failed: None,
+                },
+            )
         } else {
-            None
+            (None, StreamCheck::Digest(head.ciphertext_verifier()))
         };
-        let mut verifier = head.ciphertext_verifier();
         let mut sink = Sink::new(
             self.store.clone(),
             len,
@@ -168,21 +255,28 @@ impl Node {
         {
             match msg.part {
                 Some(Part::Chunk(data)) => {
-                    verifier.update(&data)?;
+                    check.update(&data)?;
                     sink.write(data).await?;
                 }
                 _ => return Err(Error::Protocol("a head after the first message".into())),
             }
         }
-        verifier.finish()?;
+        check.finish()?;
+        // Written (a spool file fsynced) before the custody time is taken.
         let ciphertext = sink.finish().await?;
+        // The custody time: the whole envelope received, verified and
+        // written; the store commits it with our receipt next.
+        let custody = SystemTime::now();
+        if custody > header.expires {
+            return Err(exchange_core::Error::Expired { at: header.expires }.into());
+        }
 
         let disposition = match pos.kind {
             MessageKind::Relay => Disposition::AcceptedForRelay,
             _ => Disposition::Delivered,
         };
         let receipt = self
-            .sign_receipt(head, pos.role, disposition.clone(), now)
+            .sign_receipt(head, pos.role, disposition.clone(), custody)
             .to_bytes();
         let deliveries = pos
             .next
@@ -205,7 +299,7 @@ impl Node {
                     counterparty_name: certificate_name(head.sender().certificate()),
                     recipient: self.party.clone(),
                     role: pos.role.as_str().to_owned(),
-                    time_ms: unix_ms(now),
+                    time_ms: unix_ms(custody),
                     receipt: receipt.clone(),
                     audit: Some(self.entry(
                         accountability::DAEMON,
@@ -249,9 +343,13 @@ impl Node {
                 purpose: header.purpose.clone(),
                 created_ms: unix_ms(header.created),
                 expires_ms: unix_ms(header.expires),
-                received_ms: unix_ms(now),
+                received_ms: unix_ms(custody),
                 our_receipt: Some(receipt.clone()),
                 deliveries,
+                awaited: match pos.kind {
+                    MessageKind::Inbound => Vec::new(),
+                    _ => header.recipients.iter().map(|r| r.party.clone()).collect(),
+                },
                 meta,
                 provision,
                 audit: vec![audit],
@@ -287,6 +385,30 @@ impl Node {
                             None,
                             Some(
                                 "redelivery: the original receipt returned, nothing stored".into(),
+                            ),
+                        )])
+                        .await?;
+                        Ok(original)
+                    }
+                    _ => Err(Error::Replay(id.to_string())),
+                }
+            }
+            Accepted::Purged(purged) => {
+                match (
+                    purged.header_sha256 == head.head().header_sha256(),
+                    purged.our_receipt,
+                ) {
+                    (true, Some(original)) => {
+                        tracing::info!(message = %id, from = %peer, "redelivery of a purged message: original receipt returned");
+                        self.audit(vec![self.entry(
+                            &actor,
+                            action,
+                            Some(id),
+                            AuditOutcome::Ok,
+                            None,
+                            Some(
+                                "redelivery of a purged message: the original receipt returned, nothing stored"
+                                    .into(),
                             ),
                         )])
                         .await?;

@@ -58,6 +58,12 @@ impl Sink {
             }
             w.flush().map_err(io)?;
             drop(w);
+            // Durable before the receiver dates its custody receipt.
+            spool.file.sync_all().map_err(|source| StoreError::Io {
+                op: "fsync",
+                path: spool.path.clone(),
+                source,
+            })?;
             Ok(spool)
         });
         Ok(Self::Spool { tx, writer })
@@ -86,7 +92,8 @@ impl Sink {
         }
     }
 
-    /// Everything written, ready for [`Store::accept`].
+    /// Everything written (a spool file flushed and fsynced), ready for
+    /// [`Store::accept`].
     pub(crate) async fn finish(self) -> Result<Ciphertext, Error> {
         match self {
             Self::Memory { buf, .. } => Ok(Ciphertext::Inline(buf)),

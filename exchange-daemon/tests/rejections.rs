@@ -830,13 +830,16 @@ async fn inbox_items_outside_read_purposes_are_invisible() {
         "the refused Ack signed no PROCESSED receipt"
     );
 
-    // Its own purpose it fetches and acknowledges; the ward client reads the other.
-    claims_app
+    // Its own purpose it fetches (to the end) and acknowledges; the ward
+    // client reads the other.
+    let mut s = claims_app
         .fetch(FetchRequest {
             message_id: claim.clone(),
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    while s.message().await.unwrap().is_some() {}
     claims_app
         .ack(AckRequest { message_id: claim })
         .await

@@ -13,7 +13,9 @@
 //! * [`Store::accept`] stores the envelope row, its ciphertext and its first
 //!   deliveries atomically: after a crash either all exist or none;
 //! * accepting a message id already stored changes nothing and returns the
-//!   stored record ([`Accepted::Duplicate`]): receiving is idempotent;
+//!   stored record ([`Accepted::Duplicate`]): receiving is idempotent; so
+//!   is accepting the id of a purged message until its expiry
+//!   ([`Accepted::Purged`]);
 //! * receipts are kept once each (by the SHA-256 of their bytes).
 //!
 //! The store does not interpret envelopes or receipts: the daemon verifies
@@ -173,6 +175,11 @@ pub struct NewEnvelope {
     pub our_receipt: Option<Vec<u8>>,
     /// Work created with it: forwarding to the next hops.
     pub deliveries: Vec<NewDelivery>,
+    /// Final recipients whose answer (a DELIVERED, PROCESSED or REJECTED
+    /// receipt of their own) a sent or relayed message awaits: the purge
+    /// keeps it until each has answered or the receipt grace period after
+    /// its expiry has passed. Empty for an inbox item.
+    pub awaited: Vec<PartyUri>,
     /// What it carries, as far as this facility can tell (origin and final
     /// recipient; a relay cannot open it): kept for provision records.
     pub meta: Option<MessageMeta>,
@@ -304,6 +311,33 @@ pub struct NewCheckpoint {
     pub signed: Vec<u8>,
 }
 
+/// What a retention purge may remove, and the clock it runs by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgePolicy {
+    /// The wall clock now (Unix ms).
+    pub now_ms: u64,
+    /// Messages received before this are due (now minus the retention period).
+    pub received_before_ms: u64,
+    /// Sent and relayed messages are kept until this long after their
+    /// expiry, for receipts still on their way (ms).
+    pub receipt_grace_ms: u64,
+    /// Nothing is purged while `now_ms` is more than this far beyond the
+    /// newest time a purge accepted (ms).
+    pub max_clock_jump_ms: u64,
+}
+
+/// The clock was too far ahead of the newest time a purge accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockJump {
+    /// The newest time a purge accepted (Unix ms).
+    pub last_ms: u64,
+    /// The clock now (Unix ms).
+    pub now_ms: u64,
+    /// True the first time this suspension was seen (its audit entry was
+    /// written now).
+    pub first: bool,
+}
+
 /// What a retention purge removed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PurgeSummary {
@@ -311,6 +345,26 @@ pub struct PurgeSummary {
     pub messages: Vec<MessageId>,
     /// Ciphertext bytes removed.
     pub bytes: u64,
+    /// Set when nothing was purged because the clock jumped forward.
+    pub clock_jump: Option<ClockJump>,
+}
+
+/// What remains of a purged message: enough to answer a redelivery of it
+/// until it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgedRecord {
+    /// Message id.
+    pub id: MessageId,
+    /// Sending party.
+    pub sender: PartyUri,
+    /// SHA-256 of the signed header bytes.
+    pub header_sha256: [u8; 32],
+    /// Expires (Unix ms): the record is kept until then.
+    pub expires_ms: u64,
+    /// The receipt we issued on accepting it (relay, inbound).
+    pub our_receipt: Option<Vec<u8>>,
+    /// When it was purged (Unix ms).
+    pub purged_ms: u64,
 }
 
 /// A stored envelope's row (without its ciphertext).
@@ -346,6 +400,8 @@ pub struct MessageRecord {
     pub our_receipt: Option<Vec<u8>>,
     /// When a local client acknowledged it (inbound).
     pub acked_ms: Option<u64>,
+    /// When a local client last completed a fetch of it (inbound).
+    pub fetched_ms: Option<u64>,
 }
 
 /// Result of [`Store::accept`].
@@ -355,6 +411,9 @@ pub enum Accepted {
     Stored,
     /// The id was already stored; nothing changed. The stored record.
     Duplicate(Box<MessageRecord>),
+    /// The id was stored and purged since, and has not expired; nothing
+    /// changed. What remains of it.
+    Purged(Box<PurgedRecord>),
 }
 
 /// State of a delivery.
@@ -553,6 +612,10 @@ pub trait Store: Send + Sync + 'static {
     fn acknowledge(&self, id: MessageId, now_ms: u64, receipt: NewReceipt)
     -> StoreFuture<'_, bool>;
 
+    /// Records that a local client received the whole, authenticated
+    /// plaintext of an inbound message at `now_ms`.
+    fn mark_fetched(&self, id: MessageId, now_ms: u64) -> StoreFuture<'_, ()>;
+
     /// How many pending deliveries there are (health, tests, the demo).
     fn pending_count(&self) -> StoreFuture<'_, u64>;
 
@@ -570,10 +633,20 @@ pub trait Store: Send + Sync + 'static {
     /// Provision records about the patient with this pseudonym, oldest first.
     fn provisions(&self, subject: Pseudonym) -> StoreFuture<'_, Vec<ProvisionRecord>>;
 
-    /// Removes messages received before `before_ms` that have no pending
-    /// delivery (their deliveries, receipts and ciphertext too; provision
-    /// records and the audit log stay), with `audit` (its detail completed
-    /// with what was removed) in the same transaction. Nothing is written if
-    /// nothing is due.
-    fn purge(&self, before_ms: u64, audit: AuditEntry) -> StoreFuture<'_, PurgeSummary>;
+    /// Removes messages received before `policy.received_before_ms` that
+    /// have no pending delivery, except inbox items never fetched and sent
+    /// or relayed messages within the receipt grace period after their
+    /// expiry (their deliveries, receipts and ciphertext go; provision
+    /// records and the audit log stay; the id, sender, header digest, expiry
+    /// and our receipt are kept until the expiry), with `audit` (its detail
+    /// completed with what was removed) in the same transaction. Nothing is
+    /// removed if nothing is due, nor while the clock is too far ahead of
+    /// the newest time a purge accepted: then `suspended` is appended (once
+    /// per suspension) and [`PurgeSummary::clock_jump`] is set.
+    fn purge(
+        &self,
+        policy: PurgePolicy,
+        audit: AuditEntry,
+        suspended: AuditEntry,
+    ) -> StoreFuture<'_, PurgeSummary>;
 }

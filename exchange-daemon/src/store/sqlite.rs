@@ -65,6 +65,22 @@
 //! once under the digest its entries carry (`exchange_core::audit::SubjectSet`);
 //! append-only, kept by the retention purge.
 //!
+//! Version 4 (custody and retention):
+//!
+//! * `messages.fetched_ms`: when a local client last completed a fetch of
+//!   an inbox item (an acknowledgement needs one).
+//! * `purged_messages`: what a purge removed (`id`, `sender`,
+//!   `header_sha256`, `expires_ms`, `our_receipt`, `purged_ms`), kept until
+//!   the envelope has expired, so that a redelivery is answered with the
+//!   original verdict instead of being stored again.
+//! * `message_awaited` (`message_id`, `party`): the final recipients whose
+//!   own DELIVERED, PROCESSED or REJECTED receipt a sent or relayed message
+//!   awaits; until each has answered (or the receipt grace period after the
+//!   expiry has passed) the purge keeps the message.
+//! * `purge_clock`: one row, `last_ms`: the newest wall-clock time a purge
+//!   accepted; a later time too far beyond it stops the purge, and
+//!   `suspended_ms` says since when (the stop is audited once).
+//!
 //! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
 //! above `i64::MAX` is refused on the way in, a negative value read back is
 //! reported as [`StoreError::Corrupt`].
@@ -111,10 +127,10 @@ use tokio::sync::oneshot;
 use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS, Pseudonym, SubjectSet};
 
 use super::{
-    Accepted, AttemptOutcome, AuditTail, Ciphertext, DeliveryKind, DeliveryRecord, DeliveryState,
-    MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery, NewEnvelope, NewProvision,
-    NewReceipt, ProvisionDirection, ProvisionRecord, PurgeSummary, ReceiptRecord, SpoolFile, Store,
-    StoreFuture, StoredCiphertext,
+    Accepted, AttemptOutcome, AuditTail, Ciphertext, ClockJump, DeliveryKind, DeliveryRecord,
+    DeliveryState, MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery,
+    NewEnvelope, NewProvision, NewReceipt, ProvisionDirection, ProvisionRecord, PurgePolicy,
+    PurgeSummary, PurgedRecord, ReceiptRecord, SpoolFile, Store, StoreFuture, StoredCiphertext,
 };
 use crate::error::StoreError;
 
@@ -254,6 +270,33 @@ CREATE TRIGGER audit_subject_sets_no_update BEFORE UPDATE ON audit_subject_sets
 CREATE TRIGGER audit_subject_sets_no_delete BEFORE DELETE ON audit_subject_sets
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 ",
+    // 4: custody and retention: when a local client completed a fetch,
+    // ids of purged messages until their expiry, the purge's clock.
+    r"
+ALTER TABLE messages ADD COLUMN fetched_ms INTEGER;
+
+CREATE TABLE purged_messages (
+    id            BLOB PRIMARY KEY NOT NULL CHECK (length(id) = 16),
+    sender        TEXT NOT NULL,
+    header_sha256 BLOB NOT NULL CHECK (length(header_sha256) = 32),
+    expires_ms    INTEGER NOT NULL,
+    our_receipt   BLOB,
+    purged_ms     INTEGER NOT NULL
+);
+CREATE INDEX purged_messages_expiry ON purged_messages (expires_ms);
+
+CREATE TABLE message_awaited (
+    message_id BLOB NOT NULL REFERENCES messages (id),
+    party      TEXT NOT NULL,
+    PRIMARY KEY (message_id, party)
+);
+
+CREATE TABLE purge_clock (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    last_ms      INTEGER NOT NULL,
+    suspended_ms INTEGER
+);
+",
 ];
 
 /// Most messages one [`Store::purge`] call removes (its audit entry lists them).
@@ -271,7 +314,8 @@ const BLOBS_DIR: &str = "blobs";
 const SPOOL_DIR: &str = "spool";
 
 const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphertext_len, sender, upstream, \
-     local_client, content_type, purpose, created_ms, expires_ms, received_ms, our_receipt, acked_ms";
+     local_client, content_type, purpose, created_ms, expires_ms, received_ms, our_receipt, acked_ms, \
+     fetched_ms";
 
 const DELIVERY_COLUMNS: &str = "id, message_id, target, kind, payload, state, failure, attempts, \
      next_attempt_ms, last_error, expires_ms";
@@ -445,6 +489,7 @@ impl SqliteStore {
             received_ms,
             our_receipt,
             deliveries,
+            awaited,
             meta,
             provision,
             audit,
@@ -470,6 +515,7 @@ impl SqliteStore {
                 .into_iter()
                 .map(DeliveryRow::new)
                 .collect::<Result<_, _>>()?,
+            awaited,
             meta,
             provision: provision.map(ProvisionRow::new).transpose()?,
             audit,
@@ -505,7 +551,7 @@ impl SqliteStore {
                     // The file is ours alone (the link created its name), and
                     // no row names it: the id was stored already, or our
                     // savepoint was rolled back.
-                    Ok(Ok(dup @ Accepted::Duplicate(_))) => {
+                    Ok(Ok(dup @ (Accepted::Duplicate(_) | Accepted::Purged(_)))) => {
                         remove_quietly(&path);
                         Ok(dup)
                     }
@@ -807,6 +853,24 @@ impl Store for SqliteStore {
         })
     }
 
+    fn mark_fetched(&self, id: MessageId, now_ms: u64) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let now = to_i64(now_ms, "now_ms")?;
+            self.write(move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE messages SET fetched_ms = ?2 WHERE id = ?1 AND kind = 'inbound'",
+                    )?
+                    .execute(params![id.as_bytes(), now])?;
+                if n == 0 {
+                    return Err(StoreError::NotFound(format!("inbound message {id}")));
+                }
+                Ok(())
+            })
+            .await
+        })
+    }
+
     fn pending_count(&self) -> StoreFuture<'_, u64> {
         Box::pin(self.read(|conn| {
             let n: i64 = conn
@@ -875,11 +939,18 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |conn| provisions_for(conn, &subject)))
     }
 
-    fn purge(&self, before_ms: u64, audit: AuditEntry) -> StoreFuture<'_, PurgeSummary> {
+    fn purge(
+        &self,
+        policy: PurgePolicy,
+        audit: AuditEntry,
+        suspended: AuditEntry,
+    ) -> StoreFuture<'_, PurgeSummary> {
         Box::pin(async move {
-            let before = to_i64(before_ms, "before_ms")?;
+            let policy = PurgeLimits::new(policy)?;
             let blobs = self.blobs.clone();
-            let (summary, files) = self.write(move |conn| purge(conn, before, audit)).await?;
+            let (summary, files) = self
+                .write(move |conn| purge(conn, &policy, audit, suspended))
+                .await?;
             // After the commit: no row names these files any more.
             for name in files {
                 remove_quietly(&blobs.join(name));
@@ -1045,34 +1116,137 @@ pub fn provisions_for(
         .collect()
 }
 
-/// Deletes messages received before `before` with no pending delivery;
-/// returns what went and the blob files to remove after the commit.
+/// A redelivery is still answered from a purged message's record this long
+/// after its expiry (clocks of peers differ).
+const PURGED_RECORD_MARGIN_MS: i64 = 86_400_000;
+
+/// [`PurgePolicy`] in database integers.
+struct PurgeLimits {
+    now: i64,
+    received_before: i64,
+    /// Sent and relayed messages expiring before this are past their grace period.
+    expired_before: i64,
+    max_jump: i64,
+}
+
+impl PurgeLimits {
+    fn new(p: PurgePolicy) -> Result<Self, StoreError> {
+        let now = to_i64(p.now_ms, "now_ms")?;
+        // Periods beyond the integer range mean "for ever".
+        let period = |ms: u64| i64::try_from(ms).unwrap_or(i64::MAX);
+        Ok(Self {
+            now,
+            received_before: to_i64(p.received_before_ms, "received_before_ms")?,
+            expired_before: now.saturating_sub(period(p.receipt_grace_ms)),
+            max_jump: period(p.max_clock_jump_ms),
+        })
+    }
+}
+
+/// Checks the clock against the newest time a purge accepted (before the
+/// first purge: the newest time a message was received); `Some` if it is
+/// too far ahead (the suspension recorded, `suspended` appended the first
+/// time). Otherwise the clock is accepted as the newest time.
+fn check_purge_clock(
+    conn: &Connection,
+    p: &PurgeLimits,
+    suspended: AuditEntry,
+) -> Result<Option<ClockJump>, StoreError> {
+    let row: Option<(i64, Option<i64>)> = conn
+        .prepare_cached("SELECT last_ms, suspended_ms FROM purge_clock WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (last, since) = match row {
+        Some(r) => r,
+        None => {
+            let newest: Option<i64> = conn
+                .prepare_cached("SELECT MAX(received_ms) FROM messages")?
+                .query_row([], |r| r.get(0))?;
+            (newest.unwrap_or(p.now), None)
+        }
+    };
+    if p.now > last.saturating_add(p.max_jump) {
+        conn.prepare_cached(
+            "INSERT INTO purge_clock (id, last_ms, suspended_ms) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET suspended_ms = COALESCE(suspended_ms, ?2)",
+        )?
+        .execute([last, p.now])?;
+        if since.is_none() {
+            append_audit(conn, suspended)?;
+        }
+        return Ok(Some(ClockJump {
+            last_ms: to_u64(last, "purge_clock.last_ms")?,
+            now_ms: to_u64(p.now, "now_ms")?,
+            first: since.is_none(),
+        }));
+    }
+    conn.prepare_cached(
+        "INSERT INTO purge_clock (id, last_ms, suspended_ms) VALUES (1, ?1, NULL) \
+         ON CONFLICT (id) DO UPDATE SET last_ms = max(last_ms, ?1), suspended_ms = NULL",
+    )?
+    .execute([p.now])?;
+    Ok(None)
+}
+
+/// Deletes what the policy makes due (see [`Store::purge`]), keeping a
+/// record of each message until its expiry; returns what went and the
+/// blob files to remove after the commit.
 fn purge(
     conn: &Connection,
-    before: i64,
+    p: &PurgeLimits,
     mut audit: AuditEntry,
+    suspended: AuditEntry,
 ) -> Result<(PurgeSummary, Vec<String>), StoreError> {
+    if let Some(jump) = check_purge_clock(conn, p, suspended)? {
+        return Ok((
+            PurgeSummary {
+                clock_jump: Some(jump),
+                ..PurgeSummary::default()
+            },
+            Vec::new(),
+        ));
+    }
+    conn.prepare_cached("DELETE FROM purged_messages WHERE expires_ms < ?1")?
+        .execute([p.now.saturating_sub(PURGED_RECORD_MARGIN_MS)])?;
     let due = conn
         .prepare_cached(
             "SELECT id, blob, ciphertext_len FROM messages m WHERE received_ms < ?1 \
              AND NOT EXISTS (SELECT 1 FROM deliveries d \
                              WHERE d.message_id = m.id AND d.state = 'pending') \
+             AND NOT (kind = 'inbound' AND fetched_ms IS NULL) \
+             AND NOT (kind IN ('outbound', 'relay') AND expires_ms >= ?3 AND ( \
+                 NOT EXISTS (SELECT 1 FROM message_awaited a WHERE a.message_id = m.id) \
+                 OR EXISTS (SELECT 1 FROM message_awaited a WHERE a.message_id = m.id \
+                     AND NOT EXISTS (SELECT 1 FROM receipts x \
+                         WHERE x.message_id = m.id AND x.issuer = a.party \
+                         AND x.disposition IN ('DELIVERED', 'PROCESSED', 'REJECTED'))))) \
              ORDER BY received_ms, id LIMIT ?2",
         )?
-        .query_map(params![before, PURGE_BATCH], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?
+        .query_map(
+            params![p.received_before, PURGE_BATCH, p.expired_before],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )?
         .collect::<Result<Vec<_>, _>>()?;
     let mut summary = PurgeSummary::default();
     let mut files = Vec::new();
     for (id, blob, len) in due {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO purged_messages \
+             (id, sender, header_sha256, expires_ms, our_receipt, purged_ms) \
+             SELECT id, sender, header_sha256, expires_ms, our_receipt, ?2 \
+             FROM messages WHERE id = ?1",
+        )?
+        .execute(params![&id, p.now])?;
         for sql in [
             "DELETE FROM deliveries WHERE message_id = ?1",
             "DELETE FROM receipts WHERE message_id = ?1",
+            "DELETE FROM message_awaited WHERE message_id = ?1",
             "DELETE FROM message_subjects WHERE message_id = ?1",
             "DELETE FROM message_meta WHERE message_id = ?1",
             "DELETE FROM messages WHERE id = ?1",
@@ -1104,6 +1278,34 @@ fn purge(
         append_audit(conn, audit)?;
     }
     Ok((summary, files))
+}
+
+/// What remains of a purged message whose id is `id`, if any.
+fn load_purged(conn: &Connection, id: &MessageId) -> Result<Option<PurgedRecord>, StoreError> {
+    conn.prepare_cached(
+        "SELECT sender, header_sha256, expires_ms, our_receipt, purged_ms \
+         FROM purged_messages WHERE id = ?1",
+    )?
+    .query_row([id.as_bytes()], |r| {
+        let sender: String = r.get(0)?;
+        let header: Vec<u8> = r.get(1)?;
+        let expires: i64 = r.get(2)?;
+        let our_receipt: Option<Vec<u8>> = r.get(3)?;
+        let purged: i64 = r.get(4)?;
+        Ok((|| -> Result<PurgedRecord, StoreError> {
+            Ok(PurgedRecord {
+                id: *id,
+                sender: party(sender, "sender")?,
+                header_sha256: <[u8; 32]>::try_from(header.as_slice())
+                    .map_err(|_| StoreError::Corrupt("header_sha256 is not 32 bytes".into()))?,
+                expires_ms: to_u64(expires, "expires_ms")?,
+                our_receipt,
+                purged_ms: to_u64(purged, "purged_ms")?,
+            })
+        })())
+    })
+    .optional()?
+    .transpose()
 }
 
 // ---------------------------------------------------------------------------
@@ -1250,6 +1452,7 @@ struct MessageRow {
     received_ms: i64,
     our_receipt: Option<Vec<u8>>,
     deliveries: Vec<DeliveryRow>,
+    awaited: Vec<PartyUri>,
     meta: Option<MessageMeta>,
     provision: Option<ProvisionRow>,
     audit: Vec<AuditEntry>,
@@ -1330,6 +1533,9 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
     if let Some(stored) = load_message(conn, &m.id)? {
         return Ok(Accepted::Duplicate(Box::new(stored)));
     }
+    if let Some(purged) = load_purged(conn, &m.id)? {
+        return Ok(Accepted::Purged(Box::new(purged)));
+    }
     let (inline, blob) = match &m.body {
         Body::Inline(bytes) => (Some(bytes.as_slice()), None),
         Body::Blob(name) => (None, Some(name.as_str())),
@@ -1360,6 +1566,12 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
     ])?;
     for d in &m.deliveries {
         insert_delivery(conn, m.id.as_bytes(), d)?;
+    }
+    for party in &m.awaited {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO message_awaited (message_id, party) VALUES (?1, ?2)",
+        )?
+        .execute(params![m.id.as_bytes(), party.as_str()])?;
     }
     if let Some(meta) = &m.meta {
         insert_meta(conn, m.id.as_bytes(), meta)?;
@@ -1618,6 +1830,7 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Result<MessageRecord, Store
     let received_ms: i64 = r.get(12)?;
     let our_receipt: Option<Vec<u8>> = r.get(13)?;
     let acked_ms: Option<i64> = r.get(14)?;
+    let fetched_ms: Option<i64> = r.get(15)?;
     Ok((|| -> Result<MessageRecord, StoreError> {
         Ok(MessageRecord {
             id: message_id(&id)?,
@@ -1636,6 +1849,7 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Result<MessageRecord, Store
             received_ms: to_u64(received_ms, "received_ms")?,
             our_receipt,
             acked_ms: acked_ms.map(|a| to_u64(a, "acked_ms")).transpose()?,
+            fetched_ms: fetched_ms.map(|f| to_u64(f, "fetched_ms")).transpose()?,
         })
     })())
 }

@@ -45,6 +45,7 @@ fn envelope(id: MessageId, kind: MessageKind, ciphertext: Ciphertext, len: u64) 
         received_ms: 2_000,
         our_receipt: Some(b"our receipt".to_vec()),
         deliveries: vec![forward("urn:test:next", DeliveryKind::Envelope)],
+        awaited: Vec::new(),
         meta: None,
         provision: None,
         audit: Vec::new(),
@@ -153,6 +154,7 @@ async fn accept_inline_and_read_back() {
             received_ms: 2_000,
             our_receipt: Some(b"our receipt".to_vec()),
             acked_ms: None,
+            fetched_ms: None,
         }
     );
     match store.ciphertext(id).await.unwrap() {
@@ -238,6 +240,7 @@ async fn duplicate_accept_returns_stored_record_and_changes_nothing() {
     match store.accept(again).await.unwrap() {
         Accepted::Duplicate(r) => assert_eq!(*r, stored),
         Accepted::Stored => panic!("stored twice"),
+        Accepted::Purged(_) => panic!("never purged"),
     }
     assert_eq!(store.message(id).await.unwrap().unwrap(), stored);
     assert_eq!(store.deliveries(id).await.unwrap().len(), 1);
