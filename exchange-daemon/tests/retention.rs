@@ -362,3 +362,91 @@ async fn purge_does_nothing_when_the_clock_jumped_far_ahead_of_the_store() {
     h.shutdown().await;
     assert_eq!(purges(&hospital, AuditOutcome::Ok).len(), 1);
 }
+
+/// Delivers `head` and `ct` as `deliver` does, counting the ciphertext bytes
+/// the call took from the stream before the answer came.
+async fn deliver_counting(
+    peer: &mut exchange_daemon::proto::peer_client::PeerClient<Channel>,
+    head: &exchange_core::envelope::EnvelopeHead,
+    ct: &[u8],
+) -> (Result<Vec<u8>, tonic::Status>, usize) {
+    use exchange_daemon::proto::{DeliverRequest, deliver_request};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let taken = Arc::new(AtomicUsize::new(0));
+    let mut msgs = vec![DeliverRequest {
+        part: Some(deliver_request::Part::Head(head.as_bytes().to_vec())),
+    }];
+    for c in ct.chunks(256 * 1024) {
+        msgs.push(DeliverRequest {
+            part: Some(deliver_request::Part::Chunk(c.to_vec())),
+        });
+    }
+    let count = taken.clone();
+    let stream = tokio_stream::iter(msgs).map(move |m| {
+        if let Some(deliver_request::Part::Chunk(c)) = &m.part {
+            count.fetch_add(c.len(), Ordering::SeqCst);
+        }
+        m
+    });
+    let r = peer.deliver(stream).await.map(|r| r.into_inner().receipt);
+    (r, taken.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_is_answered_with_the_original_receipt_before_its_body_even_after_expiry() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    net.configure(&hospital, &[&clinic], &[], "");
+    let h = start(&hospital).await;
+    let mut peer = peer_client(&net, &hospital, &clinic.tls_identity());
+
+    // A 64 MiB study, delivered once; the answer to it is lost, and the
+    // sender tries again.
+    let study = vec![0x5au8; 64 << 20];
+    let (head, ct) = seal_now(&net, &clinic, &hospital, &study);
+    let (first, _) = deliver_counting(&mut peer, &head, &ct).await;
+    let first = first.unwrap();
+    let (again, taken) = deliver_counting(&mut peer, &head, &ct).await;
+    assert_eq!(again.unwrap(), first, "the original receipt, byte for byte");
+    // The answer came before the body was read: the sender got no further
+    // than what HTTP/2 flow control let it push unread (a 2 MiB stream
+    // window, plus what was in flight), not 64 MiB.
+    assert!(taken < 4 << 20, "{taken} bytes taken before the answer");
+    eprintln!("redelivery answered after {taken} of {} bytes", ct.len());
+
+    // A small envelope delivered just before it expires, and redelivered
+    // after: the answer is still the original DELIVERED.
+    let (head, ct) = seal_to(
+        &net,
+        &clinic,
+        &hospital,
+        "treatment",
+        b"referral",
+        SystemTime::now(),
+        Duration::from_secs(2),
+    );
+    let first = deliver(&mut peer, &head, &ct).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let again = deliver(&mut peer, &head, &ct).await.unwrap();
+    assert_eq!(again, first);
+    let receipt = SignedReceipt::from_bytes(&again)
+        .unwrap()
+        .verify(&net_trust(&net))
+        .unwrap();
+    assert_eq!(receipt.disposition(), &Disposition::Delivered);
+    // Each redelivery is in the log; one inbox item each.
+    let redeliveries = audit_log(&hospital)
+        .into_iter()
+        .filter(|e| {
+            e.action == AuditAction::Receive
+                && e.detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("redelivery"))
+        })
+        .count();
+    assert_eq!(redeliveries, 2);
+    assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 2);
+    h.shutdown().await;
+}
