@@ -409,6 +409,12 @@ pub(crate) struct SendArgs {
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Idempotency key (1-128 printable ASCII characters). The daemon answers
+    /// a repeat with the same key and the same request with the original
+    /// message, storing nothing. Default: a fresh random key, reused for
+    /// this command's own retries.
+    #[arg(long, value_name = "KEY")]
+    pub(crate) idempotency_key: Option<String>,
 }
 
 impl SendArgs {
@@ -560,11 +566,55 @@ pub(crate) async fn send_bytes(
         .map_err(|s| client.error("send", &s))
 }
 
+/// How many times `exchange send` tries when the daemon could not be
+/// reached or the answer was lost (same idempotency key each time).
+const SEND_TRIES: u32 = 3;
+
+/// A fresh idempotency key for one `exchange send` (and its own retries).
+fn new_idempotency_key() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| CliError::Usage(format!("no randomness for an idempotency key: {e}")))?;
+    Ok(format!("exchange-cli-{}", hex::encode(b)))
+}
+
+/// Whether a failed Send may be tried again with the same key: the daemon
+/// was not reached, the connection broke, or it is restarting or failed
+/// inside (a repeat is answered with the original message if it had been
+/// stored).
+fn retryable(e: &CliError) -> bool {
+    match e {
+        CliError::Connect { .. } => true,
+        CliError::Refused { reason, .. } => {
+            matches!(reason.as_str(), "transport" | "shutdown" | "store")
+        }
+        _ => false,
+    }
+}
+
 /// `exchange send`.
 pub(crate) async fn send(a: &SendArgs) -> Result<()> {
-    let start = a.start(0)?;
+    let mut start = a.start(0)?;
+    start.idempotency_key = match &a.idempotency_key {
+        Some(k) => k.clone(),
+        None => new_idempotency_key()?,
+    };
     let client = a.conn.connect()?;
-    let sent = send_file(&client, start, &a.input).await?;
+    let mut tries = 0;
+    let sent = loop {
+        tries += 1;
+        match send_file(&client, start.clone(), &a.input).await {
+            Ok(sent) => break sent,
+            Err(e) if tries < SEND_TRIES && retryable(&e) => {
+                eprintln!(
+                    "send failed ({e}); trying again with idempotency key {}",
+                    start.idempotency_key
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(tries))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let id = id_of(&sent.message_id);
     if !a.wait {
         if a.json {

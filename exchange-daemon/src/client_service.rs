@@ -34,6 +34,7 @@ use crate::proto::{
 use crate::sink::Sink;
 use crate::store::{
     Accepted, DeliveryKind, DeliveryState, MessageKind, MessageRecord, NewDelivery, NewEnvelope,
+    SendKey, SendKeyRecord,
 };
 
 /// Plaintext slice per streamed message.
@@ -78,6 +79,41 @@ fn message_id(bytes: &[u8]) -> Result<MessageId, Error> {
         .map_err(|_| Error::BadRequest("message_id must be 16 bytes".into()))
 }
 
+/// Longest idempotency key a client may give.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// A Send's idempotency key, if it gave one: 1 to 128 printable ASCII
+/// characters.
+fn idempotency_key(key: &str) -> Result<Option<String>, Error> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::BadRequest(format!(
+            "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// The digest a Send's idempotency key is bound to: every parameter of its
+/// `SendStart` but the key itself and the (untrusted) size hint, then the
+/// plaintext, absorbed as it streams in.
+fn request_digest(start: &proto::SendStart) -> exchange_core::suite::Hasher {
+    use prost::Message as _;
+    let params = proto::SendStart {
+        idempotency_key: String::new(),
+        size_hint: 0,
+        ..start.clone()
+    }
+    .encode_to_vec();
+    let mut h = exchange_core::suite::Hasher::new();
+    h.update(b"exchange/v1 send request\0");
+    h.update(&(params.len() as u64).to_be_bytes());
+    h.update(&params);
+    h
+}
+
 fn refuse(client: &ClientConfig, what: &str, e: Error) -> Status {
     tracing::warn!(client = %client.name, reason = e.reason_code(), "{what} refused: {e}");
     e.into()
@@ -97,6 +133,27 @@ impl Node {
                 "client {} may not send for purpose {:?}",
                 client.name, start.purpose
             )));
+        }
+        let key = idempotency_key(&start.idempotency_key)?;
+        let mut request = request_digest(&start);
+        if let Some(key) = &key
+            && let Some(prior) = self
+                .store
+                .send_key(client.party.clone(), key.clone())
+                .await?
+        {
+            // A repeat: read what it asks for, store nothing.
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|s| Error::Transport(format!("receiving plaintext: {}", s.message())))?
+            {
+                let Some(send_request::Part::Chunk(data)) = msg.part else {
+                    return Err(Error::Protocol("a second SendStart".into()));
+                };
+                request.update(&data);
+            }
+            return self.repeat(client, key, &prior, request.finish()).await;
         }
         if start.recipients.is_empty() {
             return Err(Error::BadRequest("no recipient".into()));
@@ -204,6 +261,7 @@ impl Node {
             let Some(send_request::Part::Chunk(data)) = msg.part else {
                 return Err(Error::Protocol("a second SendStart".into()));
             };
+            request.update(&data);
             sealer.update(&data, &mut out);
             total += out.len() as u64;
             if total > limit {
@@ -239,6 +297,12 @@ impl Node {
                 return Err(Error::UnknownPeer(hop.to_string()));
             }
         }
+        let request_sha256 = request.finish();
+        let send_key = key.as_ref().map(|key| SendKey {
+            client: client.party.clone(),
+            key: key.clone(),
+            request_sha256,
+        });
         let accepted = self
             .store
             .accept(NewEnvelope {
@@ -281,8 +345,22 @@ impl Node {
                         expires_ms: unix_ms(header.expires),
                     })
                     .collect(),
+                send_key,
             })
-            .await?;
+            .await;
+        let accepted = match (accepted, &key) {
+            (Ok(a), _) => a,
+            // The same key committed by a concurrent repeat in the meantime.
+            (Err(e), Some(key)) => match self
+                .store
+                .send_key(client.party.clone(), key.clone())
+                .await?
+            {
+                Some(prior) => return self.repeat(client, key, &prior, request_sha256).await,
+                None => return Err(e.into()),
+            },
+            (Err(e), None) => return Err(e.into()),
+        };
         if let Accepted::Duplicate(_) | Accepted::Purged(_) = accepted {
             // A fresh random 128-bit id cannot collide unless the RNG is broken.
             return Err(Error::Replay(id.to_string()));
@@ -292,6 +370,37 @@ impl Node {
         Ok(SendResponse {
             message_id: id.as_bytes().to_vec(),
             ciphertext_length: total,
+        })
+    }
+
+    /// The answer to a repeated Send: the original message if the request
+    /// is the same (the repeat is audited), else a conflict.
+    async fn repeat(
+        &self,
+        client: &ClientConfig,
+        key: &str,
+        prior: &SendKeyRecord,
+        request_sha256: [u8; 32],
+    ) -> Result<SendResponse, Error> {
+        if prior.request_sha256 != request_sha256 {
+            return Err(Error::IdempotencyConflict(key.to_owned()));
+        }
+        self.audit(vec![self.entry(
+            &client_actor(&client.party),
+            AuditAction::Send,
+            Some(prior.message_id),
+            AuditOutcome::Ok,
+            None,
+            Some(
+                "a repeat under the same idempotency key: the original message returned, nothing stored"
+                    .into(),
+            ),
+        )])
+        .await?;
+        tracing::info!(message = %prior.message_id, client = %client.name, "repeated send answered with the original message");
+        Ok(SendResponse {
+            message_id: prior.message_id.as_bytes().to_vec(),
+            ciphertext_length: prior.ciphertext_len,
         })
     }
 

@@ -121,6 +121,9 @@ pub enum Error {
         /// The role configured for the party.
         contracted: String,
     },
+    /// A Send reused an idempotency key for a different request.
+    #[error("idempotency key {0:?} was used for a different request")]
+    IdempotencyConflict(String),
     /// The daemon is shutting down.
     #[error("shutting down")]
     Shutdown,
@@ -232,6 +235,7 @@ impl Error {
             Self::Shutdown => "shutdown",
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
+            Self::IdempotencyConflict(_) => "idempotency-conflict",
             Self::NotFetched(_) => "not-fetched",
             Self::LifetimeTooLong { .. } => "lifetime-too-long",
         }
@@ -267,7 +271,7 @@ impl Error {
             }
             Self::Forbidden(_) | Self::RoleMismatch { .. } => Code::PermissionDenied,
             Self::TooLarge { .. } => Code::ResourceExhausted,
-            Self::Replay(_) => Code::AlreadyExists,
+            Self::Replay(_) | Self::IdempotencyConflict(_) => Code::AlreadyExists,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
             Self::UnknownPeer(_) | Self::Refused { .. } | Self::NotFetched(_) => {
                 Code::FailedPrecondition

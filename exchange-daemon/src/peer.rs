@@ -395,6 +395,7 @@ impl Node {
                 meta,
                 provision,
                 audit: vec![audit],
+                send_key: None,
             })
             .await?;
         match accepted {

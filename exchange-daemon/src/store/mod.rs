@@ -187,6 +187,33 @@ pub struct NewEnvelope {
     pub provision: Option<NewProvision>,
     /// Audit entries committed with it (only if it is newly stored).
     pub audit: Vec<AuditEntry>,
+    /// The idempotency key of the Send that made it (outbound only),
+    /// stored with it in the same transaction.
+    pub send_key: Option<SendKey>,
+}
+
+/// A local client's idempotency key for one Send, and what that Send asked
+/// for: a repeat with the same key is the same request only if it asks for
+/// exactly the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendKey {
+    /// The client (its certificate's party URI): keys are per client.
+    pub client: String,
+    /// The key the client chose.
+    pub key: String,
+    /// SHA-256 over the Send's parameters and its plaintext.
+    pub request_sha256: [u8; 32],
+}
+
+/// A stored idempotency key: the Send it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendKeyRecord {
+    /// The message that Send made.
+    pub message_id: MessageId,
+    /// SHA-256 over that Send's parameters and its plaintext.
+    pub request_sha256: [u8; 32],
+    /// Its ciphertext length.
+    pub ciphertext_len: u64,
 }
 
 /// What an envelope carries (from the inner header), minus the clear
@@ -545,6 +572,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The row of one message.
     fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>>;
+
+    /// The Send a client made under an idempotency key, if it is still kept
+    /// (until its envelope's expiry).
+    fn send_key(&self, client: String, key: String) -> StoreFuture<'_, Option<SendKeyRecord>>;
 
     /// One message's ciphertext.
     fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext>;

@@ -81,6 +81,11 @@
 //!   accepted; a later time too far beyond it stops the purge, and
 //!   `suspended_ms` says since when (the stop is audited once).
 //!
+//! Version 5: `send_keys` (`client`, `key`, `request_sha256`, `message_id`,
+//! `expires_ms`): the idempotency key of each Send that gave one, with a
+//! digest of what it asked for, kept until a day after the envelope's
+//! expiry; a repeat answers with the same message id.
+//!
 //! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
 //! above `i64::MAX` is refused on the way in, a negative value read back is
 //! reported as [`StoreError::Corrupt`].
@@ -130,7 +135,8 @@ use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, ClockJump, DeliveryKind, DeliveryRecord,
     DeliveryState, MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery,
     NewEnvelope, NewProvision, NewReceipt, ProvisionDirection, ProvisionRecord, PurgePolicy,
-    PurgeSummary, PurgedRecord, ReceiptRecord, SpoolFile, Store, StoreFuture, StoredCiphertext,
+    PurgeSummary, PurgedRecord, ReceiptRecord, SendKey, SendKeyRecord, SpoolFile, Store,
+    StoreFuture, StoredCiphertext,
 };
 use crate::error::StoreError;
 
@@ -296,6 +302,18 @@ CREATE TABLE purge_clock (
     last_ms      INTEGER NOT NULL,
     suspended_ms INTEGER
 );
+",
+    // 5: idempotent Send: each client's keys with what they asked for.
+    r"
+CREATE TABLE send_keys (
+    client         TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    request_sha256 BLOB NOT NULL CHECK (length(request_sha256) = 32),
+    message_id     BLOB NOT NULL CHECK (length(message_id) = 16),
+    expires_ms     INTEGER NOT NULL,
+    PRIMARY KEY (client, key)
+);
+CREATE INDEX send_keys_expiry ON send_keys (expires_ms);
 ",
 ];
 
@@ -493,6 +511,7 @@ impl SqliteStore {
             meta,
             provision,
             audit,
+            send_key,
         } = envelope;
         let row = MessageRow {
             id,
@@ -519,6 +538,7 @@ impl SqliteStore {
             meta,
             provision: provision.map(ProvisionRow::new).transpose()?,
             audit,
+            send_key,
         };
         match ciphertext {
             Ciphertext::Inline(bytes) => {
@@ -600,6 +620,33 @@ impl Store for SqliteStore {
 
     fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>> {
         Box::pin(self.read(move |conn| load_message(conn, &id)))
+    }
+
+    fn send_key(&self, client: String, key: String) -> StoreFuture<'_, Option<SendKeyRecord>> {
+        Box::pin(self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT k.message_id, k.request_sha256, m.ciphertext_len FROM send_keys k \
+                 JOIN messages m ON m.id = k.message_id WHERE k.client = ?1 AND k.key = ?2",
+            )?
+            .query_row(params![client, key], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?
+            .map(|(id, digest, len)| {
+                Ok(SendKeyRecord {
+                    message_id: message_id(&id)?,
+                    request_sha256: <[u8; 32]>::try_from(digest.as_slice()).map_err(|_| {
+                        StoreError::Corrupt("send_keys.request_sha256 is not 32 bytes".into())
+                    })?,
+                    ciphertext_len: to_u64(len, "ciphertext_len")?,
+                })
+            })
+            .transpose()
+        }))
     }
 
     fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext> {
@@ -1208,6 +1255,8 @@ fn purge(
     }
     conn.prepare_cached("DELETE FROM purged_messages WHERE expires_ms < ?1")?
         .execute([p.now.saturating_sub(PURGED_RECORD_MARGIN_MS)])?;
+    conn.prepare_cached("DELETE FROM send_keys WHERE expires_ms < ?1")?
+        .execute([p.now.saturating_sub(PURGED_RECORD_MARGIN_MS)])?;
     let due = conn
         .prepare_cached(
             "SELECT id, blob, ciphertext_len FROM messages m WHERE received_ms < ?1 \
@@ -1456,6 +1505,7 @@ struct MessageRow {
     meta: Option<MessageMeta>,
     provision: Option<ProvisionRow>,
     audit: Vec<AuditEntry>,
+    send_key: Option<SendKey>,
 }
 
 /// A [`NewProvision`] with its values converted for SQLite.
@@ -1566,6 +1616,21 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
     ])?;
     for d in &m.deliveries {
         insert_delivery(conn, m.id.as_bytes(), d)?;
+    }
+    if let Some(k) = &m.send_key {
+        // The primary key (client, key) makes a concurrent repeat fail
+        // here rather than store a second envelope.
+        conn.prepare_cached(
+            "INSERT INTO send_keys (client, key, request_sha256, message_id, expires_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            k.client,
+            k.key,
+            k.request_sha256,
+            m.id.as_bytes(),
+            m.expires_ms
+        ])?;
     }
     for party in &m.awaited {
         conn.prepare_cached(

@@ -49,6 +49,7 @@ fn envelope(id: MessageId, kind: MessageKind, ciphertext: Ciphertext, len: u64) 
         meta: None,
         provision: None,
         audit: Vec::new(),
+        send_key: None,
     }
 }
 
