@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime};
 
 use exchange_core::MessageId;
 use exchange_core::audit::{
-    AuditAction, AuditEntry, AuditOutcome, Checkpoint, Frontier, MAX_ACTOR, MAX_DETAIL,
-    Pseudonym, SignedCheckpoint, SubjectKey, log_text,
+    AuditAction, AuditEntry, AuditOutcome, Checkpoint, Frontier, MAX_ACTOR, MAX_DETAIL, Pseudonym,
+    SignedCheckpoint, SubjectKey, log_text,
 };
 use exchange_core::envelope::{InnerMetadata, SubjectId, VerifiedHead};
 use exchange_core::identity::Certificate;
@@ -387,9 +387,9 @@ impl Node {
         }
         let data_dir = self.data_dir();
         if let Some(kept) = read_kept_checkpoint(&data_dir)? {
-            let kept = self.own_checkpoint(&kept).map_err(|e| {
-                history(format!("{CHECKPOINT_FILE} does not verify: {e}"))
-            })?;
+            let kept = self
+                .own_checkpoint(&kept)
+                .map_err(|e| history(format!("{CHECKPOINT_FILE} does not verify: {e}")))?;
             if kept.tree_size > frontier.size() {
                 return Err(history(format!(
                     "the latest signed checkpoint ({} entries, kept in {CHECKPOINT_FILE}) is not in \

@@ -1169,7 +1169,8 @@ fn audit_checks(
     );
     let mut kept_at: Option<(u64, [u8; 32])> = None;
     if let Some(bytes) = kept {
-        match exchange_core::audit::SignedCheckpoint::from_bytes(bytes).and_then(|c| c.verify(trust))
+        match exchange_core::audit::SignedCheckpoint::from_bytes(bytes)
+            .and_then(|c| c.verify(trust))
         {
             Err(e) => fail(kept_what.clone(), format!("signature: {e}")),
             Ok(cp) => {
@@ -1185,7 +1186,8 @@ fn audit_checks(
                     );
                 }
                 if cp.tree_size == 0 {
-                    if cp.root != exchange_core::audit::MerkleTree::from_leaf_hashes(vec![]).root() {
+                    if cp.root != exchange_core::audit::MerkleTree::from_leaf_hashes(vec![]).root()
+                    {
                         fail(kept_what.clone(), "its root is not the empty tree's".into());
                     }
                 } else {

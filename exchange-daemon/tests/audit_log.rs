@@ -75,12 +75,18 @@ async fn a_message_naming_5000_patients_leaves_an_exportable_audit_log() {
         let report = export_and_verify(party);
         assert!(report.is_ok(), "{}: {:?}", party.uri, report.problems);
         let entries = stored_entries(&party.data_dir());
-        let mid = exchange_core::MessageId::from_slice(&id).unwrap().to_string();
+        let mid = exchange_core::MessageId::from_slice(&id)
+            .unwrap()
+            .to_string();
         let about: Vec<&AuditEntry> = entries
             .iter()
             .filter(|e| e.message_id.as_deref() == Some(mid.as_str()))
             .collect();
-        assert!(!about.is_empty(), "{}: the message is in the log", party.uri);
+        assert!(
+            !about.is_empty(),
+            "{}: the message is in the log",
+            party.uri
+        );
         // The 5,000 pseudonyms are referred to, not copied into each entry.
         for e in &about {
             assert!(e.subjects.is_empty(), "{e:?}");
@@ -119,9 +125,10 @@ fn hostile_head(net: &Net, clinic: &Party, hospital: &Party) -> EnvelopeHead {
 
     let rogue_net = Net::new();
     let rogue = rogue_net.party("rogue", OTHER);
-    let key =
-        SigningKey::from_pkcs8_pem(&std::fs::read_to_string(rogue.file("identity.key.pem")).unwrap())
-            .unwrap();
+    let key = SigningKey::from_pkcs8_pem(
+        &std::fs::read_to_string(rogue.file("identity.key.pem")).unwrap(),
+    )
+    .unwrap();
     let mut input = b"exchange/v1 header\0".to_vec();
     input.extend_from_slice(&header);
     let sig: Signature = key.sign(&input);
@@ -317,7 +324,8 @@ async fn deleting_every_checkpoint_row_is_detected_at_start_and_by_verify_store(
     start(&clinic).await.shutdown().await;
     let dir = clinic.data_dir();
     let conn = rusqlite::Connection::open(dir.join("store.sqlite3")).unwrap();
-    conn.execute_batch("DROP TRIGGER audit_log_no_update;").unwrap();
+    conn.execute_batch("DROP TRIGGER audit_log_no_update;")
+        .unwrap();
     let bytes: Vec<u8> = conn
         .query_row("SELECT entry FROM audit_log WHERE seq = 0", [], |r| {
             r.get(0)

@@ -681,15 +681,15 @@ fn read_line(
     } else if buf.len() > MAX_LINE_LEN {
         let mut len = buf.len() as u64;
         loop {
-            let (done, used) = {
+            let (done, used, content) = {
                 let available = reader.fill_buf()?;
                 match available.iter().position(|&b| b == b'\n') {
-                    Some(i) => (true, i + 1),
-                    None => (available.is_empty(), available.len()),
+                    Some(i) => (true, i + 1, i),
+                    None => (available.is_empty(), available.len(), available.len()),
                 }
             };
             reader.consume(used);
-            len += used as u64;
+            len += content as u64;
             if done {
                 break;
             }

@@ -1459,8 +1459,9 @@ fn append_audit(conn: &Connection, mut entry: AuditEntry) -> Result<(), StoreErr
             .iter()
             .map(|h| {
                 let mut p = [0u8; 32];
-                hex::decode_to_slice(h, &mut p)
-                    .map_err(|_| StoreError::Invalid("audit subject is not 64 hex digits".into()))?;
+                hex::decode_to_slice(h, &mut p).map_err(|_| {
+                    StoreError::Invalid("audit subject is not 64 hex digits".into())
+                })?;
                 Ok(p)
             })
             .collect::<Result<Vec<[u8; 32]>, StoreError>>()?;
