@@ -348,10 +348,9 @@ async fn deleting_every_checkpoint_row_is_detected_at_start_and_by_verify_store(
         "the deleted checkpoints go unnoticed: {:?}",
         report.failures
     );
-    let e = exchange_daemon::Daemon::start(clinic.config())
-        .await
-        .err()
-        .expect("the daemon started over a log whose signed checkpoints were deleted");
+    let Err(e) = exchange_daemon::Daemon::start(clinic.config()).await else {
+        panic!("the daemon started over a log whose signed checkpoints were deleted");
+    };
     assert!(e.to_string().contains("audit"), "{e}");
     assert!(checkpoint_sizes(&dir).is_empty(), "nothing was signed");
 }
