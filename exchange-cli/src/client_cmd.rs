@@ -468,6 +468,7 @@ impl SendArgs {
                 .unwrap_or_default(),
             lifetime_seconds: self.expires_in.map_or(0, |d| d.as_secs()),
             size_hint,
+            idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
         })
     }
 }
@@ -595,10 +596,9 @@ fn retryable(e: &CliError) -> bool {
 /// `exchange send`.
 pub(crate) async fn send(a: &SendArgs) -> Result<()> {
     let mut start = a.start(0)?;
-    start.idempotency_key = match &a.idempotency_key {
-        Some(k) => k.clone(),
-        None => new_idempotency_key()?,
-    };
+    if start.idempotency_key.is_empty() {
+        start.idempotency_key = new_idempotency_key()?;
+    }
     let client = a.conn.connect()?;
     let mut tries = 0;
     let sent = loop {

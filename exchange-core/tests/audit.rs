@@ -1382,6 +1382,37 @@ fn an_entry_that_cannot_be_exported_is_reported_and_the_rest_verifies() {
 }
 
 #[test]
+fn an_unavailable_witness_leaves_the_range_unproven_not_the_export_failed() {
+    let log = Log::new(10);
+    let latest = log.checkpoint(10);
+    let range = ExportRange {
+        from_ms: Some(ms(3)),
+        to_ms: None,
+        first: 3,
+        end: 10,
+    };
+    let mut w = ExportWriter::new(Vec::new(), &log.tree, &latest, range).unwrap();
+    for e in &log.entries[3..] {
+        w.entry(e).unwrap();
+    }
+    assert!(
+        ExportWriter::new(Vec::new(), &log.tree, &latest, range)
+            .unwrap()
+            .finish()
+            .is_err()
+    );
+    w.witness_unavailable();
+    let out = w.finish().unwrap();
+    let report = log.verify(&String::from_utf8(out).unwrap()).unwrap();
+    assert_eq!(report.entries_verified, 7);
+    assert!(
+        matches!(&report.problems[..], [Problem::BadWitness { line: None, reason }] if reason.contains("missing before")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
 fn free_text_is_bounded_and_escaped_for_the_log() {
     use exchange_core::audit::log_text;
     assert_eq!(log_text("plain — テキスト", 100), "plain — テキスト");

@@ -780,7 +780,9 @@ pub fn export_audit(
         first,
         end,
     };
-    let entry_at = |seq: u64| -> Result<AuditEntry, Error> {
+    // A witness whose stored entry cannot be exported is left out (the
+    // verifier reports the range's completeness as unproven).
+    let entry_at = |seq: u64| -> Result<Option<AuditEntry>, Error> {
         let bytes: Vec<u8> = conn
             .query_row(
                 "SELECT entry FROM audit_log WHERE seq = ?1",
@@ -788,11 +790,16 @@ pub fn export_audit(
                 |r| r.get(0),
             )
             .map_err(q)?;
-        Ok(AuditEntry::from_json(&bytes)?)
+        Ok(AuditEntry::from_json(&bytes)
+            .ok()
+            .filter(|e| e.to_canonical_json() == bytes))
     };
     let mut writer = ExportWriter::new(out, &tree, &latest, range)?;
     if from_ms.is_some() && first > 0 {
-        writer.before(&entry_at(first - 1)?)?;
+        match entry_at(first - 1)? {
+            Some(e) => writer.before(&e)?,
+            None => writer.witness_unavailable(),
+        }
     }
     {
         let mut stmt = conn
@@ -826,7 +833,10 @@ pub fn export_audit(
         }
     }
     if to_ms.is_some() && end < checkpoint.tree_size {
-        writer.after(&entry_at(end)?)?;
+        match entry_at(end)? {
+            Some(e) => writer.after(&e)?,
+            None => writer.witness_unavailable(),
+        }
     }
     let mut earlier = conn
         .prepare(

@@ -1133,6 +1133,9 @@ pub fn verify_audit_log(
     failures
 }
 
+/// An `audit_checkpoints` row: tree size, root, signed form, frontier.
+type CheckpointRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
+
 fn audit_checks(
     conn: &Connection,
     trust: &TrustStore,
@@ -1151,17 +1154,16 @@ fn audit_checks(
             error,
         });
     };
-    let checkpoints: Vec<(i64, Vec<u8>, Vec<u8>, Vec<u8>)> =
-        if table_exists(conn, "audit_checkpoints")? {
-            conn.prepare(
-                "SELECT tree_size, root, signed, frontier FROM audit_checkpoints \
+    let checkpoints: Vec<CheckpointRow> = if table_exists(conn, "audit_checkpoints")? {
+        conn.prepare(
+            "SELECT tree_size, root, signed, frontier FROM audit_checkpoints \
                  ORDER BY tree_size",
-            )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<Result<_, _>>()?
-        } else {
-            Vec::new()
-        };
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     // The copy outside the database: checked like a row, at its size.
     let kept_what = format!(
         "audit checkpoint kept in {}",

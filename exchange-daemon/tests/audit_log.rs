@@ -87,6 +87,9 @@ async fn a_message_naming_5000_patients_leaves_an_exportable_audit_log() {
             "{}: the message is in the log",
             party.uri
         );
+        let scrub =
+            exchange_daemon::admin::verify_store(&party.data_dir(), &net_trust(&net)).unwrap();
+        assert!(scrub.is_ok(), "{}: {:?}", party.uri, scrub.failures);
         // The 5,000 pseudonyms are referred to, not copied into each entry.
         for e in &about {
             assert!(e.subjects.is_empty(), "{e:?}");
@@ -348,10 +351,59 @@ async fn deleting_every_checkpoint_row_is_detected_at_start_and_by_verify_store(
         "the deleted checkpoints go unnoticed: {:?}",
         report.failures
     );
-    let e = exchange_daemon::Daemon::start(clinic.config())
-        .await
-        .err()
-        .expect("the daemon started over a log whose signed checkpoints were deleted");
+    let Err(e) = exchange_daemon::Daemon::start(clinic.config()).await else {
+        panic!("the daemon started over a log whose signed checkpoints were deleted");
+    };
     assert!(e.to_string().contains("audit"), "{e}");
     assert!(checkpoint_sizes(&dir).is_empty(), "nothing was signed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_checkpoint_behind_the_database_is_checked_against_the_entries() {
+    // As after a stop between a checkpoint's commit and the file's update:
+    // the file holds an older checkpoint of the same log.
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    net.configure(&clinic, &[], &[], "");
+    start(&clinic).await.shutdown().await;
+    let dir = clinic.data_dir();
+    let kept = dir.join(exchange_daemon::accountability::CHECKPOINT_FILE);
+    let older = std::fs::read(&kept).unwrap();
+    start(&clinic).await.shutdown().await;
+    assert_ne!(std::fs::read(&kept).unwrap(), older);
+    std::fs::write(&kept, &older).unwrap();
+    let trust = net_trust(&net);
+    let report = exchange_daemon::admin::verify_store(&dir, &trust).unwrap();
+    assert!(report.is_ok(), "{:?}", report.failures);
+    // The daemon starts, signs, and the file moves forward again.
+    start(&clinic).await.shutdown().await;
+    let latest = *checkpoint_sizes(&dir).last().unwrap();
+    let cp = exchange_core::audit::SignedCheckpoint::from_bytes(&std::fs::read(&kept).unwrap())
+        .unwrap()
+        .unverified()
+        .unwrap();
+    assert_eq!(cp.tree_size as i64, latest);
+
+    // The same older file over an altered first entry is refused.
+    let conn = rusqlite::Connection::open(dir.join("store.sqlite3")).unwrap();
+    conn.execute_batch("DROP TRIGGER audit_log_no_update;")
+        .unwrap();
+    let bytes: Vec<u8> = conn
+        .query_row("SELECT entry FROM audit_log WHERE seq = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let mut e = AuditEntry::from_json(&bytes).unwrap();
+    e.detail = Some("started elsewhere".into());
+    conn.execute(
+        "UPDATE audit_log SET entry = ?1, leaf_hash = ?2 WHERE seq = 0",
+        rusqlite::params![e.to_canonical_json(), e.leaf_hash().to_vec()],
+    )
+    .unwrap();
+    drop(conn);
+    std::fs::write(&kept, &older).unwrap();
+    let Err(e) = exchange_daemon::Daemon::start(clinic.config()).await else {
+        panic!("the daemon started over an altered entry");
+    };
+    assert!(e.to_string().contains("audit"), "{e}");
 }

@@ -96,6 +96,7 @@ pub struct ExportWriter<'t, W: Write> {
     stage: Stage,
     before_written: bool,
     after_written: bool,
+    witness_unavailable: bool,
 }
 
 impl<W: Write> fmt::Debug for ExportWriter<'_, W> {
@@ -179,6 +180,7 @@ impl<'t, W: Write> ExportWriter<'t, W> {
             stage: Stage::Before,
             before_written: false,
             after_written: false,
+            witness_unavailable: false,
             checkpoint,
         })
     }
@@ -326,17 +328,32 @@ impl<'t, W: Write> ExportWriter<'t, W> {
         Ok(())
     }
 
-    /// Checks that the range is complete (with its witnesses), writes the
-    /// latest checkpoint line and returns the writer.
+    /// Records that a boundary witness of the range cannot be written (its
+    /// stored entry cannot be exported): [`finish`](Self::finish) then
+    /// accepts the export without it, and a verifier reports the missing
+    /// witness ([`Problem::BadWitness`]: the range's completeness unproven)
+    /// instead of the whole export failing.
+    pub fn witness_unavailable(&mut self) {
+        self.witness_unavailable = true;
+    }
+
+    /// Checks that the range is complete (with its witnesses, unless one
+    /// was [unavailable](Self::witness_unavailable)), writes the latest
+    /// checkpoint line and returns the writer.
     pub fn finish(mut self) -> Result<W, Error> {
         let n = self.checkpoint.tree_size;
         if self.next != self.range.end {
             return Err(invalid("not every entry of the range was written"));
         }
-        if self.range.from_ms.is_some() && self.range.first > 0 && !self.before_written {
+        let missing_ok = self.witness_unavailable;
+        if self.range.from_ms.is_some()
+            && self.range.first > 0
+            && !self.before_written
+            && !missing_ok
+        {
             return Err(invalid("missing before witness"));
         }
-        if self.range.to_ms.is_some() && self.range.end < n && !self.after_written {
+        if self.range.to_ms.is_some() && self.range.end < n && !self.after_written && !missing_ok {
             return Err(invalid("missing after witness"));
         }
         let line = format!(
@@ -681,15 +698,15 @@ fn read_line(
     } else if buf.len() > MAX_LINE_LEN {
         let mut len = buf.len() as u64;
         loop {
-            let (done, used) = {
+            let (done, used, content) = {
                 let available = reader.fill_buf()?;
                 match available.iter().position(|&b| b == b'\n') {
-                    Some(i) => (true, i + 1),
-                    None => (available.is_empty(), available.len()),
+                    Some(i) => (true, i + 1, i),
+                    None => (available.is_empty(), available.len(), available.len()),
                 }
             };
             reader.consume(used);
-            len += used as u64;
+            len += content as u64;
             if done {
                 break;
             }
