@@ -115,7 +115,7 @@ fn request_digest(start: &proto::SendStart) -> exchange_core::suite::Hasher {
 }
 
 fn refuse(client: &ClientConfig, what: &str, e: Error) -> Status {
-    tracing::warn!(client = %client.name, reason = e.reason_code(), "{what} refused: {e}");
+    tracing::warn!(client = %client.name, reason = e.reason_code(), "{what} refused: {}", e.bounded());
     e.into()
 }
 

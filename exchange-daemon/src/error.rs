@@ -11,6 +11,9 @@ use tonic::{Code, Status};
 /// Metadata key carrying the stable reason code on every error status.
 pub const REASON_METADATA: &str = "x-exchange-reason";
 
+/// Longest message on an error status (bytes); longer ones are cut.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
 /// Binary metadata key carrying a signed REJECTED receipt on a refused delivery.
 pub const RECEIPT_METADATA: &str = "x-exchange-receipt-bin";
 
@@ -241,6 +244,13 @@ impl Error {
         }
     }
 
+    /// The error as a log line may carry it: text quoted from a request
+    /// (a party URI, a purpose) bounded to [`MAX_STATUS_MESSAGE`] bytes and
+    /// escaped, so that a peer cannot fill the log or forge lines in it.
+    pub fn bounded(&self) -> String {
+        exchange_core::audit::log_text(&self.to_string(), MAX_STATUS_MESSAGE)
+    }
+
     /// Whether this is our own failure (store, configuration, TLS setup)
     /// rather than something wrong with the request.
     pub fn is_internal(&self) -> bool {
@@ -290,10 +300,12 @@ impl Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let reason = e.reason_code();
-        // Internal detail (paths, SQL) stays in our log; the peer gets the reason.
+        // Internal detail (paths, SQL) stays in our log; the peer gets the
+        // reason. Text quoted from the request (a party URI, a purpose) is
+        // bounded and escaped: a status is a header the peer must accept.
         let message = match e.code() {
             Code::Internal => format!("{reason}: internal error"),
-            _ => format!("{reason}: {e}"),
+            _ => exchange_core::audit::log_text(&format!("{reason}: {e}"), MAX_STATUS_MESSAGE),
         };
         let mut status = Status::new(e.code(), message);
         if let Ok(v) = reason.parse() {

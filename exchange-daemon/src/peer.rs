@@ -530,7 +530,7 @@ impl Peer for PeerService {
             }) => head,
             _ => {
                 let e = Error::Protocol("the first message must carry the head".into());
-                tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {e}");
+                tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {}", e.bounded());
                 let entry = self
                     .node
                     .refusal(&peer_actor(&peer), AuditAction::Receive, None, &e);
@@ -542,9 +542,9 @@ impl Peer for PeerService {
             Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
             Err(Refusal { error, receipt }) => {
                 if error.is_internal() {
-                    tracing::error!(from = %peer, reason = error.reason_code(), "envelope refused by an internal failure: {error}");
+                    tracing::error!(from = %peer, reason = error.reason_code(), "envelope refused by an internal failure: {}", error.bounded());
                 } else {
-                    tracing::warn!(from = %peer, reason = error.reason_code(), "envelope rejected: {error}");
+                    tracing::warn!(from = %peer, reason = error.reason_code(), "envelope rejected: {}", error.bounded());
                 }
                 // The id as the (possibly unauthentic) head claims it: named
                 // in the entry, never linked to a stored message's patients.
@@ -583,7 +583,7 @@ impl Peer for PeerService {
                 stored: u32::try_from(n).unwrap_or(u32::MAX),
             })),
             Err(e) => {
-                tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {e}");
+                tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {}", e.bounded());
                 let entry = self.node.claimed_refusal(
                     &peer_actor(&peer),
                     AuditAction::Receipt,

@@ -184,11 +184,22 @@ async fn a_1_mib_purpose_from_a_local_client_leaves_an_exportable_audit_log() {
     let c = start(&clinic).await;
     let mut app = client_of(&net, &clinic, &emr);
     let purpose = "p\n\u{1b}[31m".to_owned() + &"x".repeat(1024 * 1024);
-    // Refused (the purpose is not one the client may send for); the status
-    // may not even reach the client intact.
-    send(&mut app, referral_start(&[&hospital], &[], &purpose), b"a")
+    // Refused (the purpose is not one the client may send for), with a
+    // status the client can read: its message is bounded and escaped.
+    let e = send(&mut app, referral_start(&[&hospital], &[], &purpose), b"a")
         .await
         .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        exchange_daemon::error::status_reason(&e),
+        Some("policy-violation")
+    );
+    assert!(e.message().len() <= exchange_daemon::error::MAX_STATUS_MESSAGE);
+    assert!(
+        !e.message().chars().any(char::is_control),
+        "{:?}",
+        e.message()
+    );
     c.shutdown().await;
 
     let report = export_and_verify(&clinic);
