@@ -70,7 +70,10 @@ fn load_ca(dir: &Path) -> Result<CertificateAuthority> {
     // The key is borrowed from its zeroizing buffer, not copied.
     let key = std::str::from_utf8(&key)
         .map_err(|_| CliError::Usage(format!("{}/ca.key.pem is not PEM text", dir.display())))?;
-    Ok(CertificateAuthority::from_pem(&text(&cert, "ca.pem")?, key)?)
+    Ok(CertificateAuthority::from_pem(
+        &text(&cert, "ca.pem")?,
+        key,
+    )?)
 }
 
 /// `ca issue`: identity and encryption credentials for one party.

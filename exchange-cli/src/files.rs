@@ -11,9 +11,9 @@ use exchange_core::identity::{DecryptionKey, Identity};
 use exchange_core::trust::TrustStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use tempfile::NamedTempFile;
-use zeroize::Zeroizing;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use zeroize::Zeroizing;
 
 use crate::error::{CliError, Result};
 

@@ -185,7 +185,9 @@ pub enum TrustError {
     InvalidCrl,
     /// Two different CRLs from the same issuer cannot be ordered: they carry
     /// the same crlNumber, or one carries none.
-    #[error("conflicting CRLs: two different CRLs from one issuer with the same (or no) CRL number")]
+    #[error(
+        "conflicting CRLs: two different CRLs from one issuer with the same (or no) CRL number"
+    )]
     ConflictingCrls,
     /// The certificate's key usage or EKU does not permit this use.
     #[error("wrong key usage: {0} certificate required")]

@@ -39,9 +39,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use exchange_core::identity::Certificate;
 use exchange_core::trust::TrustStore;
 use exchange_core::{PartyUri, TrustError};
+use futures_util::task::AtomicWaker;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use futures_util::task::AtomicWaker;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
@@ -308,7 +308,10 @@ impl SharedTrust {
             }
         });
         if closed > 0 {
-            tracing::warn!(closed, "trust reload closed connections whose peer no longer validates");
+            tracing::warn!(
+                closed,
+                "trust reload closed connections whose peer no longer validates"
+            );
         }
     }
 

@@ -42,11 +42,7 @@ fn assert_transport_failure(status: &Status) {
 /// A rustls client configuration for `server` presenting `identity` that,
 /// unlike the daemon's own, keeps TLS sessions and offers to resume them:
 /// what a revoked party holding an earlier session would do.
-fn resuming_config(
-    net: &Net,
-    server: &Party,
-    identity: &TlsIdentity,
-) -> Arc<rustls::ClientConfig> {
+fn resuming_config(net: &Net, server: &Party, identity: &TlsIdentity) -> Arc<rustls::ClientConfig> {
     tls::install_provider();
     let base = tls::client_config(
         Arc::new(net_trust(net)),
