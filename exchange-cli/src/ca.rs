@@ -61,14 +61,18 @@ pub(crate) fn init(dir: &Path, name: &str, days: u32, now: SystemTime) -> Result
 
 fn load_ca(dir: &Path) -> Result<CertificateAuthority> {
     let cert = files::read(&dir.join("ca.pem"))?;
-    let key = files::read(&dir.join("ca.key.pem"))?;
-    let text = |b: Vec<u8>, p: &str| {
-        String::from_utf8(b)
+    let key = files::read_secret(&dir.join("ca.key.pem"))?;
+    let text = |b: &[u8], p: &str| {
+        std::str::from_utf8(b)
+            .map(str::to_owned)
             .map_err(|_| CliError::Usage(format!("{}/{p} is not PEM text", dir.display())))
     };
+    // The key is borrowed from its zeroizing buffer, not copied.
+    let key = std::str::from_utf8(&key)
+        .map_err(|_| CliError::Usage(format!("{}/ca.key.pem is not PEM text", dir.display())))?;
     Ok(CertificateAuthority::from_pem(
-        &text(cert, "ca.pem")?,
-        &text(key, "ca.key.pem")?,
+        &text(&cert, "ca.pem")?,
+        key,
     )?)
 }
 

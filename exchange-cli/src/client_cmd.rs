@@ -200,15 +200,16 @@ impl ConnArgs {
     pub(crate) fn connect(&self) -> Result<Client> {
         let conn = self.resolve()?;
         let trust = files::trust(&conn.ca, conn.crl.as_deref())?;
-        let identity = TlsIdentity::from_pem(&files::read(&conn.cert)?, &files::read(&conn.key)?)
-            .map_err(|source| CliError::Daemon {
-            what: format!(
-                "client certificate {} / {}",
-                conn.cert.display(),
-                conn.key.display()
-            ),
-            source,
-        })?;
+        let identity =
+            TlsIdentity::from_pem(&files::read(&conn.cert)?, &files::read_secret(&conn.key)?)
+                .map_err(|source| CliError::Daemon {
+                    what: format!(
+                        "client certificate {} / {}",
+                        conn.cert.display(),
+                        conn.key.display()
+                    ),
+                    source,
+                })?;
         let settings = ClientSettings {
             address: conn.address.clone(),
             server_party: conn.server_party.clone(),

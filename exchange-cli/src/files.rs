@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tempfile::NamedTempFile;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use zeroize::Zeroizing;
 
 use crate::error::{CliError, Result};
 
@@ -25,6 +26,11 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Reads a private key file into a buffer that is zeroized when dropped.
+pub(crate) fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    read(path).map(Zeroizing::new)
 }
 
 /// Opens a file for reading.
@@ -124,7 +130,7 @@ pub(crate) fn trust(ca: &Path, crl: Option<&Path>) -> Result<TrustStore> {
 pub(crate) fn identity(dir: &Path) -> Result<Identity> {
     let cert = dir.join("identity.pem");
     let key = dir.join("identity.key.pem");
-    Identity::from_pem(&read(&cert)?, &read(&key)?)
+    Identity::from_pem(&read(&cert)?, &read_secret(&key)?)
         .map_err(CliError::about(format!("identity in {}", dir.display())))
 }
 
@@ -147,7 +153,7 @@ pub(crate) fn decryption_keys(dir: &Path) -> Result<Vec<DecryptionKey>> {
         let cert = dir.join(&name);
         let key = dir.join(name.replace(".pem", ".key.pem"));
         keys.push(
-            DecryptionKey::from_pem(&read(&cert)?, &read(&key)?)
+            DecryptionKey::from_pem(&read(&cert)?, &read_secret(&key)?)
                 .map_err(CliError::about(cert.display().to_string()))?,
         );
     }

@@ -183,6 +183,12 @@ pub enum TrustError {
     /// A CRL could not be parsed or was not signed by its issuer.
     #[error("invalid CRL")]
     InvalidCrl,
+    /// Two different CRLs from the same issuer cannot be ordered: they carry
+    /// the same crlNumber, or one carries none.
+    #[error(
+        "conflicting CRLs: two different CRLs from one issuer with the same (or no) CRL number"
+    )]
+    ConflictingCrls,
     /// The certificate's key usage or EKU does not permit this use.
     #[error("wrong key usage: {0} certificate required")]
     WrongKeyUsage(&'static str),
@@ -225,7 +231,7 @@ impl TrustError {
             Self::Revoked => "revoked",
             Self::UnknownRevocationStatus => "revocation-unknown",
             Self::CrlExpired => "crl-stale",
-            Self::InvalidCrl => "crl-invalid",
+            Self::InvalidCrl | Self::ConflictingCrls => "crl-invalid",
             Self::WrongKeyUsage(_) => "wrong-key-usage",
             Self::MissingPartyUri | Self::MultiplePartyUris | Self::PartyMismatch { .. } => {
                 "identity-mismatch"

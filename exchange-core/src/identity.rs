@@ -282,10 +282,26 @@ impl fmt::Debug for EncryptionKey {
     }
 }
 
-fn private_key_der(pem: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
-    let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem)
-        .map_err(|_| FormatError::Pem("PKCS#8 private key"))?;
-    Ok(zeroize::Zeroizing::new(key.secret_pkcs8_der().to_vec()))
+/// Decodes a `PRIVATE KEY` (PKCS#8) PEM block into a buffer that is
+/// zeroized on drop.
+///
+/// The base64 is decoded straight into a zeroizing document (RustCrypto's
+/// `der`), with no intermediate copy of the key's text or DER left behind
+/// in freed memory; the caller keeps `pem` itself in a zeroizing buffer.
+pub fn private_key_der(pem: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+    let bad = || FormatError::Pem("PKCS#8 private key");
+    const BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
+    const END: &str = "-----END PRIVATE KEY-----";
+    let text = std::str::from_utf8(pem).map_err(|_| bad())?;
+    // The block alone: files may carry other blocks or text around it.
+    let start = text.find(BEGIN).ok_or_else(bad)?;
+    let end = start + text[start..].find(END).ok_or_else(bad)? + END.len();
+    let (label, doc) =
+        p256::pkcs8::SecretDocument::from_pem(&text[start..end]).map_err(|_| bad())?;
+    if label != "PRIVATE KEY" {
+        return Err(bad().into());
+    }
+    Ok(doc.to_bytes())
 }
 
 /// A party's signing identity: its certificate chain (leaf first) and identity key.

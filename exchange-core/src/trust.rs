@@ -7,7 +7,11 @@
 //!
 //! Revocation: when CRLs are configured every certificate in the chain must be
 //! covered by one (unknown status fails), and a CRL past its nextUpdate fails
-//! unless [`TrustStoreBuilder::allow_stale_crls`] was called.
+//! unless [`TrustStoreBuilder::allow_stale_crls`] was called. Of several CRLs
+//! from one issuer only the one with the highest crlNumber is used, in
+//! whatever order they were added; two different CRLs from one issuer with
+//! the same number (or without a number) are refused
+//! ([`TrustError::ConflictingCrls`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,6 +21,9 @@ use webpki::{
     CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
     RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
 };
+
+use x509_parser::num_bigint::BigUint;
+use x509_parser::prelude::FromDer;
 
 use crate::error::{Error, FormatError, TrustError};
 use crate::identity::{Certificate, KeyRole};
@@ -112,15 +119,7 @@ impl TrustStoreBuilder {
                     .map_err(|_| Error::Trust(TrustError::Malformed))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let crls = self
-            .crls
-            .iter()
-            .map(|der| {
-                OwnedCertRevocationList::from_der(der)
-                    .map(CertRevocationList::from)
-                    .map_err(|_| Error::Trust(TrustError::InvalidCrl))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let crls = newest_per_issuer(&self.crls)?;
         Ok(TrustStore {
             anchors,
             intermediates: self.intermediates,
@@ -129,6 +128,57 @@ impl TrustStoreBuilder {
             allow_stale_crls: self.allow_stale_crls,
         })
     }
+}
+
+/// A parsed CRL and what orders it among the CRLs of the same scope.
+struct ScopedCrl<'a> {
+    /// DER issuer name and issuing distribution point: one CRL in force per scope.
+    scope: (Vec<u8>, Option<Vec<u8>>),
+    /// The crlNumber extension (RFC 5280 §5.2.3), absent in non-conforming CRLs.
+    number: Option<BigUint>,
+    der: &'a [u8],
+    crl: CertRevocationList<'static>,
+}
+
+/// Keeps, per issuer (and issuing distribution point), only the CRL with the
+/// highest crlNumber, whatever the order the CRLs were given in: webpki uses
+/// the first CRL that matches an issuer, so an older one listed first would
+/// hide later revocations. Two different CRLs of one issuer that cannot be
+/// ordered (the same number, or one without a number) are refused.
+fn newest_per_issuer(
+    ders: &[CertificateRevocationListDer<'static>],
+) -> Result<Vec<CertRevocationList<'static>>, Error> {
+    let mut kept: Vec<ScopedCrl<'_>> = Vec::new();
+    for der in ders {
+        let der = der.as_ref();
+        let crl = CertRevocationList::from(
+            OwnedCertRevocationList::from_der(der).map_err(|_| TrustError::InvalidCrl)?,
+        );
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+            .map_err(|_| TrustError::InvalidCrl)?;
+        let candidate = ScopedCrl {
+            scope: (
+                crl.issuer().to_vec(),
+                crl.issuing_distribution_point().map(<[u8]>::to_vec),
+            ),
+            number: parsed.crl_number().cloned(),
+            der,
+            crl,
+        };
+        let Some(current) = kept.iter_mut().find(|k| k.scope == candidate.scope) else {
+            kept.push(candidate);
+            continue;
+        };
+        if current.der == candidate.der {
+            continue;
+        }
+        match (&current.number, &candidate.number) {
+            (Some(have), Some(new)) if new > have => *current = candidate,
+            (Some(have), Some(new)) if new < have => {}
+            _ => return Err(TrustError::ConflictingCrls.into()),
+        }
+    }
+    Ok(kept.into_iter().map(|k| k.crl).collect())
 }
 
 /// A party whose identity certificate chain validated. Only [`TrustStore`] makes one.

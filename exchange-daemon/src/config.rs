@@ -545,9 +545,12 @@ impl Config {
         }
     }
 
-    /// Reads a configured file.
-    pub fn read(&self, p: &Path) -> Result<Vec<u8>, Error> {
+    /// Reads a configured file into a buffer that is zeroized when dropped
+    /// (private keys are read through here, so every file is treated so).
+    pub fn read(&self, p: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
         let path = self.path(p);
-        std::fs::read(&path).map_err(|source| Error::ReadFile { path, source })
+        std::fs::read(&path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|source| Error::ReadFile { path, source })
     }
 }

@@ -176,12 +176,24 @@ impl Daemon {
             .add_service(health)
             .add_service(reflection()?)
             .add_service(ClientServer::new(ClientService::new(node.clone())));
-        for (name, router, listener, config) in [
-            ("peer", peer_router, peer_listener, peer_tls),
-            ("client", client_router, client_listener, client_tls),
+        for (name, router, listener, config, trust) in [
+            (
+                "peer",
+                peer_router,
+                peer_listener,
+                peer_tls,
+                node.trust_source.clone(),
+            ),
+            (
+                "client",
+                client_router,
+                client_listener,
+                client_tls,
+                node.client_trust.clone(),
+            ),
         ] {
             let mut stop = rx.clone();
-            let incoming = tls::incoming(listener, config, name);
+            let incoming = tls::incoming(listener, config, trust, name);
             tasks.push(tokio::spawn(async move {
                 let signal = async move {
                     let _ = stop.wait_for(|s| *s).await;

@@ -12,27 +12,44 @@
 //! only connections that completed it reach tonic, carrying the verified
 //! peer party as their connect info ([`PeerInfo`]). Failed handshakes are
 //! logged with their reason and dropped.
+//!
+//! Revocation bites on open connections too. No TLS session is ever resumed
+//! (the servers keep no session state and issue no tickets, the clients
+//! offer none), so every connection starts with a full certificate check.
+//! Every accepted connection is registered with the [`SharedTrust`] that
+//! admitted it, with the chain its peer presented; each time that trust is
+//! replaced (a CRL or anchor reload) every registered chain is validated
+//! again against the new store, and the connections that no longer pass are
+//! closed at once (their next read or write fails, which ends the HTTP/2
+//! connection and every call on it).
+//!
+//! The TLS private key is parsed once, from a zeroizing buffer, into the
+//! provider's signing key ([`TlsIdentity`]); no DER or PEM copy of it is kept.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use exchange_core::identity::Certificate;
 use exchange_core::trust::TrustStore;
 use exchange_core::{PartyUri, TrustError};
+use futures_util::task::AtomicWaker;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
     SupportedProtocolVersion,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -81,22 +98,27 @@ pub fn versions(allow_tls12: bool) -> &'static [&'static SupportedProtocolVersio
 }
 
 /// A certificate chain and its private key for TLS.
+///
+/// The key is held only as the crypto provider's parsed signing key
+/// (aws-lc, which cleanses key memory when it is freed); the DER it was
+/// parsed from lives in a zeroizing buffer for the duration of
+/// [`TlsIdentity::from_pem`] and no other copy is made.
 pub struct TlsIdentity {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    certified: Arc<CertifiedKey>,
 }
 
 impl fmt::Debug for TlsIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsIdentity")
-            .field("chain_len", &self.chain.len())
+            .field("chain_len", &self.certified.cert.len())
             .field("key", &"[redacted]")
             .finish()
     }
 }
 
 impl TlsIdentity {
-    /// From a PEM chain (leaf first) and a PEM PKCS#8 key.
+    /// From a PEM chain (leaf first) and a PEM PKCS#8 key (the caller should
+    /// keep `key_pem` in a zeroizing buffer: it is not copied here).
     pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, Error> {
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()
@@ -104,13 +126,23 @@ impl TlsIdentity {
         if chain.is_empty() {
             return Err(Error::Tls("no certificate in PEM".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
+        let der = exchange_core::identity::private_key_der(key_pem)
             .map_err(|_| Error::Tls("private key PEM unreadable".into()))?;
-        Ok(Self { chain, key })
+        // Borrowed from the zeroizing buffer: the key DER is not copied.
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.as_slice()));
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+            .map_err(|_| Error::Tls("private key unusable".into()))?;
+        let certified = CertifiedKey::new(chain, signing);
+        certified
+            .keys_match()
+            .map_err(|e| Error::Tls(format!("certificate and private key: {e}")))?;
+        Ok(Self {
+            certified: Arc::new(certified),
+        })
     }
 
-    fn parts(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        (self.chain.clone(), self.key.clone_key())
+    fn resolver(&self) -> Arc<SingleCertAndKey> {
+        Arc::new(SingleCertAndKey::from(self.certified.clone()))
     }
 }
 
@@ -155,17 +187,82 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 }
 
 /// The trust store in force, replaceable while running (CRL refresh):
-/// every handshake reads the current one.
+/// every handshake reads the current one, and every connection it admitted
+/// is checked again when it is replaced.
 #[derive(Debug)]
 pub struct SharedTrust {
-    current: std::sync::RwLock<Arc<TrustStore>>,
+    current: RwLock<Arc<TrustStore>>,
+    live: Mutex<LiveConnections>,
+}
+
+/// The open connections admitted under one [`SharedTrust`].
+#[derive(Debug, Default)]
+struct LiveConnections {
+    next_id: u64,
+    open: HashMap<u64, LiveConnection>,
+}
+
+/// What is needed to judge an open connection again, and to close it.
+#[derive(Debug)]
+struct LiveConnection {
+    /// The chain the peer presented, leaf first.
+    chain: Vec<Certificate>,
+    party: PartyUri,
+    remote: SocketAddr,
+    service: &'static str,
+    closer: Arc<Closer>,
+}
+
+/// Closes one connection from outside the task that drives it.
+#[derive(Debug, Default)]
+struct Closer {
+    closed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Closer {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Whether the connection was closed; if not, `cx` is woken when it is.
+    fn poll_closed(&self, cx: &Context<'_>) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The error a closed connection's reads and writes fail with.
+fn closed_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "peer certificate no longer validates under the trust in force",
+    )
+}
+
+/// Removes a connection from its registry when it ends.
+#[derive(Debug)]
+struct Registration {
+    trust: Arc<SharedTrust>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.trust.live().open.remove(&self.id);
+    }
 }
 
 impl SharedTrust {
     /// Starts with `trust`.
     pub fn new(trust: TrustStore) -> Arc<Self> {
         Arc::new(Self {
-            current: std::sync::RwLock::new(Arc::new(trust)),
+            current: RwLock::new(Arc::new(trust)),
+            live: Mutex::new(LiveConnections::default()),
         })
     }
 
@@ -174,16 +271,83 @@ impl SharedTrust {
         // A poisoned lock still holds a complete store (replacement is one assignment).
         self.current
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// Puts `trust` in force for every later check.
+    fn live(&self) -> std::sync::MutexGuard<'_, LiveConnections> {
+        // Every change to the registry is one insert or remove.
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts `trust` in force for every later check, then validates the peer
+    /// chain of every open connection it admitted against it (at the current
+    /// time) and closes each one that no longer passes (each is logged).
     pub fn replace(&self, trust: TrustStore) {
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(trust);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(trust);
+        let mut live = self.live();
+        // Read under the registry lock: a connection registered after this
+        // point was checked against this store or a newer one (see `register`).
+        let trust = self.get();
+        let now = SystemTime::now();
+        let mut closed = 0;
+        live.open.retain(|_, c| match trust.verify_identity(&c.chain, now) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    service = c.service,
+                    remote = %c.remote,
+                    party = %c.party,
+                    reason = e.reason_code(),
+                    error = %e,
+                    "closing a connection: its peer certificate no longer validates after the trust reload"
+                );
+                c.closer.close();
+                closed += 1;
+                false
+            }
+        });
+        if closed > 0 {
+            tracing::warn!(
+                closed,
+                "trust reload closed connections whose peer no longer validates"
+            );
+        }
+    }
+
+    /// Registers an open connection whose handshake validated `chain`. The
+    /// chain is checked again, under the registry lock, against the store
+    /// in force now, so that a replacement that happened during the
+    /// handshake cannot be missed.
+    fn register(
+        self: &Arc<Self>,
+        chain: Vec<Certificate>,
+        party: PartyUri,
+        remote: SocketAddr,
+        service: &'static str,
+    ) -> Result<(Registration, Arc<Closer>), exchange_core::Error> {
+        let mut live = self.live();
+        self.get().verify_identity(&chain, SystemTime::now())?;
+        let closer = Arc::new(Closer::default());
+        let id = live.next_id;
+        live.next_id += 1;
+        live.open.insert(
+            id,
+            LiveConnection {
+                chain,
+                party,
+                remote,
+                service,
+                closer: closer.clone(),
+            },
+        );
+        Ok((
+            Registration {
+                trust: self.clone(),
+                id,
+            },
+            closer,
+        ))
     }
 }
 
@@ -300,13 +464,15 @@ pub fn server_config(
         trust,
         algorithms: algorithms(),
     });
-    let (chain, key) = identity.parts();
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| Error::Tls(e.to_string()))?;
+        .with_cert_resolver(identity.resolver());
+    // No resumption: a resumed session would restore the client's
+    // certificate without checking it against the trust in force.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -320,9 +486,30 @@ pub fn client_config(
     versions: &[&'static SupportedProtocolVersion],
 ) -> Result<Arc<rustls::ClientConfig>, Error> {
     let trust = Arc::new(SharedTrust {
-        current: std::sync::RwLock::new(trust),
+        current: RwLock::new(trust),
+        live: Mutex::new(LiveConnections::default()),
     });
-    client_config_shared(trust, expected, identity, versions)
+    Ok(client_config_shared(trust, expected, identity, versions)?.config)
+}
+
+/// A client TLS configuration, with the replaceable trust its server
+/// certificates are checked against when there is one: [`channel`] then
+/// registers each connection with that trust, so that a reload closes those
+/// whose server no longer validates.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    trust: Option<Arc<SharedTrust>>,
+}
+
+impl From<Arc<rustls::ClientConfig>> for ClientTls {
+    /// A configuration over a fixed trust store: connections are not re-checked.
+    fn from(config: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            config,
+            trust: None,
+        }
+    }
 }
 
 /// [`client_config`] over a replaceable trust store.
@@ -331,9 +518,9 @@ pub fn client_config_shared(
     expected: PartyUri,
     identity: Option<&TlsIdentity>,
     versions: &[&'static SupportedProtocolVersion],
-) -> Result<Arc<rustls::ClientConfig>, Error> {
+) -> Result<ClientTls, Error> {
     let verifier = Arc::new(PinnedServerVerifier {
-        trust,
+        trust: trust.clone(),
         expected,
         algorithms: algorithms(),
     });
@@ -345,16 +532,17 @@ pub fn client_config_shared(
         // path validation with CRLs, then a party-URI pin).
         .with_custom_certificate_verifier(verifier);
     let mut config = match identity {
-        Some(id) => {
-            let (chain, key) = id.parts();
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| Error::Tls(e.to_string()))?
-        }
+        Some(id) => builder.with_client_cert_resolver(id.resolver()),
         None => builder.with_no_client_auth(),
     };
+    // No resumption: every connection checks the server's certificate
+    // against the trust in force.
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ClientTls {
+        config: Arc::new(config),
+        trust: Some(trust),
+    })
 }
 
 /// Who is on the other end of an accepted connection (tonic connect info).
@@ -366,10 +554,71 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
 }
 
-/// An accepted connection whose TLS handshake (and certificate validation) completed.
+/// A TLS stream registered with the trust that admitted its peer: once a
+/// trust reload closed it, its reads and writes fail, which ends the HTTP/2
+/// connection and every call on it.
+#[derive(Debug)]
+struct Watched<S> {
+    stream: S,
+    closer: Arc<Closer>,
+    /// None for connections made over a fixed trust store (never reloaded).
+    _registration: Option<Registration>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.closer.poll_closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.closer.poll_closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.closer.poll_closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.closer.poll_closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// An accepted connection whose TLS handshake (and certificate validation)
+/// completed. It is closed (reads and writes fail) when a trust reload
+/// finds that its peer's chain no longer validates.
 #[derive(Debug)]
 pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    stream: Watched<tokio_rustls::server::TlsStream<TcpStream>>,
     info: PeerInfo,
 }
 
@@ -416,20 +665,29 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// The chain the peer presented (leaf first) and the party its leaf names.
+fn peer_chain(certs: Option<&[CertificateDer<'_>]>) -> Option<(Vec<Certificate>, PartyUri)> {
+    let chain = certs?
+        .iter()
+        .map(|der| Certificate::from_der(der.as_ref().to_vec()).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let party = chain.first()?.party().ok()?.clone();
+    Some((chain, party))
+}
+
+#[cfg(test)]
 fn peer_party(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<PartyUri> {
-    let der = stream.get_ref().1.peer_certificates()?.first()?;
-    Certificate::from_der(der.as_ref().to_vec())
-        .ok()?
-        .party()
-        .ok()
-        .cloned()
+    peer_chain(stream.get_ref().1.peer_certificates()).map(|(_, party)| party)
 }
 
 /// Accepts TCP connections on `listener`, handshakes each in its own task and
-/// yields those that completed. `service` names the listener in logs.
+/// yields those that completed, registered with `trust` (which must be the
+/// store `config` verifies clients with) so that a reload closes those
+/// whose peer no longer validates. `service` names the listener in logs.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    trust: Arc<SharedTrust>,
     service: &'static str,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let acceptor = TlsAcceptor::from(config);
@@ -449,14 +707,29 @@ pub fn incoming(
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let trust = trust.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => match peer_party(&stream) {
-                        Some(party) => {
-                            tracing::debug!(service, %remote, %party, "TLS connection");
-                            let info = PeerInfo { party, remote };
-                            let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                    Ok(Ok(stream)) => match peer_chain(stream.get_ref().1.peer_certificates()) {
+                        Some((chain, party)) => {
+                            match trust.register(chain, party.clone(), remote, service) {
+                                Ok((registration, closer)) => {
+                                    tracing::debug!(service, %remote, %party, "TLS connection");
+                                    let info = PeerInfo { party, remote };
+                                    let stream = Watched {
+                                        stream,
+                                        closer,
+                                        _registration: Some(registration),
+                                    };
+                                    let conn = TlsConn { stream, info };
+                                    let _ = tx.send(Ok(conn)).await;
+                                }
+                                Err(e) => tracing::warn!(
+                                    service, %remote, %party, reason = e.reason_code(),
+                                    "TLS peer no longer validates after a trust reload during its handshake"
+                                ),
+                            }
                         }
                         None => tracing::warn!(service, %remote, "TLS peer without a party URI"),
                     },
@@ -472,11 +745,14 @@ pub fn incoming(
 }
 
 /// A lazily connecting gRPC channel to `address` (`host:port`) over `config`.
+/// With a replaceable trust ([`client_config_shared`]) each connection is
+/// registered with it and closed by a reload that its server no longer passes.
 pub fn channel(
     address: &str,
-    config: Arc<rustls::ClientConfig>,
+    config: impl Into<ClientTls>,
     connect_timeout: Duration,
 ) -> Result<Channel, Error> {
+    let ClientTls { config, trust } = config.into();
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| Error::Config(format!("peer address {address:?}: {e}")))?
         .connect_timeout(connect_timeout)
@@ -491,18 +767,39 @@ pub fn channel(
     let connector = TlsConnector::from(config);
     let service = tower::service_fn(move |uri: Uri| {
         let connector = connector.clone();
+        let trust = trust.clone();
         async move {
             let host = uri.host().unwrap_or_default().to_owned();
             let port = uri.port_u16().unwrap_or(443);
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             let _ = tcp.set_nodelay(true);
+            let remote = tcp.peer_addr()?;
             let name = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
                 Ok(ip) => ServerName::IpAddress(ip.into()),
                 Err(_) => ServerName::try_from(host)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             };
             let tls = connector.connect(name, tcp).await?;
-            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+            // Registered under the trust that checked the server, if replaceable.
+            let (closer, registration) = match &trust {
+                None => (Arc::new(Closer::default()), None),
+                Some(trust) => {
+                    let refused =
+                        |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
+                    let (chain, party) = peer_chain(tls.get_ref().1.peer_certificates())
+                        .ok_or_else(|| refused("server certificate names no party".into()))?;
+                    let (registration, closer) = trust
+                        .register(chain, party, remote, "outbound")
+                        .map_err(|e| refused(e.to_string()))?;
+                    (closer, Some(registration))
+                }
+            };
+            let stream = Watched {
+                stream: tls,
+                closer,
+                _registration: registration,
+            };
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(service))
@@ -587,6 +884,112 @@ mod tests {
         let (party, buf) = accept.await.unwrap();
         assert_eq!(party.as_str(), "urn:test:client");
         assert_eq!(&buf, b"ping");
+    }
+
+    /// The kind of handshake of one connection from `client` to a server
+    /// over `server` that first sends one byte (which the client reads, so
+    /// any session ticket sent before it has been processed).
+    async fn handshake_kind(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> rustls::HandshakeKind {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsAcceptor::from(server).accept(tcp).await.unwrap();
+            tls.write_all(b"x").await.unwrap();
+            tls.flush().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = TlsConnector::from(client)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1];
+        tls.read_exact(&mut buf).await.unwrap();
+        let kind = tls.get_ref().1.handshake_kind().unwrap();
+        tls.shutdown().await.unwrap();
+        drop(tls);
+        accept.await.unwrap();
+        kind
+    }
+
+    fn test_configs(
+        ca: &CertificateAuthority,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let trust = || {
+            TrustStore::builder()
+                .anchors_pem(ca.certificate_pem().as_bytes())
+                .unwrap()
+                .build()
+                .unwrap()
+        };
+        let server = server_config(
+            SharedTrust::new(trust()),
+            &party(ca, "urn:test:server"),
+            versions(false),
+        )
+        .unwrap();
+        let client = client_config(
+            Arc::new(trust()),
+            PartyUri::new("urn:test:server").unwrap(),
+            Some(&party(ca, "urn:test:client")),
+            versions(false),
+        )
+        .unwrap();
+        (server, client)
+    }
+
+    /// The servers never resume a session, even for a client that keeps
+    /// them and offers one: every client certificate is checked.
+    #[tokio::test]
+    async fn server_never_resumes_a_session() {
+        install_provider();
+        let ca = CertificateAuthority::generate("CA", Validity::days_from(SystemTime::now(), 1))
+            .unwrap();
+        let (server, client) = test_configs(&ca);
+        let mut resuming = (*client).clone();
+        resuming.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let resuming = Arc::new(resuming);
+        for _ in 0..3 {
+            assert_eq!(
+                handshake_kind(server.clone(), resuming.clone()).await,
+                rustls::HandshakeKind::Full
+            );
+        }
+    }
+
+    /// The daemon's outbound connections never offer to resume, even to a
+    /// server that would: every server certificate is checked.
+    #[tokio::test]
+    async fn client_never_offers_to_resume() {
+        install_provider();
+        let ca = CertificateAuthority::generate("CA", Validity::days_from(SystemTime::now(), 1))
+            .unwrap();
+        let (server, client) = test_configs(&ca);
+        let mut resuming = (*server).clone();
+        resuming.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        resuming.send_tls13_tickets = 2;
+        let resuming = Arc::new(resuming);
+        // The same server would resume a client that keeps sessions (so the
+        // check below is not vacuous).
+        let mut keeping = (*client).clone();
+        keeping.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let keeping = Arc::new(keeping);
+        handshake_kind(resuming.clone(), keeping.clone()).await;
+        assert_eq!(
+            handshake_kind(resuming.clone(), keeping).await,
+            rustls::HandshakeKind::Resumed
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                handshake_kind(resuming.clone(), client.clone()).await,
+                rustls::HandshakeKind::Full
+            );
+        }
     }
 
     /// A server certificate naming another party is refused even though it validates.
