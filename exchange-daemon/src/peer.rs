@@ -214,28 +214,60 @@ impl Node {
         let Some(stored) = self.store.message(id).await? else {
             return Ok(None);
         };
-        let (true, Some(original)) = (
-            stored.header_sha256 == head.head().header_sha256(),
-            stored.our_receipt,
-        ) else {
+        if stored.header_sha256 != head.head().header_sha256() || stored.our_receipt.is_none() {
             // Another envelope under a known id: refused after verification.
             return Ok(None);
-        };
-        tracing::info!(message = %id, from = %peer, "redelivery: original receipt returned before reading the body");
+        }
         let action = match stored.kind {
             MessageKind::Relay => AuditAction::Relay,
             _ => AuditAction::Receive,
         };
-        self.audit(vec![self.entry(
-            &peer_actor(peer),
+        self.redelivered(
+            peer,
+            head,
             action,
-            Some(id),
-            AuditOutcome::Ok,
-            None,
-            Some("redelivery: the original receipt returned, body not read, nothing stored".into()),
-        )])
-        .await?;
-        Ok(Some(original))
+            stored.header_sha256,
+            stored.our_receipt,
+            "redelivery (body not read)",
+        )
+        .await
+        .map(Some)
+    }
+
+    /// The answer to an envelope we took before (and may have purged since):
+    /// our original receipt if it is the very same envelope, with the
+    /// redelivery audited; else a replay.
+    async fn redelivered(
+        &self,
+        peer: &PartyUri,
+        head: &VerifiedHead,
+        action: AuditAction,
+        stored_header_sha256: [u8; 32],
+        our_receipt: Option<Vec<u8>>,
+        what: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let id = head.header().message_id;
+        match (
+            stored_header_sha256 == head.head().header_sha256(),
+            our_receipt,
+        ) {
+            (true, Some(original)) => {
+                tracing::info!(message = %id, from = %peer, "{what}: original receipt returned");
+                self.audit(vec![self.entry(
+                    &peer_actor(peer),
+                    action,
+                    Some(id),
+                    AuditOutcome::Ok,
+                    None,
+                    Some(format!(
+                        "{what}: the original receipt returned, nothing stored"
+                    )),
+                )])
+                .await?;
+                Ok(original)
+            }
+            _ => Err(Error::Replay(id.to_string())),
+        }
     }
 
     async fn receive_verified(
@@ -414,51 +446,26 @@ impl Node {
                 Ok(receipt)
             }
             Accepted::Duplicate(stored) => {
-                match (
-                    stored.header_sha256 == head.head().header_sha256(),
+                self.redelivered(
+                    peer,
+                    head,
+                    action,
+                    stored.header_sha256,
                     stored.our_receipt,
-                ) {
-                    (true, Some(original)) => {
-                        tracing::info!(message = %id, from = %peer, "redelivery: original receipt returned");
-                        self.audit(vec![self.entry(
-                            &actor,
-                            action,
-                            Some(id),
-                            AuditOutcome::Ok,
-                            None,
-                            Some(
-                                "redelivery: the original receipt returned, nothing stored".into(),
-                            ),
-                        )])
-                        .await?;
-                        Ok(original)
-                    }
-                    _ => Err(Error::Replay(id.to_string())),
-                }
+                    "redelivery",
+                )
+                .await
             }
             Accepted::Purged(purged) => {
-                match (
-                    purged.header_sha256 == head.head().header_sha256(),
+                self.redelivered(
+                    peer,
+                    head,
+                    action,
+                    purged.header_sha256,
                     purged.our_receipt,
-                ) {
-                    (true, Some(original)) => {
-                        tracing::info!(message = %id, from = %peer, "redelivery of a purged message: original receipt returned");
-                        self.audit(vec![self.entry(
-                            &actor,
-                            action,
-                            Some(id),
-                            AuditOutcome::Ok,
-                            None,
-                            Some(
-                                "redelivery of a purged message: the original receipt returned, nothing stored"
-                                    .into(),
-                            ),
-                        )])
-                        .await?;
-                        Ok(original)
-                    }
-                    _ => Err(Error::Replay(id.to_string())),
-                }
+                    "redelivery of a purged message",
+                )
+                .await
             }
         }
     }
