@@ -23,7 +23,7 @@ use exchange_core::audit::{AuditAction, AuditOutcome};
 use crate::accountability::client_actor;
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::node::{Node, first_hops, position, unix_ms};
+use crate::node::{Node, first_hops, next_message, position, unix_ms};
 use crate::peer::peer_of;
 use crate::proto::client_server::Client;
 use crate::proto::{
@@ -143,11 +143,8 @@ impl Node {
                 .await?
         {
             // A repeat: read what it asks for, store nothing.
-            while let Some(msg) = stream
-                .message()
-                .await
-                .map_err(|s| Error::Transport(format!("receiving plaintext: {}", s.message())))?
-            {
+            let progress = self.config.limits.progress_timeout();
+            while let Some(msg) = next_message(&mut stream, progress, "plaintext").await? {
                 let Some(send_request::Part::Chunk(data)) = msg.part else {
                     return Err(Error::Protocol("a second SendStart".into()));
                 };
@@ -253,11 +250,8 @@ impl Node {
         )?;
         let mut total = 0u64;
         let mut out = Vec::with_capacity(SLICE + 1024);
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| Error::Transport(format!("receiving plaintext: {}", s.message())))?
-        {
+        let progress = self.config.limits.progress_timeout();
+        while let Some(msg) = next_message(&mut stream, progress, "plaintext").await? {
             let Some(send_request::Part::Chunk(data)) = msg.part else {
                 return Err(Error::Protocol("a second SendStart".into()));
             };

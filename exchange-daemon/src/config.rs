@@ -211,6 +211,41 @@ pub struct LimitsConfig {
     /// Ciphertexts up to this size are kept in the database row; larger ones in blob files.
     #[serde(default = "default_inline")]
     pub inline_ciphertext_bytes: u64,
+    /// A Deliver or Send stream that sends nothing for this long (seconds)
+    /// is abandoned: refused with reason `stalled`, its spool file removed.
+    #[serde(default = "default_progress_timeout")]
+    pub progress_timeout_seconds: u64,
+    /// Concurrent gRPC streams one connection may open on either listener.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
+    /// HTTP/2 keepalive PING interval on both listeners (seconds); a
+    /// connection whose peer does not answer within
+    /// `keepalive_timeout_seconds` is closed.
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval_seconds: u64,
+    /// How long a keepalive PING may go unanswered (seconds).
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_seconds: u64,
+}
+
+impl LimitsConfig {
+    /// [`LimitsConfig::progress_timeout_seconds`] as a duration.
+    pub fn progress_timeout(&self) -> Duration {
+        Duration::from_secs(self.progress_timeout_seconds)
+    }
+}
+
+fn default_progress_timeout() -> u64 {
+    60
+}
+fn default_max_streams() -> u32 {
+    100
+}
+fn default_keepalive_interval() -> u64 {
+    30
+}
+fn default_keepalive_timeout() -> u64 {
+    20
 }
 
 fn default_max_envelope() -> u64 {
@@ -225,6 +260,10 @@ impl Default for LimitsConfig {
         Self {
             max_envelope_bytes: default_max_envelope(),
             inline_ciphertext_bytes: default_inline(),
+            progress_timeout_seconds: default_progress_timeout(),
+            max_streams_per_connection: default_max_streams(),
+            keepalive_interval_seconds: default_keepalive_interval(),
+            keepalive_timeout_seconds: default_keepalive_timeout(),
         }
     }
 }
@@ -497,6 +536,18 @@ impl Config {
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {
             return Err(Error::Config(
                 "delivery.concurrency and delivery.initial_backoff_ms must be positive".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.progress_timeout_seconds == 0
+            || l.max_streams_per_connection == 0
+            || l.keepalive_interval_seconds == 0
+            || l.keepalive_timeout_seconds == 0
+        {
+            return Err(Error::Config(
+                "limits.progress_timeout_seconds, max_streams_per_connection, \
+                 keepalive_interval_seconds and keepalive_timeout_seconds must be positive"
+                    .into(),
             ));
         }
         let d = &self.delivery;

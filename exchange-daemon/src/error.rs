@@ -124,6 +124,15 @@ pub enum Error {
         /// The role configured for the party.
         contracted: String,
     },
+    /// A request stream sent nothing for the configured progress timeout:
+    /// the transfer is abandoned and what it had sent removed.
+    #[error("no {what} received for {seconds} s; transfer abandoned")]
+    Stalled {
+        /// What was awaited (ciphertext, plaintext).
+        what: &'static str,
+        /// The progress timeout.
+        seconds: u64,
+    },
     /// A Send reused an idempotency key for a different request.
     #[error("idempotency key {0:?} was used for a different request")]
     IdempotencyConflict(String),
@@ -239,6 +248,7 @@ impl Error {
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
             Self::IdempotencyConflict(_) => "idempotency-conflict",
+            Self::Stalled { .. } => "stalled",
             Self::NotFetched(_) => "not-fetched",
             Self::LifetimeTooLong { .. } => "lifetime-too-long",
         }
@@ -282,6 +292,7 @@ impl Error {
             Self::Forbidden(_) | Self::RoleMismatch { .. } => Code::PermissionDenied,
             Self::TooLarge { .. } => Code::ResourceExhausted,
             Self::Replay(_) | Self::IdempotencyConflict(_) => Code::AlreadyExists,
+            Self::Stalled { .. } => Code::DeadlineExceeded,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
             Self::UnknownPeer(_) | Self::Refused { .. } | Self::NotFetched(_) => {
                 Code::FailedPrecondition

@@ -34,6 +34,22 @@ pub fn unix_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The next message of a request stream; an error if the stream fails or
+/// sends nothing for `progress` (a stalled sender holds nothing longer).
+pub(crate) async fn next_message<T>(
+    stream: &mut tonic::Streaming<T>,
+    progress: Duration,
+    what: &'static str,
+) -> Result<Option<T>, Error> {
+    match tokio::time::timeout(progress, stream.message()).await {
+        Err(_) => Err(Error::Stalled {
+            what,
+            seconds: progress.as_secs(),
+        }),
+        Ok(r) => r.map_err(|s| Error::Transport(format!("receiving {what}: {}", s.message()))),
+    }
+}
+
 /// From Unix milliseconds.
 pub fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)

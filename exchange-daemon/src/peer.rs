@@ -21,7 +21,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::accountability::{self, certificate_name, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA};
-use crate::node::{Node, Position, position, unix_ms};
+use crate::node::{Node, Position, next_message, position, unix_ms};
 use crate::proto::deliver_request::Part;
 use crate::proto::peer_server::Peer;
 use crate::proto::{
@@ -322,11 +322,8 @@ impl Node {
             len,
             self.config.limits.inline_ciphertext_bytes,
         )?;
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| Error::Transport(format!("receiving ciphertext: {}", s.message())))?
-        {
+        let progress = self.config.limits.progress_timeout();
+        while let Some(msg) = next_message(&mut stream, progress, "ciphertext").await? {
             match msg.part {
                 Some(Part::Chunk(data)) => {
                     check.update(&data)?;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -164,15 +165,22 @@ impl Daemon {
                 .map_err(|e| Error::Config(format!("reflection: {e}")))
         };
 
+        let limits = &node.config.limits;
         let peer_router = Server::builder()
             .initial_stream_window_size(tls::STREAM_WINDOW)
             .initial_connection_window_size(tls::CONNECTION_WINDOW)
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_seconds)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
             .add_service(health.clone())
             .add_service(reflection()?)
             .add_service(PeerServer::new(PeerService::new(node.clone())));
         let client_router = Server::builder()
             .initial_stream_window_size(tls::STREAM_WINDOW)
             .initial_connection_window_size(tls::CONNECTION_WINDOW)
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_seconds)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
             .add_service(health)
             .add_service(reflection()?)
             .add_service(ClientServer::new(ClientService::new(node.clone())));

@@ -1,12 +1,12 @@
 //! Where incoming ciphertext goes while a stream is received: memory for
-//! small envelopes, a spool file (written on a blocking thread) for large
-//! ones. Nothing here is durable; [`crate::store::Store::accept`] makes it so.
+//! small envelopes, a spool file for large ones, written with async file
+//! I/O so that a sender that stalls mid-stream holds no thread while it
+//! waits. Nothing here is durable; [`crate::store::Store::accept`] makes it
+//! so.
 
-use std::io::Write;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::io::{AsyncWriteExt, BufWriter};
 
 use crate::error::{Error, StoreError};
 use crate::store::{Ciphertext, SpoolFile, Store};
@@ -19,8 +19,9 @@ pub(crate) enum Sink {
         store: Arc<dyn Store>,
     },
     Spool {
-        tx: mpsc::Sender<Vec<u8>>,
-        writer: JoinHandle<Result<SpoolFile, StoreError>>,
+        /// The file, removed on drop unless the store takes it over.
+        spool: SpoolFile,
+        out: BufWriter<tokio::fs::File>,
     },
 }
 
@@ -33,7 +34,7 @@ impl Sink {
         inline_limit: u64,
     ) -> Result<Self, Error> {
         if expected > inline_limit {
-            return Self::spool(&store, Vec::new());
+            return Self::spool(&store);
         }
         Ok(Self::Memory {
             buf: Vec::with_capacity(usize::try_from(expected).unwrap_or(0)),
@@ -42,54 +43,46 @@ impl Sink {
         })
     }
 
-    fn spool(store: &Arc<dyn Store>, first: Vec<u8>) -> Result<Self, Error> {
+    /// An empty spool file in the store's spool directory.
+    fn spool(store: &Arc<dyn Store>) -> Result<Self, Error> {
         let spool = store.spool()?;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-        let writer = tokio::task::spawn_blocking(move || {
-            let io = |source| StoreError::Io {
-                op: "write",
-                path: spool.path.clone(),
-                source,
-            };
-            let mut w = std::io::BufWriter::with_capacity(256 * 1024, &spool.file);
-            w.write_all(&first).map_err(io)?;
-            while let Some(data) = rx.blocking_recv() {
-                w.write_all(&data).map_err(io)?;
-            }
-            w.flush().map_err(io)?;
-            drop(w);
-            // Durable before the receiver dates its custody receipt.
-            spool.file.sync_all().map_err(|source| StoreError::Io {
-                op: "fsync",
-                path: spool.path.clone(),
-                source,
-            })?;
-            Ok(spool)
-        });
-        Ok(Self::Spool { tx, writer })
+        let file = spool.file.try_clone().map_err(|source| StoreError::Io {
+            op: "open",
+            path: spool.path.clone(),
+            source,
+        })?;
+        Ok(Self::Spool {
+            out: BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file)),
+            spool,
+        })
     }
 
     /// Appends `data`.
     pub(crate) async fn write(&mut self, data: Vec<u8>) -> Result<(), Error> {
-        match self {
+        let data = match self {
             Self::Memory { buf, limit, store } => {
-                if (buf.len() + data.len()) as u64 > *limit {
-                    let mut first = std::mem::take(buf);
-                    first.extend_from_slice(&data);
-                    *self = Self::spool(store, first)?;
-                } else {
+                if (buf.len() + data.len()) as u64 <= *limit {
                     buf.extend_from_slice(&data);
-                }
-                Ok(())
-            }
-            Self::Spool { tx, .. } => {
-                if tx.send(data).await.is_err() {
-                    // The writer stopped early: its error is reported by `finish`.
                     return Ok(());
                 }
-                Ok(())
+                // Past the inline limit: what came so far goes first.
+                let mut first = std::mem::take(buf);
+                first.extend_from_slice(&data);
+                *self = Self::spool(store)?;
+                first
             }
+            Self::Spool { .. } => data,
+        };
+        if let Self::Spool { spool, out } = self {
+            out.write_all(&data)
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "write",
+                    path: spool.path.clone(),
+                    source,
+                })?;
         }
+        Ok(())
     }
 
     /// Everything written (a spool file flushed and fsynced), ready for
@@ -97,11 +90,18 @@ impl Sink {
     pub(crate) async fn finish(self) -> Result<Ciphertext, Error> {
         match self {
             Self::Memory { buf, .. } => Ok(Ciphertext::Inline(buf)),
-            Self::Spool { tx, writer } => {
-                drop(tx);
-                let spool = writer
+            Self::Spool { spool, mut out } => {
+                let io = |op, source| StoreError::Io {
+                    op,
+                    path: spool.path.clone(),
+                    source,
+                };
+                out.flush().await.map_err(|e| io("write", e))?;
+                // Durable before the receiver dates its custody receipt.
+                out.into_inner()
+                    .sync_all()
                     .await
-                    .map_err(|_| Error::Store(StoreError::Closed))??;
+                    .map_err(|e| io("fsync", e))?;
                 Ok(Ciphertext::Spooled(spool))
             }
         }

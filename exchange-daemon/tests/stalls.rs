@@ -1,0 +1,186 @@
+//! Peers that stall mid-stream (real TLS on loopback, real spool files):
+//! a stalled transfer is abandoned after the progress timeout with its spool
+//! file removed and the refusal audited, and hundreds of stalled transfers
+//! hold no thread the rest of the daemon needs.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
+use exchange_daemon::error::status_reason;
+use exchange_daemon::proto::peer_client::PeerClient;
+use exchange_daemon::proto::{DeliverRequest, ListInboxRequest, StatusRequest, deliver_request};
+use exchange_daemon::store::sqlite::open_read_only;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// Starts a Deliver of `head` that sends its first `first` ciphertext bytes
+/// and then nothing, keeping the stream open. Returns the call and the
+/// sender that keeps the stream open.
+fn stall_after(
+    peer: &PeerClient<Channel>,
+    head: &exchange_core::envelope::EnvelopeHead,
+    first: &[u8],
+) -> (
+    tokio::task::JoinHandle<Result<Vec<u8>, tonic::Status>>,
+    mpsc::Sender<DeliverRequest>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.try_send(DeliverRequest {
+        part: Some(deliver_request::Part::Head(head.as_bytes().to_vec())),
+    })
+    .unwrap();
+    tx.try_send(DeliverRequest {
+        part: Some(deliver_request::Part::Chunk(first.to_vec())),
+    })
+    .unwrap();
+    let mut peer = peer.clone();
+    let call = tokio::spawn(async move {
+        peer.deliver(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner().receipt)
+    });
+    (call, tx)
+}
+
+fn spool_files(party: &Party) -> usize {
+    std::fs::read_dir(party.data_dir().join("spool"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_transfer_is_abandoned_its_spool_removed_and_the_refusal_audited() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    net.configure(
+        &hospital,
+        &[&clinic],
+        &[],
+        "\n[limits]\ninline_ciphertext_bytes = 1024\nprogress_timeout_seconds = 1\n",
+    );
+    let h = start(&hospital).await;
+    let (head, ct) = seal_now(&net, &clinic, &hospital, &vec![7u8; 64 * 1024]);
+    let peer = peer_client(&net, &hospital, &clinic.tls_identity());
+    let (call, _open) = stall_after(&peer, &head, &ct[..4096]);
+    // Past the inline limit: the transfer is being spooled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while spool_files(&hospital) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never spooled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the stalled transfer was never abandoned")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert_eq!(status_reason(&e), Some("stalled"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while spool_files(&hospital) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spool file left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.shutdown().await;
+    let conn = open_read_only(&hospital.data_dir()).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT entry FROM audit_log ORDER BY seq")
+        .unwrap();
+    let log: Vec<AuditEntry> = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|b| AuditEntry::from_json(&b.unwrap()).unwrap())
+        .collect();
+    assert!(
+        log.iter().any(|e| e.action == AuditAction::Receive
+            && e.outcome == AuditOutcome::Rejected
+            && e.reason.as_deref() == Some("stalled")),
+        "{log:?}"
+    );
+    assert_eq!(store_counts(&hospital).messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_stalled_transfers_do_not_wedge_the_daemon() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let payer = net.party("payer", PAYER);
+    let his = net.client("his", "urn:local:hospital:his");
+    // Every transfer above 1 KiB is spooled to a file.
+    net.configure(
+        &hospital,
+        &[&clinic, &payer],
+        &[&his],
+        "\n[limits]\ninline_ciphertext_bytes = 1024\n",
+    );
+    net.configure(&payer, &[&hospital], &[], "");
+    let h = start(&hospital).await;
+    let p = start(&payer).await;
+    // 640 transfers, more than tokio's 512 blocking threads, over 8
+    // connections, each stalled after its head and first 4 KiB.
+    let (head, ct) = seal_now(&net, &clinic, &hospital, &vec![9u8; 64 * 1024]);
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let peer = peer_client(&net, &hospital, &clinic.tls_identity());
+        for _ in 0..80 {
+            stalled.push(stall_after(&peer, &head, &ct[..4096]));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while spool_files(&hospital) < 600 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} transfers under way",
+            spool_files(&hospital)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The daemon still answers its applications and delivers to others.
+    let mut app = client_of(&net, &hospital, &his);
+    let listed = tokio::time::timeout(
+        Duration::from_secs(2),
+        app.list_inbox(ListInboxRequest::default()),
+    )
+    .await
+    .expect("the inbox listing did not answer within 2 s")
+    .unwrap();
+    assert!(listed.into_inner().items.is_empty());
+    let id = tokio::time::timeout(
+        Duration::from_secs(2),
+        send(
+            &mut app,
+            referral_start(&[&payer], &[], "treatment"),
+            &vec![1u8; 2 << 20],
+        ),
+    )
+    .await
+    .expect("Send did not answer within 2 s")
+    .unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_status(&mut app, &id, |s| s.state == "DELIVERED"),
+    )
+    .await
+    .expect("delivery to another peer did not complete within 10 s");
+    assert_eq!(status.state, "DELIVERED");
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        app.status(StatusRequest {
+            message_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("Status did not answer within 2 s")
+    .unwrap();
+    drop(stalled);
+    h.shutdown().await;
+    p.shutdown().await;
+}
