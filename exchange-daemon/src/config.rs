@@ -215,6 +215,14 @@ pub struct LimitsConfig {
     /// is abandoned: refused with reason `stalled`, its spool file removed.
     #[serde(default = "default_progress_timeout")]
     pub progress_timeout_seconds: u64,
+    /// Connections each listener holds at once (counting handshakes);
+    /// more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections one party (peer facility or local client) may hold on a
+    /// listener at once.
+    #[serde(default = "default_max_connections_per_party")]
+    pub max_connections_per_party: usize,
     /// Concurrent gRPC streams one connection may open on either listener.
     #[serde(default = "default_max_streams")]
     pub max_streams_per_connection: u32,
@@ -241,6 +249,12 @@ fn default_progress_timeout() -> u64 {
 fn default_max_streams() -> u32 {
     100
 }
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_party() -> usize {
+    16
+}
 fn default_keepalive_interval() -> u64 {
     30
 }
@@ -262,6 +276,8 @@ impl Default for LimitsConfig {
             inline_ciphertext_bytes: default_inline(),
             progress_timeout_seconds: default_progress_timeout(),
             max_streams_per_connection: default_max_streams(),
+            max_connections: default_max_connections(),
+            max_connections_per_party: default_max_connections_per_party(),
             keepalive_interval_seconds: default_keepalive_interval(),
             keepalive_timeout_seconds: default_keepalive_timeout(),
         }
@@ -540,12 +556,15 @@ impl Config {
         }
         let l = &self.limits;
         if l.progress_timeout_seconds == 0
+            || l.max_connections == 0
+            || l.max_connections_per_party == 0
             || l.max_streams_per_connection == 0
             || l.keepalive_interval_seconds == 0
             || l.keepalive_timeout_seconds == 0
         {
             return Err(Error::Config(
-                "limits.progress_timeout_seconds, max_streams_per_connection, \
+                "limits.progress_timeout_seconds, max_connections, max_connections_per_party, \
+                 max_streams_per_connection, \
                  keepalive_interval_seconds and keepalive_timeout_seconds must be positive"
                     .into(),
             ));

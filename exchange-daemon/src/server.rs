@@ -166,6 +166,10 @@ impl Daemon {
         };
 
         let limits = &node.config.limits;
+        let connection_limits = tls::ConnectionLimits {
+            total: limits.max_connections,
+            per_party: limits.max_connections_per_party,
+        };
         let peer_router = Server::builder()
             .initial_stream_window_size(tls::STREAM_WINDOW)
             .initial_connection_window_size(tls::CONNECTION_WINDOW)
@@ -201,7 +205,7 @@ impl Daemon {
             ),
         ] {
             let mut stop = rx.clone();
-            let incoming = tls::incoming(listener, config, trust, name);
+            let incoming = tls::incoming(listener, config, trust, name, connection_limits);
             tasks.push(tokio::spawn(async move {
                 let signal = async move {
                     let _ = stop.wait_for(|s| *s).await;

@@ -563,6 +563,72 @@ struct Watched<S> {
     closer: Arc<Closer>,
     /// None for connections made over a fixed trust store (never reloaded).
     _registration: Option<Registration>,
+    /// Its place under the listener's connection caps (accepted ones).
+    _slot: Option<Slot>,
+}
+
+/// Caps on the connections one listener holds at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// In all (counting those still in their handshake).
+    pub total: usize,
+    /// From any one party (peer facility or local client).
+    pub per_party: usize,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionCount {
+    total: usize,
+    per_party: HashMap<PartyUri, usize>,
+}
+
+/// One connection's place under a listener's caps, given back on drop.
+#[derive(Debug)]
+struct Slot {
+    counts: Arc<Mutex<ConnectionCount>>,
+    party: Option<PartyUri>,
+}
+
+impl Slot {
+    /// A place among `limits.total`, if one is free.
+    fn take(counts: &Arc<Mutex<ConnectionCount>>, limits: ConnectionLimits) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if c.total >= limits.total {
+            return None;
+        }
+        c.total += 1;
+        Some(Self {
+            counts: counts.clone(),
+            party: None,
+        })
+    }
+
+    /// Counts this connection for `party` too, if it has room.
+    fn claim(&mut self, party: &PartyUri, limits: ConnectionLimits) -> bool {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = c.per_party.entry(party.clone()).or_insert(0);
+        if *n >= limits.per_party {
+            return false;
+        }
+        *n += 1;
+        self.party = Some(party.clone());
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        c.total = c.total.saturating_sub(1);
+        if let Some(p) = &self.party
+            && let Some(n) = c.per_party.get_mut(p)
+        {
+            *n -= 1;
+            if *n == 0 {
+                c.per_party.remove(p);
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -684,14 +750,18 @@ fn peer_party(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Par
 /// yields those that completed, registered with `trust` (which must be the
 /// store `config` verifies clients with) so that a reload closes those
 /// whose peer no longer validates. `service` names the listener in logs.
+/// Connections over `limits` (in all, or from one party) are closed at once
+/// and logged with reason `connection-limit`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     trust: Arc<SharedTrust>,
     service: &'static str,
+    limits: ConnectionLimits,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = mpsc::channel(64);
+    let counts = Arc::new(Mutex::new(ConnectionCount::default()));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -705,6 +775,11 @@ pub fn incoming(
                 },
                 () = tx.closed() => break,
             };
+            let Some(mut slot) = Slot::take(&counts, limits) else {
+                tracing::warn!(service, %remote, reason = "connection-limit", limit = limits.total, "connection refused: the listener holds its maximum of connections");
+                drop(tcp);
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let trust = trust.clone();
@@ -712,6 +787,14 @@ pub fn incoming(
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => match peer_chain(stream.get_ref().1.peer_certificates()) {
+                        Some((_, party)) if !slot.claim(&party, limits) => {
+                            // Its place is free before the peer sees the close.
+                            drop(slot);
+                            tracing::warn!(
+                                service, %remote, %party, reason = "connection-limit", limit = limits.per_party,
+                                "connection refused: the party holds its maximum of connections"
+                            );
+                        }
                         Some((chain, party)) => {
                             match trust.register(chain, party.clone(), remote, service) {
                                 Ok((registration, closer)) => {
@@ -721,6 +804,7 @@ pub fn incoming(
                                         stream,
                                         closer,
                                         _registration: Some(registration),
+                                        _slot: Some(slot),
                                     };
                                     let conn = TlsConn { stream, info };
                                     let _ = tx.send(Ok(conn)).await;
@@ -798,6 +882,7 @@ pub fn channel(
                 stream: tls,
                 closer,
                 _registration: registration,
+                _slot: None,
             };
             Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
         }

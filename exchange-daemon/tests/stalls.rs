@@ -184,3 +184,70 @@ async fn hundreds_of_stalled_transfers_do_not_wedge_the_daemon() {
     h.shutdown().await;
     p.shutdown().await;
 }
+
+/// A cheap call over `peer`'s connection: NOT_FOUND when the daemon took
+/// the connection; UNAVAILABLE, CANCELLED or UNKNOWN when it closed it (the
+/// call fails at the transport; which code depends on when the close is
+/// seen).
+async fn probe(peer: &mut PeerClient<Channel>) -> tonic::Code {
+    peer.return_receipts(exchange_daemon::proto::ReturnReceiptsRequest {
+        message_id: vec![0x11; 16],
+        receipts: vec![],
+    })
+    .await
+    .map_or_else(|e| e.code(), |_| tonic::Code::Ok)
+}
+
+fn closed(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_listener_caps_are_closed() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let payer = net.party("payer", PAYER);
+    net.configure(
+        &hospital,
+        &[&clinic, &payer],
+        &[],
+        "\n[limits]\nmax_connections = 3\nmax_connections_per_party = 2\n",
+    );
+    let h = start(&hospital).await;
+    let mut clinic_conns = Vec::new();
+    for _ in 0..2 {
+        let mut c = peer_client(&net, &hospital, &clinic.tls_identity());
+        assert_eq!(probe(&mut c).await, tonic::Code::NotFound);
+        clinic_conns.push(c);
+    }
+    // A third connection from the clinic is over its share.
+    let mut third = peer_client(&net, &hospital, &clinic.tls_identity());
+    let code = probe(&mut third).await;
+    assert!(closed(code), "{code:?}");
+    // Another party still gets in, up to the listener's total.
+    let mut p1 = peer_client(&net, &hospital, &payer.tls_identity());
+    assert_eq!(probe(&mut p1).await, tonic::Code::NotFound);
+    let mut p2 = peer_client(&net, &hospital, &payer.tls_identity());
+    assert!(closed(probe(&mut p2).await));
+    // A closed connection gives its place back.
+    drop(clinic_conns.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = peer_client(&net, &hospital, &clinic.tls_identity());
+        match probe(&mut c).await {
+            tonic::Code::NotFound => break,
+            code => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place never came back: {code:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    h.shutdown().await;
+}
