@@ -251,3 +251,97 @@ async fn connections_over_the_listener_caps_are_closed() {
     }
     h.shutdown().await;
 }
+
+/// A loopback TCP proxy to `target` for one connection that forwards both
+/// ways until `forward` turns false, then reads and drops everything (a
+/// VPN path that fails silently). Returns its address.
+async fn proxy(
+    target: String,
+    forward: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (inbound, _) = listener.accept().await.unwrap();
+        let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (ir, iw) = inbound.into_split();
+        let (or, ow) = outbound.into_split();
+        let pipe = |forward: std::sync::Arc<std::sync::atomic::AtomicBool>,
+                    mut r: tokio::net::tcp::OwnedReadHalf,
+                    mut w: tokio::net::tcp::OwnedWriteHalf| async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if forward.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let a = tokio::spawn(pipe(forward.clone(), ir, ow));
+        let b = tokio::spawn(pipe(forward, or, iw));
+        let _ = (a.await, b.await);
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_is_cut_by_keepalive_and_its_spool_removed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    // Keepalive, not the progress timeout, must cut it.
+    net.configure(
+        &hospital,
+        &[&clinic],
+        &[],
+        "\n[limits]\ninline_ciphertext_bytes = 1024\nprogress_timeout_seconds = 600\n\
+         keepalive_interval_seconds = 1\nkeepalive_timeout_seconds = 1\n",
+    );
+    let h = start(&hospital).await;
+    let forward = Arc::new(AtomicBool::new(true));
+    let via = proxy(hospital.peer_addr(), forward.clone()).await;
+    exchange_daemon::tls::install_provider();
+    let trust = exchange_core::trust::TrustStore::builder()
+        .anchors_pem(&std::fs::read(net.path("ca.pem")).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let config = exchange_daemon::tls::client_config(
+        Arc::new(trust),
+        hospital.party(),
+        Some(&clinic.tls_identity()),
+        exchange_daemon::tls::versions(false),
+    )
+    .unwrap();
+    let peer = PeerClient::new(
+        exchange_daemon::tls::channel(&via.to_string(), config, Duration::from_secs(5)).unwrap(),
+    );
+    let (head, ct) = seal_now(&net, &clinic, &hospital, &vec![3u8; 64 * 1024]);
+    let (_call, _open) = stall_after(&peer, &head, &ct[..4096]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while spool_files(&hospital) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never spooled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The path goes silent: nothing reaches either end any more.
+    forward.store(false, Ordering::SeqCst);
+    let cut = tokio::time::Instant::now();
+    let deadline = cut + Duration::from_secs(10);
+    while spool_files(&hospital) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent connection was not cut: its spool file is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("cut after {:?}", cut.elapsed());
+    h.shutdown().await;
+    assert_eq!(store_counts(&hospital).messages, 0);
+}
