@@ -1,5 +1,5 @@
 //! Accountability: the audit log, signed checkpoints, patient pseudonyms,
-//! provision records and the retention purge (DESIGN.md §5-6, issue 5).
+//! provision records and the retention purge.
 //!
 //! * Every access and transfer is appended to the store's audit log (who,
 //!   what, when, which message, which patient pseudonyms, outcome, reason).

@@ -202,7 +202,7 @@ CREATE TABLE receipts (
     UNIQUE (message_id, digest)
 );
 ",
-    // 2: accountability (issue 5): audit log, checkpoints, pseudonymous
+    // 2: accountability: audit log, checkpoints, pseudonymous
     // message subjects, provision records.
     r"
 CREATE TABLE audit_log (
