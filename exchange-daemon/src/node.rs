@@ -354,33 +354,28 @@ impl Node {
         Ok(receipt)
     }
 
-    /// A receipt read back from the store, tied to `head`. It was verified
-    /// with the full policy (chain and revocation at its issue time) when it
-    /// arrived, and only then stored; a later revocation of its issuer does
-    /// not unmake that verdict (see [`Node::issuer_revoked_since`]).
-    pub(crate) fn stored_receipt(
-        &self,
-        head: &VerifiedHead,
-        bytes: &[u8],
-    ) -> Result<VerifiedReceipt, Error> {
-        let receipt =
-            SignedReceipt::from_bytes(bytes)?.verify(&self.trust().without_revocation())?;
-        receipt.check_for(head)?;
-        Ok(receipt)
-    }
-
-    /// The stored receipts of `record`, read back (see
-    /// [`Node::stored_receipt`]). One that no longer reads back (a damaged
-    /// row) is logged and left out: it must not cost the others.
+    /// The stored receipts of `record`, read back and tied to `head`. Each
+    /// was verified with the full policy (chain and revocation at its issue
+    /// time) when it arrived, and only then stored; it is read back with the
+    /// chain but without revocation, so a later revocation of its issuer
+    /// does not unmake that verdict (see [`Node::issuer_revoked_since`]).
+    /// One that no longer reads back (a damaged row) is logged and left
+    /// out: it must not cost the others.
     pub(crate) async fn stored_receipts(
         &self,
         record: &MessageRecord,
         head: &VerifiedHead,
     ) -> Result<Vec<VerifiedReceipt>, Error> {
         let stored = self.store.receipts(record.id).await?;
+        let trust = self.trust().without_revocation();
+        let read_back = |bytes: &[u8]| -> Result<VerifiedReceipt, Error> {
+            let receipt = SignedReceipt::from_bytes(bytes)?.verify(&trust)?;
+            receipt.check_for(head)?;
+            Ok(receipt)
+        };
         let mut out = Vec::with_capacity(stored.len());
         for r in &stored {
-            match self.stored_receipt(head, &r.signed) {
+            match read_back(&r.signed) {
                 Ok(v) => out.push(v),
                 Err(e) => tracing::error!(
                     message = %record.id,
