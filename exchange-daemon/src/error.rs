@@ -92,12 +92,26 @@ pub enum Error {
     /// Connecting to or talking with a peer failed.
     #[error("transport: {0}")]
     Transport(String),
-    /// A peer refused the envelope with a REJECTED receipt or an error status.
+    /// A peer refused the envelope with a signed REJECTED receipt, verified
+    /// and tied to the envelope: final.
     #[error("refused by {party}: {reason}")]
     Refused {
         /// Who refused.
         party: String,
         /// Its reason code.
+        reason: String,
+    },
+    /// A peer answered with an error status that carries no signed REJECTED
+    /// receipt (a refusal it cannot be held to, from a misconfigured or
+    /// overloaded peer, or from something posing as it on the way): not
+    /// final. Retried with backoff until the delivery expires.
+    #[error("{party} answered {code} ({reason}) without a signed REJECTED receipt")]
+    UnsignedRefusal {
+        /// The peer.
+        party: String,
+        /// The gRPC status code it answered.
+        code: String,
+        /// The reason code it sent (`none` if it sent none).
         reason: String,
     },
     /// A peer failed internally while taking the envelope (its store or
@@ -244,6 +258,7 @@ impl Error {
             Self::Protocol(_) => "malformed",
             Self::Transport(_) => "transport",
             Self::Refused { .. } => "refused",
+            Self::UnsignedRefusal { .. } => "unsigned-refusal",
             Self::Shutdown => "shutdown",
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
@@ -276,6 +291,7 @@ impl Error {
                 | Self::Shutdown
                 | Self::UnknownPeer(_)
                 | Self::PeerInternal { .. }
+                | Self::UnsignedRefusal { .. }
         )
     }
 
@@ -298,7 +314,10 @@ impl Error {
                 Code::FailedPrecondition
             }
             Self::LifetimeTooLong { .. } => Code::InvalidArgument,
-            Self::Transport(_) | Self::Shutdown | Self::PeerInternal { .. } => Code::Unavailable,
+            Self::Transport(_)
+            | Self::Shutdown
+            | Self::PeerInternal { .. }
+            | Self::UnsignedRefusal { .. } => Code::Unavailable,
             Self::Config(_)
             | Self::ReadFile { .. }
             | Self::Store(_)

@@ -567,7 +567,10 @@ pub trait Store: Send + Sync + 'static {
     fn spool(&self) -> Result<SpoolFile, StoreError>;
 
     /// Stores an envelope with its deliveries, atomically and durably;
-    /// an id already stored changes nothing.
+    /// an id already stored changes nothing. Once polled, it runs to its
+    /// end even if the returned future is dropped: the envelope is then
+    /// stored or not, and a spooled ciphertext is either named by its row
+    /// or removed, never left behind.
     fn accept(&self, envelope: NewEnvelope) -> StoreFuture<'_, Accepted>;
 
     /// The row of one message.

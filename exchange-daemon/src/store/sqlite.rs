@@ -101,6 +101,13 @@
 //! reported an error (outcome uncertain) leaves its blob in place for the
 //! same sweep rather than risk deleting a committed row's file.
 //!
+//! The link and the commit of an accept run in a task of their own, not in
+//! the caller's future: a caller dropped half-way (a peer that resets its
+//! stream, a client that goes away) leaves either the committed row with
+//! its blob or no blob at all, so that while the store is open `blobs/`
+//! holds only files that rows name (apart from a commit whose outcome is
+//! unknown, above) without waiting for the next open.
+//!
 //! # Group commit
 //!
 //! Every write runs on one writer thread that owns the write connection.
@@ -355,7 +362,7 @@ pub struct SqliteStore {
     writer_tx: Option<mpsc::Sender<Box<dyn Job>>>,
     writer: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
-    submitted: AtomicU64,
+    submitted: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
     /// Held for its file lock until the store is dropped.
     _lock: Mutex<Connection>,
@@ -429,7 +436,7 @@ impl SqliteStore {
             writer_tx: Some(tx),
             writer: Some(writer),
             reader: Arc::new(Mutex::new(reader)),
-            submitted: AtomicU64::new(0),
+            submitted: Arc::new(AtomicU64::new(0)),
             committed,
             _lock: Mutex::new(lock),
         })
@@ -451,16 +458,8 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, rx) = oneshot::channel();
-        let job: Box<dyn Job> = Box::new(Pending {
-            work: Some(Box::new(work)),
-            out: None,
-            reply: Some(reply),
-        });
         let tx = self.writer_tx.as_ref().ok_or(StoreError::Closed)?;
-        tx.send(job).map_err(|_| StoreError::Closed)?;
-        self.submitted.fetch_add(1, Ordering::Relaxed);
-        rx.await.map_err(|_| StoreError::Closed)?
+        submit_to(tx, &self.submitted, work).await
     }
 
     /// [`submit`](Self::submit) with both errors merged.
@@ -556,34 +555,46 @@ impl SqliteStore {
                     hex::encode(id.as_bytes()),
                     hex::encode(&header_sha256[..8])
                 );
-                let (name, path) = tokio::task::spawn_blocking(move || {
-                    adopt_spool(spooled, &blobs, &base, ciphertext_len)
-                })
-                .await
-                .map_err(|_| StoreError::Closed)??;
-                let row = MessageRow {
-                    body: Body::Blob(name),
-                    ..row
-                };
-                let outcome = self.submit(move |conn| insert_message(conn, &row)).await;
-                match outcome {
-                    Ok(Ok(Accepted::Stored)) => Ok(Accepted::Stored),
-                    // The file is ours alone (the link created its name), and
-                    // no row names it: the id was stored already, or our
-                    // savepoint was rolled back.
-                    Ok(Ok(dup @ (Accepted::Duplicate(_) | Accepted::Purged(_)))) => {
-                        remove_quietly(&path);
-                        Ok(dup)
+                let tx = self.writer_tx.clone().ok_or(StoreError::Closed)?;
+                let submitted = Arc::clone(&self.submitted);
+                // The caller may be dropped at any await (a peer that resets
+                // its stream, a client that goes away), but the link into
+                // blobs/ and the commit run on without it. So they run in a
+                // task of their own, which owns the file from the link to
+                // the end: it either commits the row that names the blob or
+                // removes the blob, whatever becomes of the caller.
+                let adoption = tokio::spawn(async move {
+                    let (name, path) = tokio::task::spawn_blocking(move || {
+                        adopt_spool(spooled, &blobs, &base, ciphertext_len)
+                    })
+                    .await
+                    .map_err(|_| StoreError::Closed)??;
+                    let row = MessageRow {
+                        body: Body::Blob(name),
+                        ..row
+                    };
+                    let outcome =
+                        submit_to(&tx, &submitted, move |conn| insert_message(conn, &row)).await;
+                    match outcome {
+                        Ok(Ok(Accepted::Stored)) => Ok(Accepted::Stored),
+                        // The file is ours alone (the link created its name),
+                        // and no row names it: the id was stored already, or
+                        // our savepoint was rolled back.
+                        Ok(Ok(dup @ (Accepted::Duplicate(_) | Accepted::Purged(_)))) => {
+                            remove_blob(path).await;
+                            Ok(dup)
+                        }
+                        Ok(Err(e)) => {
+                            remove_blob(path).await;
+                            Err(e)
+                        }
+                        // Not committed, or outcome unknown (commit error,
+                        // writer gone): keep the blob; if no row names it,
+                        // the next open deletes it.
+                        Err(e) => Err(e),
                     }
-                    Ok(Err(e)) => {
-                        remove_quietly(&path);
-                        Err(e)
-                    }
-                    // Not committed, or outcome unknown (commit error, writer
-                    // gone): keep the blob; if no row names it, the next
-                    // open deletes it.
-                    Err(e) => Err(e),
-                }
+                });
+                adoption.await.map_err(|_| StoreError::Closed)?
             }
         }
     }
@@ -2038,6 +2049,33 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err("fsync directory", dir, e))
+}
+
+/// Hands `work` to the writer through `tx` (see [`SqliteStore::submit`]).
+/// Once sent, the job runs and commits whether or not its answer is awaited.
+async fn submit_to<T, F>(
+    tx: &mpsc::Sender<Box<dyn Job>>,
+    submitted: &AtomicU64,
+    work: F,
+) -> Result<Result<T, StoreError>, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    let (reply, rx) = oneshot::channel();
+    let job: Box<dyn Job> = Box::new(Pending {
+        work: Some(Box::new(work)),
+        out: None,
+        reply: Some(reply),
+    });
+    tx.send(job).map_err(|_| StoreError::Closed)?;
+    submitted.fetch_add(1, Ordering::Relaxed);
+    rx.await.map_err(|_| StoreError::Closed)?
+}
+
+/// Removes a blob no row names, off the runtime threads.
+async fn remove_blob(path: PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || remove_quietly(&path)).await;
 }
 
 fn remove_quietly(path: &Path) {
