@@ -208,8 +208,7 @@ fn answered_code(code: Code) -> Option<&'static str> {
 /// how they are reported. The peer's reason code is bounded and escaped:
 /// it ends up in our log, our audit log and the delivery's last error.
 fn peer_error(target: &PartyUri, status: &Status) -> Error {
-    let reason =
-        status_reason(status).map(|r| exchange_core::audit::log_text(r, MAX_PEER_REASON));
+    let reason = status_reason(status).map(|r| exchange_core::audit::log_text(r, MAX_PEER_REASON));
     match (status.code(), reason) {
         // The peer answered, with a reason code: it is up, and failing.
         (Code::Internal, Some(reason)) => Error::PeerInternal {

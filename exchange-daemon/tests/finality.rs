@@ -22,8 +22,7 @@ use exchange_daemon::error::{REASON_METADATA, RECEIPT_METADATA};
 use exchange_daemon::proto::peer_client::PeerClient;
 use exchange_daemon::proto::peer_server::Peer;
 use exchange_daemon::proto::{
-    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse,
-    deliver_request,
+    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse, deliver_request,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -36,9 +35,9 @@ enum Answer {
     /// `about` (the delivered head if `None`).
     Signed {
         code: Code,
-        signer: Identity,
+        signer: Box<Identity>,
         role: HopRole,
-        about: Option<EnvelopeHead>,
+        about: Option<Box<EnvelopeHead>>,
     },
 }
 
@@ -53,7 +52,10 @@ struct Flaky {
 }
 
 fn bare(code: Code, reason: &str) -> Status {
-    let mut s = Status::new(code, format!("{reason}: scripted refusal without a receipt"));
+    let mut s = Status::new(
+        code,
+        format!("{reason}: scripted refusal without a receipt"),
+    );
     s.metadata_mut()
         .insert(REASON_METADATA, reason.parse().unwrap());
     s
@@ -93,7 +95,7 @@ impl Peer for Flaky {
                 role,
                 about,
             }) => {
-                let head = about.unwrap_or_else(|| EnvelopeHead::decode(&head_bytes).unwrap());
+                let head = about.map_or_else(|| EnvelopeHead::decode(&head_bytes).unwrap(), |h| *h);
                 let head = head
                     .verify_ignoring_expiry(&self.trust, SystemTime::now())
                     .unwrap();
@@ -150,16 +152,16 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
         // Signed, but by a party that is not on the route.
         Answer::Signed {
             code: Code::ResourceExhausted,
-            signer: other.identity(),
+            signer: Box::new(other.identity()),
             role: HopRole::ThirdParty,
             about: None,
         },
         // Signed by the hospital, but about another envelope.
         Answer::Signed {
             code: Code::ResourceExhausted,
-            signer: hospital.identity(),
+            signer: Box::new(hospital.identity()),
             role: HopRole::ThirdParty,
-            about: Some(elsewhere),
+            about: Some(Box::new(elsewhere)),
         },
     ]);
     serve_peer(
@@ -212,7 +214,10 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
     };
     let hop = &status.hops[0];
     assert_eq!(hop.state, "DELIVERED");
-    assert_eq!(hop.attempts, 6, "five answers retried, then delivered: {hop:?}");
+    assert_eq!(
+        hop.attempts, 6,
+        "five answers retried, then delivered: {hop:?}"
+    );
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 6);
     assert!(
         errors_seen
@@ -249,13 +254,7 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
 
 /// The clinic sends through the agent (entrusted) to the payer.
 fn via_agent(net: &Net, clinic: &Party, agent: &Party, payer: &Party, emr: &LocalClient) {
-    net.configure_roles(
-        clinic,
-        &[agent, payer],
-        &[emr],
-        "",
-        &[(agent, "entrusted")],
-    );
+    net.configure_roles(clinic, &[agent, payer], &[emr], "", &[(agent, "entrusted")]);
     net.configure(agent, &[clinic, payer], &[], "");
 }
 
@@ -310,7 +309,11 @@ async fn a_relay_that_gives_up_returns_its_signed_undeliverable_receipt_to_the_o
     assert_eq!(status.hops.len(), 1);
     assert_eq!(status.hops[0].party, AGENT);
     assert_eq!(status.hops[0].state, "DELIVERED");
-    let from_agent: Vec<_> = status.receipts.iter().filter(|r| r.issuer == AGENT).collect();
+    let from_agent: Vec<_> = status
+        .receipts
+        .iter()
+        .filter(|r| r.issuer == AGENT)
+        .collect();
     assert_eq!(from_agent.len(), 2, "{status:#?}");
     assert_eq!(from_agent[0].disposition, "ACCEPTED_FOR_RELAY");
     let refusal = from_agent[1];
@@ -318,7 +321,11 @@ async fn a_relay_that_gives_up_returns_its_signed_undeliverable_receipt_to_the_o
     assert_eq!(refusal.reason, "undeliverable");
     assert_eq!(refusal.role, "ENTRUSTED");
     assert!(!refusal.provision_boundary);
-    assert_eq!(status.receipts.len(), 2, "nothing from the payer: {status:#?}");
+    assert_eq!(
+        status.receipts.len(),
+        2,
+        "nothing from the payer: {status:#?}"
+    );
     // The evidence verifies offline and belongs to this envelope.
     let head = stored_head(&c, &net, &id).await;
     let verified = SignedReceipt::from_bytes(&refusal.signed)

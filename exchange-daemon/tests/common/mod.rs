@@ -744,7 +744,9 @@ where
     });
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(exchange_daemon::proto::peer_server::PeerServer::new(service))
+            .add_service(exchange_daemon::proto::peer_server::PeerServer::new(
+                service,
+            ))
             .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
     );
 }
