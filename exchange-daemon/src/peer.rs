@@ -494,6 +494,9 @@ impl Node {
             .into_iter()
             .filter(|r| r.kind != MessageKind::Inbound)
             .collect();
+        if candidates.is_empty() {
+            return Err(Error::NotFound(id.to_string()));
+        }
         let trust = self.trust();
         let mut groups: Vec<(usize, Vec<Vec<u8>>)> = Vec::new();
         for r in receipts {
@@ -502,10 +505,13 @@ impl Node {
                 .iter()
                 .position(|c| &c.header_sha256 == verified.header_sha256())
             else {
-                return Err(Error::NotFound(format!(
-                    "{id} with header SHA-256 {}",
-                    hex::encode(verified.header_sha256())
-                )));
+                // About another message, or another header under this id.
+                return Err(exchange_core::Error::from(if verified.message_id() == id {
+                    exchange_core::ReceiptError::WrongHeader
+                } else {
+                    exchange_core::ReceiptError::WrongMessage
+                })
+                .into());
             };
             match groups.iter_mut().find(|(j, _)| *j == i) {
                 Some((_, rs)) => rs.push(r.clone()),
