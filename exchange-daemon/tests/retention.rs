@@ -57,8 +57,8 @@ async fn wait_purged(daemon: &Daemon, id: MessageId) {
         .messages_by_id(id)
         .await
         .unwrap()
-        .first()
-        .is_some()
+        .len()
+        == 1
     {
         assert!(tokio::time::Instant::now() < deadline, "never purged");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -147,8 +147,7 @@ async fn redelivery_after_a_purge_returns_the_original_receipt_and_stores_nothin
             .messages_by_id(id)
             .await
             .unwrap()
-            .first()
-            .is_none()
+            .is_empty()
     );
     let mut app = client_of(&net, &hospital, &his);
     let inbox = app
@@ -220,8 +219,7 @@ async fn envelope_lifetime_is_bounded_on_send_and_on_receive() {
             .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .first()
-            .is_none()
+            .is_empty()
     );
     assert_eq!(store_counts(&hospital).messages, 1);
     c.shutdown().await;
@@ -287,29 +285,13 @@ async fn purge_keeps_unfetched_inbox_items_and_messages_awaiting_receipts() {
     net.configure(&clinic, &[&agent, &hospital], &[&emr], purge_now);
     let c = start(&clinic).await;
     purge_ran(&clinic).await;
-    assert!(
-        c.node()
-            .store()
-            .messages_by_id(mid)
-            .await
-            .unwrap()
-            .first()
-            .is_some()
-    );
+    assert!(c.node().store().messages_by_id(mid).await.unwrap().len() == 1);
 
     // The hospital comes up; its receipt arrives and is kept.
     let h = start(&hospital).await;
     let mut app = client_of(&net, &clinic, &emr);
     wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
-    assert!(
-        h.node()
-            .store()
-            .messages_by_id(mid)
-            .await
-            .unwrap()
-            .first()
-            .is_some()
-    );
+    assert!(h.node().store().messages_by_id(mid).await.unwrap().len() == 1);
     h.shutdown().await;
     c.shutdown().await;
 
@@ -322,15 +304,7 @@ async fn purge_keeps_unfetched_inbox_items_and_messages_awaiting_receipts() {
     net.configure(&hospital, &[&agent], &[&his], purge_now);
     let h = start(&hospital).await;
     purge_ran(&hospital).await;
-    assert!(
-        h.node()
-            .store()
-            .messages_by_id(mid)
-            .await
-            .unwrap()
-            .first()
-            .is_some()
-    );
+    assert!(h.node().store().messages_by_id(mid).await.unwrap().len() == 1);
     let mut his_app = client_of(&net, &hospital, &his);
     assert_eq!(fetch_all(&mut his_app, mid).await, b"referral".len());
     h.shutdown().await;
@@ -376,13 +350,7 @@ async fn purge_does_nothing_when_the_clock_jumped_far_ahead_of_the_store() {
     let h = start(&hospital).await;
     purge_ran(&hospital).await;
     assert!(
-        h.node()
-            .store()
-            .messages_by_id(id)
-            .await
-            .unwrap()
-            .first()
-            .is_some(),
+        h.node().store().messages_by_id(id).await.unwrap().len() == 1,
         "purged after a clock jump"
     );
     h.shutdown().await;
@@ -394,15 +362,7 @@ async fn purge_does_nothing_when_the_clock_jumped_far_ahead_of_the_store() {
     // Still suspended at the next start: audited once, nothing purged.
     let h = start(&hospital).await;
     purge_ran(&hospital).await;
-    assert!(
-        h.node()
-            .store()
-            .messages_by_id(id)
-            .await
-            .unwrap()
-            .first()
-            .is_some()
-    );
+    assert!(h.node().store().messages_by_id(id).await.unwrap().len() == 1);
     h.shutdown().await;
     assert_eq!(purges(&hospital, AuditOutcome::Failed).len(), 1);
 
