@@ -332,7 +332,7 @@ impl Node {
         {
             tracing::error!(message = %id, error = %e, "cannot record delivery attempt");
         }
-        let _ = self.events.send(id);
+        let _ = self.events.send(item.message);
     }
 
     /// One attempt to deliver an envelope; the receipts it brought back.
@@ -343,7 +343,7 @@ impl Node {
         let fail = |e: Error| (e, Vec::new());
         let record = self
             .store
-            .message(item.message_id)
+            .message(item.message)
             .await
             .map_err(|e| fail(e.into()))?
             .ok_or_else(|| fail(Error::NotFound(item.message_id.to_string())))?;
@@ -357,7 +357,7 @@ impl Node {
         let channel = self.channel(&item.target).map_err(fail)?;
         let ciphertext = self
             .store
-            .ciphertext(item.message_id)
+            .ciphertext(item.message)
             .await
             .map_err(|e| fail(e.into()))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<DeliverRequest>(4);

@@ -83,6 +83,15 @@ pub enum Error {
     /// The message does not exist (or is not visible to this client).
     #[error("no such message {0}")]
     NotFound(String),
+    /// Several senders' inbox items carry the message id a client named
+    /// without a sender: it must name the sender too.
+    #[error("{senders} senders' messages carry the id {id}: name the sender")]
+    AmbiguousId {
+        /// The message id.
+        id: String,
+        /// How many readable messages carry it.
+        senders: usize,
+    },
     /// A request is malformed.
     #[error("invalid request: {0}")]
     BadRequest(String),
@@ -254,6 +263,7 @@ impl Error {
             Self::UnknownClient(_) => "unknown-client",
             Self::UnknownPeer(_) => "unknown-peer",
             Self::NotFound(_) => "not-found",
+            Self::AmbiguousId { .. } => "ambiguous-id",
             Self::BadRequest(_) => "invalid-argument",
             Self::Protocol(_) => "malformed",
             Self::Transport(_) => "transport",
@@ -310,9 +320,10 @@ impl Error {
             Self::Replay(_) | Self::IdempotencyConflict(_) => Code::AlreadyExists,
             Self::Stalled { .. } => Code::DeadlineExceeded,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
-            Self::UnknownPeer(_) | Self::Refused { .. } | Self::NotFetched(_) => {
-                Code::FailedPrecondition
-            }
+            Self::UnknownPeer(_)
+            | Self::Refused { .. }
+            | Self::NotFetched(_)
+            | Self::AmbiguousId { .. } => Code::FailedPrecondition,
             Self::LifetimeTooLong { .. } => Code::InvalidArgument,
             Self::Transport(_)
             | Self::Shutdown
