@@ -494,13 +494,13 @@ impl Node {
         }
         let id = item.message_id;
         let signed = async {
-            let Some(record) = self.store.message(id).await? else {
+            let Some(record) = self.store.message(item.message).await? else {
                 return Ok(None);
             };
             if record.kind != MessageKind::Relay {
                 return Ok(None);
             }
-            let held = self.store.receipts(id).await?;
+            let held = self.store.receipts(item.message).await?;
             if held
                 .iter()
                 .any(|r| r.issuer == self.party && r.disposition == rejected.as_str())
