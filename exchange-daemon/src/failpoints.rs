@@ -68,8 +68,14 @@ mod enabled {
         });
     }
 
-    pub(crate) fn linked(path: &Path) {
-        with(|u| u.links.insert(path.to_owned()));
+    pub(crate) fn linked(from: &Path, to: &Path) {
+        with(|u| {
+            // The new name reaches the same data, synced or not.
+            if let Some(len) = u.files.get(from).copied() {
+                u.files.insert(to.to_owned(), len);
+            }
+            u.links.insert(to.to_owned());
+        });
     }
 
     pub(crate) fn dir_synced(path: &Path) {
@@ -120,7 +126,7 @@ pub(crate) fn forgotten(_: &std::path::Path) {}
 /// A hard link was made (its directory not yet fsynced).
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-pub(crate) fn linked(_: &std::path::Path) {}
+pub(crate) fn linked(_: &std::path::Path, _: &std::path::Path) {}
 
 /// The directory of a link was fsynced.
 #[cfg(not(feature = "failpoints"))]

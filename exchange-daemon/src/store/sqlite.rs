@@ -2197,7 +2197,7 @@ fn adopt_spool(
             Err(e) => return Err(io_err("link blob", &path, e)),
         }
     };
-    crate::failpoints::linked(&path);
+    crate::failpoints::linked(&spool_path, &path);
     crash_point!("store::blob-linked");
     if let Err(e) = sync_dir(blobs) {
         remove_quietly(&path);

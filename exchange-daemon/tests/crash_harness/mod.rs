@@ -79,7 +79,7 @@ pub fn seed_from_env() -> u64 {
 pub fn payload(seed: u64, task: usize, i: usize) -> Vec<u8> {
     let mut rng = Rng::new(seed ^ ((task as u64) << 48) ^ (i as u64).wrapping_mul(0x51_7cc1));
     let limit = INLINE_LIMIT as u64;
-    let len = if rng.next_u64() % 2 == 0 {
+    let len = if rng.next_u64().is_multiple_of(2) {
         rng.range(100, limit - 1024)
     } else {
         rng.range(limit + 1024, 4 * limit)
@@ -374,6 +374,9 @@ impl Tally {
     }
 }
 
+/// An inbox item traced to a Send: its id, and whether its bytes are the ones sent.
+type Found = (Vec<u8>, bool);
+
 /// One accepted Send.
 #[derive(Debug, Clone)]
 struct Sent {
@@ -494,7 +497,7 @@ pub async fn run(seed: u64, cycles: usize, senders: usize) -> Tally {
         sleep(Duration::from_millis(rng.range(0, 400))).await;
         if by_crash_point {
             let (point, most) = *rng.pick(crash_points(role));
-            let action = if rng.next_u64() % 2 == 0 {
+            let action = if rng.next_u64().is_multiple_of(2) {
                 "abort"
             } else {
                 "power-loss"
@@ -633,7 +636,7 @@ async fn check(
             .unwrap()
     };
     let mut reader = client_of(net, hospital, his);
-    let mut found: HashMap<(usize, usize), Vec<(Vec<u8>, bool)>> = HashMap::new();
+    let mut found: HashMap<(usize, usize), Vec<Found>> = HashMap::new();
     for id in &inbox {
         let data = fetch(&mut reader, id).await;
         match payload_key(&data) {
