@@ -638,7 +638,20 @@ async fn check(
     let mut reader = client_of(net, hospital, his);
     let mut found: HashMap<(usize, usize), Vec<Found>> = HashMap::new();
     for id in &inbox {
-        let data = fetch(&mut reader, id).await;
+        let data = match fetch(&mut reader, id).await {
+            Ok(data) => data,
+            Err(e) => {
+                // Stored but unreadable (e.g. a blob cut short): counted
+                // as lost below, as its Send finds no intact copy.
+                tally.problems.push(format!(
+                    "inbox item {} cannot be fetched: {} ({:?})",
+                    hex::encode(id),
+                    e.message(),
+                    e.code()
+                ));
+                continue;
+            }
+        };
         match payload_key(&data) {
             Some((task, i)) => {
                 let intact = data == payload(seed, task, i);
@@ -723,19 +736,18 @@ async fn check(
     }
 }
 
-async fn fetch(client: &mut ClientClient<Channel>, id: &[u8]) -> Vec<u8> {
+async fn fetch(client: &mut ClientClient<Channel>, id: &[u8]) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = client
         .fetch(FetchRequest {
             message_id: id.to_vec(),
         })
-        .await
-        .unwrap()
+        .await?
         .into_inner();
     let mut data = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
+    while let Some(m) = stream.message().await? {
         if let Some(fetch_response::Part::Chunk(c)) = m.part {
             data.extend_from_slice(&c);
         }
     }
-    data
+    Ok(data)
 }
