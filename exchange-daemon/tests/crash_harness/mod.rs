@@ -633,7 +633,7 @@ async fn check(
         )
         .unwrap();
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.prepare("SELECT id FROM messages WHERE kind = 'inbound'")
+        conn.prepare("SELECT wire_id FROM messages WHERE kind = 'inbound'")
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()
@@ -745,6 +745,7 @@ async fn fetch(client: &mut ClientClient<Channel>, id: &[u8]) -> Result<Vec<u8>,
     let mut stream = client
         .fetch(FetchRequest {
             message_id: id.to_vec(),
+            ..Default::default()
         })
         .await?
         .into_inner();
