@@ -190,17 +190,23 @@ async fn sigkill_mid_batch_loses_nothing_accepted_and_duplicates_nothing() {
     // receipt, which is kept once).
     let mut app = client_of(&net, &clinic, &emr);
     for id in &accepted {
-        let status = wait_status(&mut app, id, |s| s.state == "DELIVERED").await;
+        let status = wait_status(&mut app, id, |s| {
+            s.state() == exchange_daemon::proto::MessageState::Delivered
+        })
+        .await;
         let delivered: Vec<_> = status
             .receipts
             .iter()
-            .filter(|r| r.disposition == "DELIVERED")
+            .filter(|r| r.disposition() == exchange_daemon::proto::Disposition::Delivered)
             .collect();
         assert_eq!(delivered.len(), 1, "{status:#?}");
         assert_eq!(delivered[0].issuer, HOSPITAL);
         assert_eq!(status.receipts.len(), 1, "{status:#?}");
         assert_eq!(status.hops.len(), 1);
-        assert_eq!(status.hops[0].state, "DELIVERED");
+        assert_eq!(
+            status.hops[0].state(),
+            exchange_daemon::proto::HopDeliveryState::Delivered
+        );
     }
 
     // Nothing left to do: wait for the last (unaccepted but committed)
@@ -221,7 +227,10 @@ async fn sigkill_mid_batch_loses_nothing_accepted_and_duplicates_nothing() {
         let id = MessageId::from_slice(id).unwrap();
         let receipts = store.receipts(id).await.unwrap();
         assert_eq!(receipts.len(), 1);
-        assert_eq!(receipts[0].disposition, "DELIVERED");
+        assert_eq!(
+            receipts[0].disposition(),
+            exchange_daemon::proto::Disposition::Delivered
+        );
     }
     // Every message the clinic stored (accepted or not) is in the
     // hospital's inbox, once.
