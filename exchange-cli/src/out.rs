@@ -58,7 +58,7 @@ pub(crate) fn write_err_line(args: fmt::Arguments<'_>) {
 }
 
 /// A writer over standard output (or anything) whose closed pipe ends the
-/// command quietly, as [`write`] does.
+/// command quietly, as [`write()`] does.
 pub(crate) struct PipeAware<W>(pub(crate) W);
 
 impl<W: Write> Write for PipeAware<W> {

@@ -3,6 +3,8 @@
 //! piece-too-large, on both listeners, on both sides of the limit), the
 //! enums of MessageStatus, and the bare form of Receipt.signed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod common;
 
 use common::*;

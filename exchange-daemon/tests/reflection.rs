@@ -2,6 +2,8 @@
 //! v1alpha (the version Python's grpcio-reflection and older grpcurl speak),
 //! listing services on both listeners over real mutual TLS.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod common;
 
 use std::time::Duration;
