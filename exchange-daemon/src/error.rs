@@ -173,6 +173,20 @@ pub enum Error {
         /// The configured maximum (seconds).
         max: u64,
     },
+    /// One message of a request stream (a Send or Deliver piece) is larger
+    /// than the configured `limits.max_message_bytes`: the request is
+    /// refused, not retried.
+    #[error(
+        "a {what} piece is larger than the limit of {limit} bytes per message (limits.max_message_bytes): {detail}"
+    )]
+    PieceTooLarge {
+        /// What the stream carried (plaintext, ciphertext, the head).
+        what: &'static str,
+        /// The limit in force (bytes).
+        limit: usize,
+        /// What the gRPC decoder reported.
+        detail: String,
+    },
 }
 
 /// Why the store failed.
@@ -276,6 +290,7 @@ impl Error {
             Self::Stalled { .. } => "stalled",
             Self::NotFetched(_) => "not-fetched",
             Self::LifetimeTooLong { .. } => "lifetime-too-long",
+            Self::PieceTooLarge { .. } => "piece-too-large",
         }
     }
 
@@ -324,7 +339,7 @@ impl Error {
             | Self::Refused { .. }
             | Self::NotFetched(_)
             | Self::AmbiguousId { .. } => Code::FailedPrecondition,
-            Self::LifetimeTooLong { .. } => Code::InvalidArgument,
+            Self::LifetimeTooLong { .. } | Self::PieceTooLarge { .. } => Code::InvalidArgument,
             Self::Transport(_)
             | Self::Shutdown
             | Self::PeerInternal { .. }
