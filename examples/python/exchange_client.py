@@ -116,9 +116,15 @@ class Settings:
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
+        target = target or self.server
         # Messages up to 16 MiB: a Status with many receipts, a Fetch piece.
         options = [("grpc.max_receive_message_length", 16 << 20)]
-        return grpc.secure_channel(target or self.server, creds, options=options)
+        if target.startswith("unix:"):
+            # Over the daemon's Unix socket the certificate is checked for
+            # the name localhost (grpcio would otherwise send the socket
+            # path as the TLS server name, which is not a host name).
+            options.append(("grpc.default_authority", "localhost"))
+        return grpc.secure_channel(target, creds, options=options)
 
 
 def ms(t: int) -> str:

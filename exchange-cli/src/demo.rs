@@ -351,8 +351,8 @@ fn app_readme(root: &Path, s: &Site, p: &Ports) -> String {
                 t,
                 "\x20 Unix socket   unix:{sock}\n\
                  \x20               Mode 0600: only this user may connect. The same TLS runs over it:\n\
-                 \x20               check the certificate for the name localhost (grpcio does so for\n\
-                 \x20               unix: targets by default) and present client.pem.\n",
+                 \x20               check the certificate for the name localhost (grpcio: channel option\n\
+                 \x20               grpc.default_authority = \"localhost\") and present client.pem.\n",
                 sock = sock.display()
             );
         }
