@@ -47,18 +47,22 @@ for listener in peer client; do
     addr="${!listener}"
     report="$out/$listener.testssl.txt"
     echo "== $listener listener $addr"
-    "$testssl" --quiet --color 0 --warnings batch --protocols --server-defaults \
+    # --warnings off: with TLS 1.3 and a mandatory client certificate,
+    # testssl's first openssl probe may end before the session is printed
+    # and it would then stop asking whether to go on.
+    "$testssl" --quiet --color 0 --warnings off --protocols --server-defaults \
         --server-preference "$addr" >"$report" 2>&1 || true
     sed -n -E '/^ *(SSLv2|SSLv3|TLS 1(\.[0-3])?|NPN\/SPDY|ALPN\/HTTP2) /p; /Negotiated protocol/p; /Negotiated cipher/p; /Client Auth/p; /TLS clients offered|Session Ticket|SSL Session ID|Session Resumption/p' "$report" | sed 's/^/  | /'
     for p in "SSLv2" "SSLv3" "TLS 1 " "TLS 1.1" "TLS 1.2"; do
         check "$p not offered" not_offered "$report" "${p% }"
     done
     check "TLS 1.3 offered" offered "$report" "TLS 1.3"
-    check "testssl saw a client certificate request" grep -q "Client Auth" "$report"
     # openssl: TLS 1.2 refused outright; TLS 1.3 without a client
     # certificate ends in the alert certificate_required (116).
     check "openssl -tls1_2: refused" bash -c "! openssl s_client -connect $addr -tls1_2 </dev/null >/dev/null 2>&1"
-    openssl s_client -connect "$addr" -tls1_3 -alpn h2 -ign_eof </dev/null >"$out/$listener.nocert.txt" 2>&1 || true
+    openssl s_client -connect "$addr" -tls1_3 -alpn h2 -msg -ign_eof </dev/null >"$out/$listener.nocert.txt" 2>&1 || true
+    check "openssl: the server sends a CertificateRequest" \
+        grep -q "CertificateRequest" "$out/$listener.nocert.txt"
     check "openssl without a client certificate: alert certificate required" \
         grep -q "alert certificate required\|alert number 116" "$out/$listener.nocert.txt"
 done

@@ -473,6 +473,7 @@ pub(crate) async fn run(dir: Option<&Path>, burst: usize) -> Result<()> {
         )?;
         ca::issue_server_files(
             &root.join("ca"),
+            Some(s.uri),
             &["localhost".to_owned()],
             &[std::net::IpAddr::from([127, 0, 0, 1])],
             &format!("{} client listener", s.name),

@@ -244,11 +244,15 @@ enum CaCommand {
     },
     /// Issue a TLS server certificate for a daemon's client listener
     /// (server.pem, server.key.pem), valid for host names and addresses that
-    /// stock gRPC clients check. It names no party and cannot sign.
+    /// stock gRPC clients check. It cannot sign or serve as an identity.
     IssueServer {
         /// CA directory.
         #[arg(long)]
         ca: PathBuf,
+        /// Also name the facility's party URI (the `exchange` CLI then keeps
+        /// pinning `server_party`; stock gRPC clients ignore it).
+        #[arg(long, value_name = "URI")]
+        party: Option<String>,
         /// A DNS name the applications dial (repeatable), e.g. localhost.
         #[arg(long, value_name = "NAME")]
         dns: Vec<String>,
@@ -369,12 +373,15 @@ fn run(cli: Cli) -> Result<()> {
             } => ca::issue_client(&ca, &client, &name, &out, days, now).map(drop),
             CaCommand::IssueServer {
                 ca,
+                party,
                 dns,
                 ip,
                 name,
                 out,
                 days,
-            } => ca::issue_server(&ca, &dns, &ip, &name, &out, days, now).map(drop),
+            } => {
+                ca::issue_server(&ca, party.as_deref(), &dns, &ip, &name, &out, days, now).map(drop)
+            }
             CaCommand::Revoke { ca, cert } => ca::revoke(&ca, &cert, now),
             CaCommand::Crl { ca } => ca::refresh_crl(&ca, now),
         },

@@ -111,7 +111,10 @@ fn python_example_client_against_live_daemons() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     println!("{stdout}{stderr}");
-    assert!(out.status.success(), "the Python client failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "the Python client failed:\n{stdout}\n{stderr}"
+    );
     for expected in [
         "health localhost:",
         "SERVING",
@@ -125,7 +128,10 @@ fn python_example_client_against_live_daemons() {
         "state PROCESSED",
         "OK: health, reflection, send, delivered, inbox, fetch, ack, processed",
     ] {
-        assert!(stdout.contains(expected), "{expected:?} missing from:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from:\n{stdout}"
+        );
     }
 
     // The same stock client against the peer listener, which presents the

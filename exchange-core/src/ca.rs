@@ -9,8 +9,9 @@
 //! * encryption: P-256, keyUsage keyAgreement only, no EKU, the same URI;
 //! * TLS server (a daemon's client listener, for stock gRPC clients that
 //!   check host names): P-256, keyUsage digitalSignature, EKU serverAuth
-//!   only, DNS and IP SubjectAltNames, no URI. Without clientAuth it fails
-//!   the identity profile, so its key can never sign for a party.
+//!   only, DNS and IP SubjectAltNames, optionally the facility's party URI
+//!   (for clients that pin it). Without clientAuth it fails the identity
+//!   profile, so its key can never sign for a party.
 //!
 //! Serial numbers are derived from the public key's hash by rcgen, so two
 //! certificates never share one.
@@ -230,11 +231,12 @@ impl CertificateAuthority {
     }
 
     /// Issues a TLS server certificate valid for the host names `dns` and
-    /// the addresses `ips` (see the module profile): it names no party and
-    /// cannot pass as an identity.
+    /// the addresses `ips`, naming `party` too if given (see the module
+    /// profile). It cannot pass as an identity.
     pub fn issue_tls_server(
         &self,
         name: &str,
+        party: Option<&PartyUri>,
         dns: &[String],
         ips: &[std::net::IpAddr],
         validity: Validity,
@@ -250,14 +252,19 @@ impl CertificateAuthority {
         for d in dns {
             rustls_pki_types::DnsName::try_from(d.as_str())
                 .map_err(|_| Error::Issue(format!("{d:?} is not a valid DNS name")))?;
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(d.as_str().try_into().map_err(|e| {
-                    Error::Issue(format!("DNS name {d:?}: {e}"))
-                })?));
+            params.subject_alt_names.push(SanType::DnsName(
+                d.as_str()
+                    .try_into()
+                    .map_err(|e| Error::Issue(format!("DNS name {d:?}: {e}")))?,
+            ));
         }
         for ip in ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        if let Some(party) = party {
+            params
+                .subject_alt_names
+                .push(SanType::URI(party.as_str().try_into().map_err(issue_err)?));
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

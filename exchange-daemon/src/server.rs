@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use crate::client_service::ClientService;
@@ -29,7 +29,7 @@ pub struct Daemon {
     node: Arc<Node>,
     peer_addr: SocketAddr,
     client_addr: SocketAddr,
-    client_socket: Option<PathBuf>,
+    client_socket: Option<SocketFile>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
@@ -42,6 +42,17 @@ async fn bind(addr: &str) -> Result<TcpListener, Error> {
             addr: addr.to_owned(),
             source,
         })
+}
+
+/// The client socket's file, removed when the daemon stops (or fails to
+/// start after binding it).
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Binds the client service's Unix socket at `path` with `mode`.
@@ -194,10 +205,13 @@ impl Daemon {
         };
         let peer_addr = local(&peer_listener, &config.listen.peer)?;
         let client_addr = local(&client_listener, &config.listen.client)?;
-        let client_socket = config.listen.client_socket.as_ref().map(|p| config.path(p));
-        let socket_listener = match &client_socket {
-            Some(path) => Some(bind_unix(path, config.listen.socket_mode()?)?),
-            None => None,
+        let (client_socket, socket_listener) = match &config.listen.client_socket {
+            Some(p) => {
+                let path = config.path(p);
+                let listener = bind_unix(&path, config.listen.socket_mode()?)?;
+                (Some(SocketFile(path)), Some(listener))
+            }
+            None => (None, None),
         };
         let released = store.release_claims(&config.delivery.node_name).await?;
         if released > 0 {
@@ -328,8 +342,12 @@ impl Daemon {
         )])
         .await?;
         match &client_socket {
-            Some(path) => tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, socket = %path.display(), "exchanged started"),
-            None => tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started"),
+            Some(SocketFile(path)) => {
+                tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, socket = %path.display(), "exchanged started")
+            }
+            None => {
+                tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started")
+            }
         }
         Ok(Self {
             node,
@@ -354,7 +372,7 @@ impl Daemon {
 
     /// The client service's Unix socket, if configured.
     pub fn client_socket(&self) -> Option<&Path> {
-        self.client_socket.as_deref()
+        self.client_socket.as_ref().map(|s| s.0.as_path())
     }
 
     /// Re-reads trust anchors and CRLs now (SIGHUP); on error the ones in
@@ -381,9 +399,7 @@ impl Daemon {
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
-        if let Some(path) = &self.client_socket {
-            let _ = std::fs::remove_file(path);
-        }
+        drop(self.client_socket);
         // The last entry, then a checkpoint that covers everything.
         let stop = self.node.entry(
             accountability::DAEMON,

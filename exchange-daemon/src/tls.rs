@@ -481,7 +481,8 @@ pub fn server_config(
 /// either the daemon's identity certificate naming `pinned.expected`, or a
 /// TLS server certificate (see `exchange ca issue-server`) that `by_name`,
 /// a standard web-PKI verifier over the same anchors and CRLs, accepts for
-/// the host name or address dialled.
+/// the host name or address dialled and that, if it names a party at all,
+/// names `pinned.expected`.
 #[derive(Debug)]
 struct LocalServerVerifier {
     pinned: PinnedServerVerifier,
@@ -507,9 +508,11 @@ impl ServerCertVerifier for LocalServerVerifier {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let names_a_party = Certificate::from_der(end_entity.as_ref().to_vec())
-            .ok()
-            .is_some_and(|c| c.party().is_ok());
+        let leaf = Certificate::from_der(end_entity.as_ref().to_vec()).ok();
+        let party = leaf.as_ref().and_then(|c| c.party().ok().cloned());
+        let identity = leaf
+            .as_ref()
+            .is_some_and(|c| c.key_role() == Some(exchange_core::identity::KeyRole::Identity));
         match self.by_name.verify_server_cert(
             end_entity,
             intermediates,
@@ -517,9 +520,13 @@ impl ServerCertVerifier for LocalServerVerifier {
             ocsp_response,
             now,
         ) {
+            // A server certificate that names a party must name ours.
+            Ok(_) if party.as_ref().is_some_and(|p| p != &self.pinned.expected) => Err(
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            ),
             Ok(v) => Ok(v),
-            // A party certificate is judged by its pin.
-            Err(_) if names_a_party => Err(pinned),
+            // An identity certificate is judged by its pin.
+            Err(_) if identity => Err(pinned),
             Err(e) => Err(e),
         }
     }

@@ -22,10 +22,22 @@ use tokio::io::AsyncReadExt;
 
 /// Issues a server certificate for `dns` and 127.0.0.1 into `dir`.
 fn server_cert(net: &Net, dir: &Path, dns: &[&str]) -> (PathBuf, PathBuf) {
+    server_cert_for(net, dir, None, dns)
+}
+
+/// [`server_cert`], naming `party` too.
+fn server_cert_for(
+    net: &Net,
+    dir: &Path,
+    party: Option<&Party>,
+    dns: &[&str],
+) -> (PathBuf, PathBuf) {
+    let party = party.map(Party::party);
     let issued = net
         .ca
         .issue_tls_server(
             "client listener",
+            party.as_ref(),
             &dns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
             &[std::net::IpAddr::from([127, 0, 0, 1])],
             validity(net.now),
@@ -49,7 +61,12 @@ fn add_listen_keys(party: &Party, keys: &str) {
 /// rustls's standard web-PKI verifier over the network CA and the host name
 /// dialled, presenting `client`'s certificate. `Ok` once the server has
 /// accepted the handshake (it then waits for the HTTP/2 preface).
-async fn stock_handshake(net: &Net, addr: &str, name: &str, client: &LocalClient) -> Result<(), String> {
+async fn stock_handshake(
+    net: &Net,
+    addr: &str,
+    name: &str,
+    client: &LocalClient,
+) -> Result<(), String> {
     tls::install_provider();
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_file_iter(net.path("ca.pem")).unwrap() {
@@ -205,9 +222,14 @@ async fn peer_pinning_refuses_a_server_certificate() {
         .unwrap();
     // A peer that pins the clinic, dialling the listener with the server
     // certificate, refuses it.
-    let refused = pinned_handshake(&net, &clinic.client_addr(), &clinic, &client_tls_identity(&app))
-        .await
-        .unwrap_err();
+    let refused = pinned_handshake(
+        &net,
+        &clinic.client_addr(),
+        &clinic,
+        &client_tls_identity(&app),
+    )
+    .await
+    .unwrap_err();
     assert!(refused.contains("InvalidCertificate"), "{refused}");
     // And a pin on another party fails on the peer listener as before.
     let other = pinned_handshake(&net, &clinic.peer_addr(), &hospital, &hospital_id)
@@ -267,8 +289,7 @@ async fn client_socket_serves_listed_applications_only() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     // A certificate from another CA: the handshake is refused.
-    let other_ca =
-        CertificateAuthority::generate("Another CA", validity(net.now)).unwrap();
+    let other_ca = CertificateAuthority::generate("Another CA", validity(net.now)).unwrap();
     let outsider = issue_client(
         &other_ca,
         net.now,
@@ -298,7 +319,10 @@ async fn client_socket_replaces_only_a_stale_socket() {
     let app = net.client("app", "urn:local:clinic:app");
     let socket = clinic.dir.join("client.sock");
     net.configure(&clinic, &[], &[&app], "");
-    add_listen_keys(&clinic, &format!("client_socket = \"{}\"", socket.display()));
+    add_listen_keys(
+        &clinic,
+        &format!("client_socket = \"{}\"", socket.display()),
+    );
 
     // A regular file there: refused, untouched.
     std::fs::write(&socket, b"not a socket").unwrap();
@@ -325,6 +349,16 @@ async fn client_socket_replaces_only_a_stale_socket() {
     .unwrap();
     c.list_inbox(ListInboxRequest::default()).await.unwrap();
     daemon.shutdown().await;
+    assert!(!socket.exists());
+
+    // A start that fails after binding the socket leaves no socket behind.
+    add_listen_keys(
+        &clinic,
+        "client_cert = \"missing.pem\"\nclient_key = \"missing.key.pem\"",
+    );
+    let err = Daemon::start(clinic.config()).await.unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    assert!(!socket.exists(), "a failed start left its socket");
 }
 
 /// Listener settings that cannot work are refused at load, naming the key.
@@ -335,8 +369,14 @@ fn listener_settings_are_checked() {
     net.configure(&clinic, &[], &[], "");
     let base = std::fs::read_to_string(clinic.config_path()).unwrap();
     for (keys, expected) in [
-        ("client_cert = \"server.pem\"", "client_cert and listen.client_key go together"),
-        ("client_key = \"server.key.pem\"", "client_cert and listen.client_key go together"),
+        (
+            "client_cert = \"server.pem\"",
+            "client_cert and listen.client_key go together",
+        ),
+        (
+            "client_key = \"server.key.pem\"",
+            "client_cert and listen.client_key go together",
+        ),
         (
             "client_socket = \"s.sock\"\nclient_socket_mode = \"0666\"",
             "client_socket_mode",
@@ -346,4 +386,50 @@ fn listener_settings_are_checked() {
         let err = Config::parse(&text, &clinic.dir).unwrap_err();
         assert!(err.to_string().contains(expected), "{keys}: {err}");
     }
+}
+
+/// A server certificate may name the facility's party too: stock clients
+/// still check the host name, and the daemon's own client (the CLI's)
+/// then also pins `server_party`, refusing a daemon of another facility.
+#[tokio::test]
+async fn a_server_certificate_naming_the_party_is_pinned_by_the_cli_client() {
+    let net = Net::new();
+    let clinic = net.party("clinic", "urn:test:clinic");
+    let hospital = net.party("hospital", "urn:test:hospital");
+    let app = net.client("app", "urn:local:clinic:app");
+    net.configure(&clinic, &[], &[&app], "");
+    let (cert, key) = server_cert_for(&net, &clinic.dir, Some(&clinic), &["localhost"]);
+    add_listen_keys(
+        &clinic,
+        &format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let daemon = start(&clinic).await;
+    stock_handshake(&net, &clinic.client_addr(), "localhost", &app)
+        .await
+        .unwrap();
+    let address = format!("localhost:{}", clinic.client_port);
+    let mut c = connect(&settings(&net, address.clone(), &clinic, &app)).unwrap();
+    c.list_inbox(ListInboxRequest::default()).await.unwrap();
+    // Expecting the hospital, reaching the clinic: refused.
+    let mut wrong = connect(&settings(&net, address, &hospital, &app)).unwrap();
+    let err = wrong
+        .list_inbox(ListInboxRequest::default())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("NotValidForName"), "{err:?}");
+    // The certificate is no identity: it cannot pass a peer's pin.
+    let pinned = pinned_handshake(
+        &net,
+        &clinic.client_addr(),
+        &clinic,
+        &hospital.tls_identity(),
+    )
+    .await
+    .unwrap_err();
+    assert!(pinned.contains("InvalidCertificate"), "{pinned}");
+    daemon.shutdown().await;
 }
