@@ -52,7 +52,7 @@ for listener in peer client; do
     # and it would then stop asking whether to go on.
     "$testssl" --quiet --color 0 --warnings off --protocols --server-defaults \
         --server-preference "$addr" >"$report" 2>&1 || true
-    sed -n -E '/^ *(SSLv2|SSLv3|TLS 1(\.[0-3])?|NPN\/SPDY|ALPN\/HTTP2) /p; /Negotiated protocol/p; /Negotiated cipher/p; /Client Auth/p; /TLS clients offered|Session Ticket|SSL Session ID|Session Resumption/p' "$report" | sed 's/^/  | /'
+    sed -n -E '/^ *(SSLv2|SSLv3|TLS 1(\.[0-3])?|NPN\/SPDY|ALPN\/HTTP2) /p; /Negotiated protocol/p; /Negotiated cipher/p; /Client Auth/p; /Session Ticket|SSL Session ID|Session Resumption/p; /Server extended key usage|subjectAltName|Trust \(hostname\)/p' "$report" | sed 's/^/  | /'
     for p in "SSLv2" "SSLv3" "TLS 1 " "TLS 1.1" "TLS 1.2"; do
         check "$p not offered" not_offered "$report" "${p% }"
     done
