@@ -324,6 +324,8 @@ fn readme(root: &Path, ports: &[Ports], sent: &[(&str, String)]) -> String {
 /// `SITE/app/README.txt`: how a local application written with a stock
 /// gRPC library reaches its daemon (names, certificates, the socket).
 fn app_readme(root: &Path, s: &Site, p: &Ports) -> String {
+    // Absolute, so that the file says where to look from anywhere.
+    let abs = std::path::absolute(root).unwrap_or_else(|_| root.to_owned());
     let mut t = String::new();
     let _ = write!(
         t,
@@ -345,7 +347,7 @@ fn app_readme(root: &Path, s: &Site, p: &Ports) -> String {
         app = s.app,
         cp = p.client,
     );
-    match socket_path(root, s) {
+    match socket_path(root, s).map(|_| abs.join(s.dir).join("client.sock")) {
         Some(sock) => {
             let _ = write!(
                 t,
@@ -370,7 +372,7 @@ fn app_readme(root: &Path, s: &Site, p: &Ports) -> String {
          \x20   python examples/python/exchange_client.py \\\n\
          \x20       --sender {root}/clinic/app/client.toml \\\n\
          \x20       --recipient {root}/hospital/app/client.toml --to {hospital}\n",
-        root = root.display(),
+        root = abs.display(),
         hospital = HOSPITAL,
     );
     t
