@@ -987,3 +987,98 @@ fn ca_issue_client_writes_a_client_certificate() {
     )
     .fails_with("already exists");
 }
+
+#[test]
+fn ca_issue_server_writes_a_host_name_certificate_that_is_no_identity() {
+    let net = network();
+    let d = net.path();
+    let out = exchange(
+        d,
+        &[
+            "ca",
+            "issue-server",
+            "--ca",
+            "ca",
+            "--party",
+            CLINIC,
+            "--dns",
+            "localhost",
+            "--dns",
+            "exchange.clinic.test",
+            "--ip",
+            "127.0.0.1",
+            "--out",
+            "srv",
+        ],
+    )
+    .ok()
+    .stdout();
+    assert!(
+        out.contains("valid for: localhost, exchange.clinic.test, 127.0.0.1"),
+        "{out}"
+    );
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.join("srv/server.key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+    // Host names for stock clients (checked by openssl where it exists).
+    if let Ok(o) = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName,extendedKeyUsage",
+            "-in",
+        ])
+        .arg(d.join("srv/server.pem"))
+        .output()
+    {
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("DNS:localhost"), "{text}");
+        assert!(text.contains("DNS:exchange.clinic.test"), "{text}");
+        assert!(text.contains("IP Address:127.0.0.1"), "{text}");
+        assert!(text.contains(&format!("URI:{CLINIC}")), "{text}");
+        assert!(text.contains("TLS Web Server Authentication"), "{text}");
+        assert!(!text.contains("Client Authentication"), "{text}");
+    }
+    // It is not an identity: it can sign nothing and serve no peer.
+    exchange(
+        d,
+        &["cert", "verify", "--trust", "ca/ca.pem", "srv/server.pem"],
+    )
+    .fails_with("wrong key usage");
+    // Bad requests: one clear line, nothing written.
+    exchange(d, &["ca", "issue-server", "--ca", "ca", "--out", "none"])
+        .fails_with("at least one DNS name or IP address");
+    exchange(
+        d,
+        &[
+            "ca",
+            "issue-server",
+            "--ca",
+            "ca",
+            "--dns",
+            "not a host",
+            "--out",
+            "bad",
+        ],
+    )
+    .fails_with("is not a valid DNS name");
+    assert!(!d.join("none").exists() && !d.join("bad").exists());
+    exchange(
+        d,
+        &[
+            "ca",
+            "issue-server",
+            "--ca",
+            "ca",
+            "--dns",
+            "localhost",
+            "--out",
+            "srv",
+        ],
+    )
+    .fails_with("already exists");
+}

@@ -199,6 +199,41 @@ pub struct ListenConfig {
     pub peer: String,
     /// Client service (local applications), e.g. `127.0.0.1:7444`.
     pub client: String,
+    /// TLS server certificate chain (PEM, leaf first) the client listener
+    /// presents instead of the identity certificate: one valid for the DNS
+    /// names and addresses applications dial (`exchange ca issue-server`),
+    /// which stock gRPC clients check. Set with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PKCS#8 PEM) of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Also serve the client service on this Unix domain socket (TLS with
+    /// client certificates, as on TCP). A stale socket left by an earlier
+    /// run is replaced; any other file there is refused.
+    #[serde(default)]
+    pub client_socket: Option<PathBuf>,
+    /// Mode of `client_socket`: `"0600"` (the daemon's user only, the
+    /// default) or `"0660"` (its group too).
+    #[serde(default = "default_socket_mode")]
+    pub client_socket_mode: String,
+}
+
+fn default_socket_mode() -> String {
+    "0600".into()
+}
+
+impl ListenConfig {
+    /// The permission bits of [`ListenConfig::client_socket`].
+    pub fn socket_mode(&self) -> Result<u32, Error> {
+        match self.client_socket_mode.as_str() {
+            "0600" => Ok(0o600),
+            "0660" => Ok(0o660),
+            other => Err(Error::Config(format!(
+                "listen.client_socket_mode = {other:?}: use \"0600\" (the daemon's user) or \"0660\" (and its group)"
+            ))),
+        }
+    }
 }
 
 /// Size limits.
@@ -518,6 +553,12 @@ impl Config {
                 relaxed.join(", ")
             )));
         }
+        if self.listen.client_cert.is_some() != self.listen.client_key.is_some() {
+            return Err(Error::Config(
+                "listen.client_cert and listen.client_key go together: set both or neither".into(),
+            ));
+        }
+        self.listen.socket_mode()?;
         if self.trust.anchors.is_empty() {
             return Err(Error::Config("trust.anchors is empty".into()));
         }
