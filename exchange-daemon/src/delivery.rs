@@ -24,8 +24,6 @@ use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
 use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt};
 
-/// How long a claim lasts before another worker may take the item.
-const LEASE: Duration = Duration::from_secs(120);
 /// How long running attempts may finish at shutdown before they are stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often the queue is polled when nothing wakes the loop.
@@ -50,49 +48,69 @@ pub(crate) fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
 /// Runs until `shutdown` turns true.
 pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let owner = node.config.delivery.node_name.clone();
+    let lease = node.config.delivery.lease();
     let permits = Arc::new(Semaphore::new(node.config.delivery.concurrency));
     let in_flight = Arc::new(InFlight::default());
     let mut attempts = tokio::task::JoinSet::new();
+    let mut renewed = tokio::time::Instant::now();
     loop {
-        while attempts.try_join_next().is_some() {}
+        while let Some(done) = attempts.try_join_next() {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                tracing::error!("a delivery attempt panicked; it is retried once its claim lapses");
+            }
+        }
         if *shutdown.borrow() {
             break;
+        }
+        if renewed.elapsed() >= lease / 3 {
+            renewed = tokio::time::Instant::now();
+            renew(&node, &owner, lease, &in_flight).await;
         }
         let free = permits.available_permits();
         let mut full = false;
         if free > 0 {
             let now = unix_ms(SystemTime::now());
+            // Taken before the claim: an attempt that ends after this
+            // point has recorded its outcome before it leaves the set, so
+            // an id missing here was either never started or is seen by
+            // the claim as it now stands; an id present here is skipped
+            // even if its claim lapsed.
+            let (running, busy) = in_flight.snapshot();
             match node
                 .store
                 .claim_fair(
                     &owner,
                     now,
-                    now + unix_ms_of(LEASE),
+                    now + unix_ms_of(lease),
                     free,
                     node.config.delivery.per_peer_concurrency,
-                    in_flight.per_target(),
+                    busy,
                 )
                 .await
             {
                 Ok(items) => {
                     full = items.len() == free;
                     for item in items {
-                        // A transfer outlasting its lease comes back claimable:
-                        // it is still running here, so leave it be.
-                        if !in_flight.start(item.id, &item.target) {
+                        if running.contains(&item.id) {
                             continue;
                         }
+                        let Some(guard) = in_flight.start(item.id, &item.target) else {
+                            continue;
+                        };
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             return;
                         };
                         let node = node.clone();
-                        let in_flight = in_flight.clone();
                         attempts.spawn(async move {
-                            let (id, target) = (item.id, item.target.clone());
+                            // Released when the attempt ends, panics or is
+                            // cancelled at shutdown, in reverse order: the
+                            // entry, the permit, then the loop is woken.
+                            let _wake = Wake(node.clone());
+                            let _permit = permit;
+                            let _running = guard;
                             node.attempt(item).await;
-                            in_flight.end(id, &target);
-                            drop(permit);
-                            node.work.notify_one();
                         });
                     }
                 }
@@ -100,9 +118,11 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             }
         }
         if full {
-            // More may be due: claim again once a worker frees up.
+            // More may be due: claim again once a worker frees up (or
+            // look at the claims to renew).
             tokio::select! {
                 () = node.work.notified() => {}
+                () = tokio::time::sleep(lease / 3) => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -126,6 +146,32 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Extends the claims of the attempts running here, so that a transfer
+/// outlasting the lease is not taken by another worker.
+async fn renew(node: &Node, owner: &str, lease: Duration, in_flight: &InFlight) {
+    let (running, _) = in_flight.snapshot();
+    if running.is_empty() {
+        return;
+    }
+    let until = unix_ms(SystemTime::now()) + unix_ms_of(lease);
+    if let Err(e) = node
+        .store
+        .renew_claims(owner, running.into_iter().collect(), until)
+        .await
+    {
+        tracing::error!(error = %e, "cannot renew the claims of running deliveries");
+    }
+}
+
+/// Wakes the claim loop when dropped: a worker is free.
+struct Wake(Arc<Node>);
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.0.work.notify_one();
+    }
+}
+
 /// Deliveries being attempted by this process, and how many per target.
 #[derive(Debug, Default)]
 struct InFlight(std::sync::Mutex<Running>);
@@ -136,6 +182,21 @@ struct Running {
     per_target: HashMap<PartyUri, usize>,
 }
 
+/// One running attempt's place in [`InFlight`]: released when dropped,
+/// whether the attempt returned, panicked or was cancelled.
+#[derive(Debug)]
+struct InFlightGuard {
+    registry: Arc<InFlight>,
+    id: i64,
+    target: PartyUri,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.registry.end(self.id, &self.target);
+    }
+}
+
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
         self.0
@@ -143,14 +204,19 @@ impl InFlight {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Marks `id` (to `target`) running; false if it already was.
-    fn start(&self, id: i64, target: &PartyUri) -> bool {
+    /// Marks `id` (to `target`) running until the guard is dropped; `None`
+    /// if it already was.
+    fn start(self: &Arc<Self>, id: i64, target: &PartyUri) -> Option<InFlightGuard> {
         let mut r = self.lock();
         if !r.ids.insert(id) {
-            return false;
+            return None;
         }
         *r.per_target.entry(target.clone()).or_insert(0) += 1;
-        true
+        Some(InFlightGuard {
+            registry: Arc::clone(self),
+            id,
+            target: target.clone(),
+        })
     }
 
     fn end(&self, id: i64, target: &PartyUri) {
@@ -165,9 +231,10 @@ impl InFlight {
         }
     }
 
-    /// Attempts running per target.
-    fn per_target(&self) -> HashMap<PartyUri, usize> {
-        self.lock().per_target.clone()
+    /// The running ids and the attempts running per target, read together.
+    fn snapshot(&self) -> (HashSet<i64>, HashMap<PartyUri, usize>) {
+        let r = self.lock();
+        (r.ids.clone(), r.per_target.clone())
     }
 }
 
@@ -464,5 +531,51 @@ impl Node {
         .map_err(|_| fail(no_answer(&item.target, deadline)))?
         .map_err(|status| fail(peer_error(&item.target, &status)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_empty(registry: &InFlight) -> bool {
+        let (ids, per_target) = registry.snapshot();
+        ids.is_empty() && per_target.is_empty()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_or_cancelled_attempt_leaves_no_in_flight_entry() {
+        let registry = Arc::new(InFlight::default());
+        let target = PartyUri::new("urn:test:next").unwrap();
+
+        let guard = registry.start(1, &target).unwrap();
+        assert!(registry.start(1, &target).is_none(), "started twice");
+        assert_eq!(registry.snapshot().1.get(&target), Some(&1));
+        let attempt = tokio::spawn(async move {
+            let _running = guard;
+            panic!("an attempt fails unexpectedly");
+        });
+        assert!(attempt.await.unwrap_err().is_panic());
+        assert!(is_empty(&registry), "{:?}", registry.snapshot());
+
+        // Cancelled while running (a shutdown stopping attempts).
+        let guard = registry.start(2, &target).unwrap();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let attempt = tokio::spawn(async move {
+            let _running = guard;
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+        });
+        started.await.unwrap();
+        attempt.abort();
+        assert!(attempt.await.unwrap_err().is_cancelled());
+        assert!(is_empty(&registry), "{:?}", registry.snapshot());
+
+        // Both may run again.
+        let again = (registry.start(1, &target), registry.start(2, &target));
+        assert!(again.0.is_some() && again.1.is_some());
+        assert_eq!(registry.snapshot().1.get(&target), Some(&2));
+        drop(again);
+        assert!(is_empty(&registry));
     }
 }
