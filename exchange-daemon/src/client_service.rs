@@ -846,7 +846,9 @@ impl Client for ClientService {
         let req = req.into_inner();
         let page_size = match req.page_size {
             0 => DEFAULT_INBOX_PAGE,
-            n => usize::try_from(n).unwrap_or(MAX_INBOX_PAGE).min(MAX_INBOX_PAGE),
+            n => usize::try_from(n)
+                .unwrap_or(MAX_INBOX_PAGE)
+                .min(MAX_INBOX_PAGE),
         };
         let mut after = match decode_page_token(&req.page_token) {
             Ok(after) => after,

@@ -18,11 +18,11 @@ use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Status};
 
 use crate::accountability::{self, peer_actor};
-use crate::error::{Error, RECEIPT_METADATA, status_reason};
+use crate::error::{Error, RECEIPT_METADATA, StoreError, status_reason};
 use crate::node::{Node, unix_ms};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
-use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt};
+use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt, Store};
 
 /// How long running attempts may finish at shutdown before they are stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -71,34 +71,19 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         let free = permits.available_permits();
         let mut full = false;
         if free > 0 {
-            let now = unix_ms(SystemTime::now());
-            // Taken before the claim: an attempt that ends after this
-            // point has recorded its outcome before it leaves the set, so
-            // an id missing here was either never started or is seen by
-            // the claim as it now stands; an id present here is skipped
-            // even if its claim lapsed.
-            let (running, busy) = in_flight.snapshot();
-            match node
-                .store
-                .claim_fair(
-                    &owner,
-                    now,
-                    now + unix_ms_of(lease),
-                    free,
-                    node.config.delivery.per_peer_concurrency,
-                    busy,
-                )
-                .await
+            match claim(
+                node.store.as_ref(),
+                &owner,
+                lease,
+                free,
+                node.config.delivery.per_peer_concurrency,
+                &in_flight,
+            )
+            .await
             {
-                Ok(items) => {
-                    full = items.len() == free;
-                    for item in items {
-                        if running.contains(&item.id) {
-                            continue;
-                        }
-                        let Some(guard) = in_flight.start(item.id, &item.target) else {
-                            continue;
-                        };
+                Ok((started, claimed)) => {
+                    full = claimed == free;
+                    for (item, guard) in started {
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             return;
                         };
@@ -144,6 +129,40 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         );
         attempts.shutdown().await;
     }
+}
+
+/// Claims up to `free` due deliveries and marks them running; returns
+/// them with their guards, and how many the store handed out (some may be
+/// running here already and are not started again).
+///
+/// The running set is read before the claim: an attempt that ends after
+/// that point has recorded its outcome before it leaves the set, so an id
+/// missing from it was either never started or is seen by the claim as it
+/// now stands; an id in it is skipped even if its claim lapsed. Only this
+/// loop starts attempts, so nothing starts between the claim and `start`.
+async fn claim(
+    store: &dyn Store,
+    owner: &str,
+    lease: Duration,
+    free: usize,
+    per_peer: usize,
+    in_flight: &Arc<InFlight>,
+) -> Result<(Vec<(DeliveryRecord, InFlightGuard)>, usize), StoreError> {
+    let (running, busy) = in_flight.snapshot();
+    let now = unix_ms(SystemTime::now());
+    let items = store
+        .claim_fair(owner, now, now + unix_ms_of(lease), free, per_peer, busy)
+        .await?;
+    let claimed = items.len();
+    let started = items
+        .into_iter()
+        .filter(|item| !running.contains(&item.id))
+        .filter_map(|item| {
+            let guard = in_flight.start(item.id, &item.target)?;
+            Some((item, guard))
+        })
+        .collect();
+    Ok((started, claimed))
 }
 
 /// Extends the claims of the attempts running here, so that a transfer
@@ -576,6 +595,60 @@ mod tests {
         assert!(again.0.is_some() && again.1.is_some());
         assert_eq!(registry.snapshot().1.get(&target), Some(&2));
         drop(again);
+        assert!(is_empty(&registry));
+    }
+
+    /// The claim loop's race: an attempt whose lease lapsed is still
+    /// running when the loop claims; its outcome is recorded in the same
+    /// writer batch right after the claim, and it leaves the running set
+    /// before the loop looks at what it claimed. It must not start again.
+    #[tokio::test]
+    async fn an_attempt_ending_during_a_claim_is_not_started_again() {
+        use crate::store::sqlite::SqliteStore;
+        use crate::store::sqlite::tests::{hold_writer, inline, mid, wait_submitted};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        store
+            .accept(inline(mid(1), MessageKind::Relay))
+            .await
+            .unwrap();
+        let registry = Arc::new(InFlight::default());
+        let lease = Duration::from_millis(50);
+        let (started, _) = claim(store.as_ref(), "local", lease, 4, 4, &registry)
+            .await
+            .unwrap();
+        let [(item, guard)] = <[_; 1]>::try_from(started).unwrap();
+        // The lease lapses while the attempt runs.
+        tokio::time::sleep(lease * 3).await;
+
+        let before = store.writer_stats().ops_submitted;
+        let (release, blocker) = hold_writer(&store).await;
+        let mut again = std::pin::pin!(claim(store.as_ref(), "local", lease, 4, 4, &registry));
+        tokio::select! {
+            biased;
+            _ = &mut again => panic!("the claim finished while the writer was held"),
+            () = wait_submitted(&store, before + 2) => {}
+        }
+        // The attempt records its outcome, queued behind the claim.
+        let s = Arc::clone(&store);
+        let finish = tokio::spawn(async move {
+            s.finish_attempt(item.id, AttemptOutcome::Done, Vec::new(), Vec::new())
+                .await
+        });
+        wait_submitted(&store, before + 3).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        finish.await.unwrap().unwrap();
+        // ... and then leaves the running set, before the claim goes on.
+        drop(guard);
+        let (started, claimed) = again.await.unwrap();
+        assert_eq!(claimed, 1, "the lapsed claim was not handed out again");
+        assert!(
+            started.is_empty(),
+            "a delivery already done was started again: {:?}",
+            started.iter().map(|(d, _)| d.id).collect::<Vec<_>>()
+        );
         assert!(is_empty(&registry));
     }
 }

@@ -68,7 +68,11 @@ async fn a_large_inbox_is_listed_in_pages_each_item_once_in_order() {
     let mut pages = Vec::new();
     let mut token = String::new();
     loop {
-        let r = reader.list_inbox(page(100, &token)).await.unwrap().into_inner();
+        let r = reader
+            .list_inbox(page(100, &token))
+            .await
+            .unwrap()
+            .into_inner();
         pages.push(r.items);
         assert!(pages.len() <= 3, "more pages than items allow");
         if r.next_page_token.is_empty() {

@@ -17,8 +17,7 @@ use common::*;
 use exchange_daemon::proto::peer_client::PeerClient;
 use exchange_daemon::proto::peer_server::{Peer, PeerServer};
 use exchange_daemon::proto::{
-    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse,
-    deliver_request,
+    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse, deliver_request,
 };
 use exchange_daemon::tls;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -280,10 +279,7 @@ impl Peer for Slow {
             parts.push(part);
         }
         tokio::time::sleep(self.delay).await;
-        self.behind
-            .clone()
-            .deliver(tokio_stream::iter(parts))
-            .await
+        self.behind.clone().deliver(tokio_stream::iter(parts)).await
     }
 
     async fn return_receipts(

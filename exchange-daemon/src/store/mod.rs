@@ -615,12 +615,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Extends `owner`'s claims on the pending deliveries `ids` (attempts
     /// still running) until `lease_until_ms`; returns how many it extended.
-    fn renew_claims(
-        &self,
-        owner: &str,
-        ids: Vec<i64>,
-        lease_until_ms: u64,
-    ) -> StoreFuture<'_, u64>;
+    fn renew_claims(&self, owner: &str, ids: Vec<i64>, lease_until_ms: u64)
+    -> StoreFuture<'_, u64>;
 
     /// Releases every claim `owner` holds (a single-node daemon at start).
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;

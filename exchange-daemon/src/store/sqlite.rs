@@ -146,7 +146,7 @@ use super::{
 use crate::error::StoreError;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Schema migrations: entry `i` takes `PRAGMA user_version` from `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
@@ -1484,16 +1484,16 @@ impl<T: Send> Job for Pending<T> {
         let out = match self.work.take() {
             // A panicking operation fails alone: its savepoint is rolled
             // back like any failing operation's, and the writer goes on.
-            Some(work) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                work(conn)
-            })) {
-                Ok(out) => out,
-                Err(panic) => {
-                    let why = panic_text(panic.as_ref());
-                    tracing::error!(panic = %why, "a store write operation panicked; it alone is undone");
-                    Err(StoreError::Panicked(why))
+            Some(work) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))) {
+                    Ok(out) => out,
+                    Err(panic) => {
+                        let why = panic_text(panic.as_ref());
+                        tracing::error!(panic = %why, "a store write operation panicked; it alone is undone");
+                        Err(StoreError::Panicked(why))
+                    }
                 }
-            },
+            }
             None => Err(StoreError::Corrupt("write operation run twice".into())),
         };
         let ok = out.is_ok();

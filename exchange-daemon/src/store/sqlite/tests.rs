@@ -13,7 +13,7 @@ fn uri(s: &str) -> PartyUri {
     PartyUri::new(s).unwrap()
 }
 
-fn mid(n: u32) -> MessageId {
+pub(crate) fn mid(n: u32) -> MessageId {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&n.to_be_bytes());
     b[15] = 0x5a;
@@ -54,7 +54,7 @@ fn envelope(id: MessageId, kind: MessageKind, ciphertext: Ciphertext, len: u64) 
     }
 }
 
-fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
+pub(crate) fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
     let ct = format!("ciphertext of {id}").into_bytes();
     let len = ct.len() as u64;
     envelope(id, kind, Ciphertext::Inline(ct), len)
@@ -94,7 +94,7 @@ fn read_all(c: &StoredCiphertext) -> Vec<u8> {
 }
 
 /// Blocks the writer thread until the returned sender is dropped or sent to.
-async fn hold_writer(
+pub(crate) async fn hold_writer(
     store: &Arc<SqliteStore>,
 ) -> (
     mpsc::Sender<()>,
@@ -115,7 +115,7 @@ async fn hold_writer(
     (release_tx, h)
 }
 
-async fn wait_submitted(store: &SqliteStore, n: u64) {
+pub(crate) async fn wait_submitted(store: &SqliteStore, n: u64) {
     for _ in 0..10_000 {
         if store.writer_stats().ops_submitted >= n {
             return;
@@ -1097,8 +1097,23 @@ async fn renewed_claims_are_not_taken() {
     let d = store.claim_due("a", 10, 600, 10).await.unwrap();
     assert_eq!(d.len(), 1);
     // Only the owner's claim is renewed.
-    assert_eq!(store.renew_claims("b", vec![d[0].id], 5_000).await.unwrap(), 0);
-    assert_eq!(store.renew_claims("a", vec![d[0].id], 2_000).await.unwrap(), 1);
-    assert!(store.claim_due("c", 1_000, 3_000, 10).await.unwrap().is_empty());
-    assert_eq!(store.claim_due("c", 2_001, 3_000, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store.renew_claims("b", vec![d[0].id], 5_000).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store.renew_claims("a", vec![d[0].id], 2_000).await.unwrap(),
+        1
+    );
+    assert!(
+        store
+            .claim_due("c", 1_000, 3_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.claim_due("c", 2_001, 3_000, 10).await.unwrap().len(),
+        1
+    );
 }
