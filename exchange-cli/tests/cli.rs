@@ -946,7 +946,6 @@ fn send_status_inbox_fetch_ack_against_live_daemons() {
 
 #[test]
 fn inbox_lists_every_page() {
-    use exchange_daemon::store::Store as _;
     let d = tempfile::tempdir().unwrap();
     // 250 referrals stay unacknowledged in the hospital's inbox: more than
     // the daemon's default page (100).
