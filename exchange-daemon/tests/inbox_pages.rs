@@ -27,8 +27,15 @@ async fn a_large_inbox_is_listed_in_pages_each_item_once_in_order() {
     let hospital = net.party("hospital", HOSPITAL);
     let emr = net.client("emr", "urn:local:clinic:emr");
     let his = net.client("his", "urn:local:hospital:his");
+    // Sees claims only: its pages skip everything else.
+    let rece = net.client("rece", "urn:local:hospital:rece");
     net.configure(&clinic, &[&hospital], &[&emr], "");
-    net.configure(&hospital, &[&clinic], &[&his], "");
+    net.configure(
+        &hospital,
+        &[&clinic],
+        &[&his],
+        &client_block("rece", &rece, &[], &[], &["claims"]),
+    );
     let c = start(&clinic).await;
     let h = start(&hospital).await;
     let app = client_of(&net, &clinic, &emr);
@@ -36,10 +43,12 @@ async fn a_large_inbox_is_listed_in_pages_each_item_once_in_order() {
     for i in 0..250u32 {
         let mut app = app.clone();
         let to = hospital.clone();
+        // Five of them are claims, spread out.
+        let purpose = if i % 50 == 7 { "claims" } else { "treatment" };
         tasks.push(tokio::spawn(async move {
             send(
                 &mut app,
-                referral_start(&[&to], &[], "treatment"),
+                referral_start(&[&to], &[], purpose),
                 &i.to_be_bytes(),
             )
             .await
@@ -53,16 +62,15 @@ async fn a_large_inbox_is_listed_in_pages_each_item_once_in_order() {
         assert!(tokio::time::Instant::now() < deadline, "not all delivered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let expected: Vec<Vec<u8>> = h
-        .node()
-        .store()
-        .inbox(true)
-        .await
-        .unwrap()
+    let stored = h.node().store().inbox(true).await.unwrap();
+    let expected: Vec<Vec<u8>> = stored.iter().map(|m| m.id.as_bytes().to_vec()).collect();
+    assert_eq!(expected.len(), 250);
+    let claims: Vec<Vec<u8>> = stored
         .iter()
+        .filter(|m| m.purpose == "claims")
         .map(|m| m.id.as_bytes().to_vec())
         .collect();
-    assert_eq!(expected.len(), 250);
+    assert_eq!(claims.len(), 5);
 
     let mut reader = client_of(&net, &hospital, &his);
     let mut pages = Vec::new();
@@ -87,6 +95,34 @@ async fn a_large_inbox_is_listed_in_pages_each_item_once_in_order() {
     let listed: Vec<Vec<u8>> = pages.concat().into_iter().map(|i| i.message_id).collect();
     assert_eq!(listed.iter().collect::<HashSet<_>>().len(), 250);
     assert_eq!(listed, expected);
+
+    // A client that may read claims only: full pages of what it may read.
+    let mut rece_app = client_of(&net, &hospital, &rece);
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = rece_app
+            .list_inbox(page(2, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(
+            r.items
+                .into_iter()
+                .map(|i| i.message_id)
+                .collect::<Vec<_>>(),
+        );
+        assert!(pages.len() <= 3, "more pages than items allow");
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![2, 2, 1]
+    );
+    assert_eq!(pages.concat(), claims);
 
     // No page size: the default (100); too large a one: the maximum
     // (1000), here everything at once.
