@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
 use exchange_core::envelope::{CiphertextVerifier, EnvelopeHead, PayloadOpener, VerifiedHead};
-use exchange_core::receipt::Disposition;
+use exchange_core::receipt::{Disposition, SignedReceipt};
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::{Zeroize, Zeroizing};
@@ -29,8 +29,8 @@ use crate::proto::{
 };
 use crate::sink::Sink;
 use crate::store::{
-    Accepted, DeliveryKind, MessageKind, NewDelivery, NewEnvelope, NewProvision, NewReceipt,
-    ProvisionDirection,
+    Accepted, DeliveryKind, MessageKey, MessageKind, MessageRecord, NewDelivery, NewEnvelope,
+    NewProvision, NewReceipt, ProvisionDirection,
 };
 use crate::tls::PeerInfo;
 
@@ -211,7 +211,8 @@ impl Node {
         head: &VerifiedHead,
     ) -> Result<Option<Vec<u8>>, Error> {
         let id = head.header().message_id;
-        let Some(stored) = self.store.message(id).await? else {
+        let sender = head.sender().party().clone();
+        let Some(stored) = self.store.find(sender, id).await? else {
             return Ok(None);
         };
         if stored.header_sha256 != head.head().header_sha256() || stored.our_receipt.is_none() {
@@ -226,6 +227,7 @@ impl Node {
             peer,
             head,
             action,
+            Some(stored.key),
             stored.header_sha256,
             stored.our_receipt,
             "redelivery (body not read)",
@@ -234,14 +236,16 @@ impl Node {
         .map(Some)
     }
 
-    /// The answer to an envelope we took before (and may have purged since):
-    /// our original receipt if it is the very same envelope, with the
-    /// redelivery audited; else a replay.
+    /// The answer to an envelope its sender gave us before (stored under
+    /// `key`, or purged since): our original receipt if it is the very same
+    /// envelope, with the redelivery audited; else a replay.
+    #[allow(clippy::too_many_arguments)]
     async fn redelivered(
         &self,
         peer: &PartyUri,
         head: &VerifiedHead,
         action: AuditAction,
+        key: Option<MessageKey>,
         stored_header_sha256: [u8; 32],
         our_receipt: Option<Vec<u8>>,
         what: &str,
@@ -253,17 +257,21 @@ impl Node {
         ) {
             (true, Some(original)) => {
                 tracing::info!(message = %id, from = %peer, "{what}: original receipt returned");
-                self.audit(vec![self.entry(
+                let entry = self.entry(
                     &peer_actor(peer),
                     action,
                     Some(id),
                     AuditOutcome::Ok,
                     None,
                     Some(format!(
-                        "{what}: the original receipt returned, nothing stored"
+                        "{what} from {}: the original receipt returned, nothing stored",
+                        head.sender().party()
                     )),
-                )])
-                .await?;
+                );
+                match key {
+                    Some(key) => self.audit_about(key, vec![entry]).await?,
+                    None => self.audit(vec![entry]).await?,
+                }
                 Ok(original)
             }
             _ => Err(Error::Replay(id.to_string())),
@@ -447,6 +455,7 @@ impl Node {
                     peer,
                     head,
                     action,
+                    Some(stored.key),
                     stored.header_sha256,
                     stored.our_receipt,
                     "redelivery",
@@ -458,6 +467,7 @@ impl Node {
                     peer,
                     head,
                     action,
+                    None,
                     purged.header_sha256,
                     purged.our_receipt,
                     "redelivery of a purged message",
@@ -468,18 +478,61 @@ impl Node {
     }
 
     /// Keeps receipts that `peer` (a hop after us) returns for message `id`.
+    /// Several senders' envelopes may carry that id: each receipt names the
+    /// header it is about, and is kept with the message we sent or relay
+    /// under that very header (never matched by the id alone).
     pub(crate) async fn take_receipts(
         &self,
         peer: &PartyUri,
         id: MessageId,
         receipts: &[Vec<u8>],
     ) -> Result<usize, Error> {
-        let record = self
+        let candidates: Vec<MessageRecord> = self
             .store
-            .message(id)
+            .messages_by_id(id)
             .await?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let head = self.verify_stored(&record)?;
+            .into_iter()
+            .filter(|r| r.kind != MessageKind::Inbound)
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        let trust = self.trust();
+        let mut groups: Vec<(usize, Vec<Vec<u8>>)> = Vec::new();
+        for r in receipts {
+            let verified = SignedReceipt::from_bytes(r)?.verify(&trust)?;
+            let Some(i) = candidates
+                .iter()
+                .position(|c| &c.header_sha256 == verified.header_sha256())
+            else {
+                // About another message, or another header under this id.
+                return Err(exchange_core::Error::from(if verified.message_id() == id {
+                    exchange_core::ReceiptError::WrongHeader
+                } else {
+                    exchange_core::ReceiptError::WrongMessage
+                })
+                .into());
+            };
+            match groups.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, rs)) => rs.push(r.clone()),
+                None => groups.push((i, vec![r.clone()])),
+            }
+        }
+        let mut stored = 0;
+        for (i, rs) in groups {
+            stored += self.take_receipts_for(peer, &candidates[i], &rs).await?;
+        }
+        Ok(stored)
+    }
+
+    /// [`Node::take_receipts`] for one stored message.
+    async fn take_receipts_for(
+        &self,
+        peer: &PartyUri,
+        record: &MessageRecord,
+        receipts: &[Vec<u8>],
+    ) -> Result<usize, Error> {
+        let head = self.verify_stored(record)?;
         let next = match record.kind {
             MessageKind::Outbound => crate::node::first_hops(&head),
             _ => position(&head, &self.party)?.next,
@@ -501,20 +554,20 @@ impl Node {
         let actor = peer_actor(peer);
         let mut new: Vec<NewReceipt> = verified
             .iter()
-            .map(|r| self.keep_receipt(&record, r, &actor))
+            .map(|r| self.keep_receipt(record, r, &actor))
             .collect();
         if record.kind == MessageKind::Outbound {
-            let provisions = self.boundary_provisions(&record, &head, &verified).await?;
+            let provisions = self.boundary_provisions(record, &head, &verified).await?;
             for (k, p) in new.iter_mut().zip(provisions) {
                 k.provisions = p;
             }
         }
-        let stored = self.store.add_receipts(id, new).await?;
+        let stored = self.store.add_receipts(record.key, new).await?;
         if stored > 0 {
             if record.kind != MessageKind::Outbound {
                 self.work.notify_one();
             }
-            let _ = self.events.send(id);
+            let _ = self.events.send(record.key);
         }
         Ok(stored)
     }

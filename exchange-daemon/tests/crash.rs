@@ -219,7 +219,8 @@ async fn sigkill_mid_batch_loses_nothing_accepted_and_duplicates_nothing() {
     assert_eq!(store.pending_count().await.unwrap(), 0);
     for id in &accepted {
         let id = MessageId::from_slice(id).unwrap();
-        let receipts = store.receipts(id).await.unwrap();
+        let sent = store.find(clinic.party(), id).await.unwrap().unwrap();
+        let receipts = store.receipts(sent.key).await.unwrap();
         assert_eq!(receipts.len(), 1);
         assert_eq!(receipts[0].disposition, "DELIVERED");
     }

@@ -46,14 +46,20 @@ impl Store for Dying {
     fn accept(&self, e: NewEnvelope) -> StoreFuture<'_, Accepted> {
         self.inner.accept(e)
     }
-    fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>> {
-        self.inner.message(id)
+    fn message(&self, key: MessageKey) -> StoreFuture<'_, Option<MessageRecord>> {
+        self.inner.message(key)
+    }
+    fn find(&self, sender: PartyUri, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>> {
+        self.inner.find(sender, id)
+    }
+    fn messages_by_id(&self, id: MessageId) -> StoreFuture<'_, Vec<MessageRecord>> {
+        self.inner.messages_by_id(id)
     }
     fn send_key(&self, client: String, key: String) -> StoreFuture<'_, Option<SendKeyRecord>> {
         self.inner.send_key(client, key)
     }
-    fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext> {
-        self.inner.ciphertext(id)
+    fn ciphertext(&self, key: MessageKey) -> StoreFuture<'_, StoredCiphertext> {
+        self.inner.ciphertext(key)
     }
     fn claim_fair(
         &self,
@@ -83,14 +89,14 @@ impl Store for Dying {
         self.inner
             .finish_attempt(delivery, outcome, receipts, audit)
     }
-    fn add_receipts(&self, id: MessageId, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
-        self.inner.add_receipts(id, receipts)
+    fn add_receipts(&self, key: MessageKey, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
+        self.inner.add_receipts(key, receipts)
     }
-    fn receipts(&self, id: MessageId) -> StoreFuture<'_, Vec<ReceiptRecord>> {
-        self.inner.receipts(id)
+    fn receipts(&self, key: MessageKey) -> StoreFuture<'_, Vec<ReceiptRecord>> {
+        self.inner.receipts(key)
     }
-    fn deliveries(&self, id: MessageId) -> StoreFuture<'_, Vec<DeliveryRecord>> {
-        self.inner.deliveries(id)
+    fn deliveries(&self, key: MessageKey) -> StoreFuture<'_, Vec<DeliveryRecord>> {
+        self.inner.deliveries(key)
     }
     fn inbox(&self, include_acked: bool) -> StoreFuture<'_, Vec<MessageRecord>> {
         self.inner.inbox(include_acked)
@@ -98,22 +104,26 @@ impl Store for Dying {
     fn inbox_page(
         &self,
         include_acked: bool,
-        after: Option<(u64, MessageId)>,
+        after: Option<(u64, MessageKey)>,
         limit: usize,
     ) -> StoreFuture<'_, Vec<MessageRecord>> {
         self.inner.inbox_page(include_acked, after, limit)
     }
-    fn acknowledge(&self, id: MessageId, now_ms: u64, r: NewReceipt) -> StoreFuture<'_, bool> {
-        self.inner.acknowledge(id, now_ms, r)
+    fn acknowledge(&self, key: MessageKey, now_ms: u64, r: NewReceipt) -> StoreFuture<'_, bool> {
+        self.inner.acknowledge(key, now_ms, r)
     }
-    fn mark_fetched(&self, id: MessageId, now_ms: u64) -> StoreFuture<'_, ()> {
-        self.inner.mark_fetched(id, now_ms)
+    fn mark_fetched(&self, key: MessageKey, now_ms: u64) -> StoreFuture<'_, ()> {
+        self.inner.mark_fetched(key, now_ms)
     }
     fn pending_count(&self) -> StoreFuture<'_, u64> {
         self.inner.pending_count()
     }
-    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<'_, ()> {
-        self.inner.append_audit(entries)
+    fn append_audit(
+        &self,
+        about: Option<MessageKey>,
+        entries: Vec<AuditEntry>,
+    ) -> StoreFuture<'_, ()> {
+        self.inner.append_audit(about, entries)
     }
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail> {
         self.inner.audit_tail()
