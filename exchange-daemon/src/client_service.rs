@@ -409,6 +409,7 @@ impl Node {
         }
         tracing::info!(message = %id, client = %client.name, bytes = total, "envelope sealed and stored");
         self.work.notify_one();
+        crash_point!("client::send-reply");
         Ok(SendResponse {
             message_id: id.as_bytes().to_vec(),
             ciphertext_length: total,

@@ -330,6 +330,7 @@ impl Node {
             DeliveryKind::Envelope => self.deliver_envelope(&item).await,
             DeliveryKind::Receipt(r) => self.return_receipt(&item, r).await.map(|()| Vec::new()),
         };
+        crash_point!("delivery::answered");
         let now = unix_ms(SystemTime::now());
         let what = match &item.kind {
             DeliveryKind::Envelope => "envelope",

@@ -596,7 +596,10 @@ impl Peer for PeerService {
             }
         };
         match self.node.receive(&peer, &head, stream).await {
-            Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
+            Ok(receipt) => {
+                crash_point!("peer::deliver-reply");
+                Ok(Response::new(DeliverResponse { receipt }))
+            }
             Err(Refusal { error, receipt }) => {
                 if error.is_internal() {
                     tracing::error!(from = %peer, reason = error.reason_code(), "envelope refused by an internal failure: {}", error.bounded());
@@ -636,9 +639,12 @@ impl Peer for PeerService {
         let req = req.into_inner();
         let id = MessageId::from_slice(&req.message_id).map_err(Error::from)?;
         match self.node.take_receipts(&peer, id, &req.receipts).await {
-            Ok(n) => Ok(Response::new(ReturnReceiptsResponse {
-                stored: u32::try_from(n).unwrap_or(u32::MAX),
-            })),
+            Ok(n) => {
+                crash_point!("peer::receipts-reply");
+                Ok(Response::new(ReturnReceiptsResponse {
+                    stored: u32::try_from(n).unwrap_or(u32::MAX),
+                }))
+            }
             Err(e) => {
                 tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {}", e.bounded());
                 let entry = self.node.claimed_refusal(

@@ -264,15 +264,14 @@ async fn stored_head(
     net: &Net,
     id: &[u8],
 ) -> exchange_core::envelope::VerifiedHead {
-    let stored = daemon
+    let mut stored = daemon
         .node()
         .store()
-        .message(exchange_daemon::store::MessageKey::of_id(
-            MessageId::from_slice(id).unwrap(),
-        ))
+        .messages_by_id(MessageId::from_slice(id).unwrap())
         .await
-        .unwrap()
         .unwrap();
+    assert_eq!(stored.len(), 1, "one message under this id");
+    let stored = stored.remove(0);
     EnvelopeHead::decode(&stored.head)
         .unwrap()
         .verify_ignoring_expiry(&net_trust(net), SystemTime::now())

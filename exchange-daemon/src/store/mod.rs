@@ -161,6 +161,7 @@ impl Drop for SpoolFile {
         if !self.kept {
             let _ = std::fs::remove_file(&self.path);
         }
+        crate::failpoints::forgotten(&self.path);
     }
 }
 

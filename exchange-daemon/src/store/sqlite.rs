@@ -690,6 +690,7 @@ impl Store for SqliteStore {
         })?;
         let path = self.spool.join(format!("{}.spool", hex::encode(name)));
         let file = create_private(&path)?;
+        crate::failpoints::created(&path);
         Ok(SpoolFile::new(path, file))
     }
 
@@ -1652,6 +1653,7 @@ fn writer_loop(
         }
         match run_batch(conn, &mut batch) {
             Ok(()) => {
+                crash_point!("store::after-commit");
                 committed.fetch_add(1, Ordering::Relaxed);
                 for job in batch {
                     job.reply(None);
@@ -1674,7 +1676,10 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), rusqli
     let result = batch
         .iter_mut()
         .try_for_each(|job| run_one(conn, job.as_mut()))
-        .and_then(|()| conn.execute_batch("COMMIT"));
+        .and_then(|()| {
+            crash_point!("store::before-commit");
+            conn.execute_batch("COMMIT")
+        });
     if result.is_err() && !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
     }
@@ -2387,6 +2392,7 @@ async fn remove_blob(path: PathBuf) {
 fn remove_quietly(path: &Path) {
     // Failure leaves an orphan blob, which the next open removes.
     let _ = fs::remove_file(path);
+    crate::failpoints::forgotten(path);
 }
 
 /// Takes the directory's exclusive lock: an SQLite file in exclusive
@@ -2509,6 +2515,8 @@ fn adopt_spool(
         .flush()
         .and_then(|()| spooled.file.sync_all())
         .map_err(|e| io_err("fsync", &spool_path, e))?;
+    crate::failpoints::synced(&spool_path);
+    crash_point!("store::spool-fsynced");
     let len = spooled
         .file
         .metadata()
@@ -2533,10 +2541,14 @@ fn adopt_spool(
             Err(e) => return Err(io_err("link blob", &path, e)),
         }
     };
+    crate::failpoints::linked(&spool_path, &path);
+    crash_point!("store::blob-linked");
     if let Err(e) = sync_dir(blobs) {
         remove_quietly(&path);
         return Err(e);
     }
+    crate::failpoints::dir_synced(&path);
+    crash_point!("store::blob-dir-synced");
     // The blob holds the data now; the spool name goes (the SpoolFile must
     // not remove anything itself any more).
     spooled.kept = true;
