@@ -945,6 +945,51 @@ fn send_status_inbox_fetch_ack_against_live_daemons() {
 }
 
 #[test]
+fn inbox_lists_every_page() {
+    let d = tempfile::tempdir().unwrap();
+    // 250 referrals stay unacknowledged in the hospital's inbox: more than
+    // the daemon's default page (100).
+    exchange(d.path(), &["demo", "--dir", "net", "--burst", "250"]).ok();
+    let net = d.path().join("net");
+    let live = LiveNet::start(&net);
+    let stored: Vec<String> = live.runtime.block_on(async {
+        live.daemons[1]
+            .node()
+            .store()
+            .inbox(false)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect()
+    });
+    assert!(stored.len() >= 250, "{} stored", stored.len());
+    let hospital = ["--client-config", "hospital/app/client.toml"];
+
+    let json = exchange(&net, &[&["inbox", "--json"], &hospital[..]].concat())
+        .ok()
+        .stdout();
+    // One JSON document, every item once, in the daemon's order.
+    let items: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let listed: Vec<String> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, stored);
+
+    let text = exchange(&net, &[&["inbox"], &hospital[..]].concat())
+        .ok()
+        .stdout();
+    assert_eq!(text.lines().count(), stored.len() + 1, "{text}");
+    for id in &stored {
+        line_with(&text, &[id]);
+    }
+    live.stop();
+}
+
+#[test]
 fn ca_issue_client_writes_a_client_certificate() {
     let net = network();
     let d = net.path();

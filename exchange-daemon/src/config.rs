@@ -336,6 +336,11 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The shortest `delivery.lease_ms`: claims are renewed every third of
+/// the lease, and a renewal must not be due more often than the claim loop
+/// looks at it.
+pub const MIN_LEASE_MS: u64 = 600;
+
 /// Delivery workers and retry policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -377,6 +382,11 @@ pub struct DeliveryConfig {
     /// Name of this daemon when claiming work in a shared store.
     #[serde(default = "default_node")]
     pub node_name: String,
+    /// How long a claim on a delivery lasts (ms) before another worker may
+    /// take it. A running attempt renews its claim every third of this, so
+    /// only a crashed or stuck worker's claims lapse.
+    #[serde(default = "default_lease")]
+    pub lease_ms: u64,
 }
 
 fn default_concurrency() -> usize {
@@ -409,6 +419,9 @@ fn default_connect_timeout() -> u64 {
 fn default_node() -> String {
     "local".into()
 }
+fn default_lease() -> u64 {
+    120_000
+}
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -423,11 +436,17 @@ impl Default for DeliveryConfig {
             max_lifetime_seconds: default_max_lifetime(),
             connect_timeout_ms: default_connect_timeout(),
             node_name: default_node(),
+            lease_ms: default_lease(),
         }
     }
 }
 
 impl DeliveryConfig {
+    /// How long a claim on a delivery lasts.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
     /// The connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
@@ -605,6 +624,12 @@ impl Config {
             return Err(Error::Config(format!(
                 "delivery.default_lifetime_seconds ({}) must be at most delivery.max_lifetime_seconds ({}), which must be positive",
                 d.default_lifetime_seconds, d.max_lifetime_seconds
+            )));
+        }
+        if d.lease_ms < MIN_LEASE_MS {
+            return Err(Error::Config(format!(
+                "delivery.lease_ms ({}) must be at least {MIN_LEASE_MS}",
+                d.lease_ms
             )));
         }
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {

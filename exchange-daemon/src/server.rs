@@ -13,7 +13,7 @@ use tonic::transport::Server;
 
 use crate::client_service::ClientService;
 use crate::config::{Config, Profile};
-use crate::error::Error;
+use crate::error::{Error, StoreError};
 use crate::node::Node;
 use crate::peer::PeerService;
 use crate::proto::client_server::ClientServer;
@@ -33,6 +33,8 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
+    /// Set, with the reason, once the daemon can no longer work.
+    fatal: watch::Receiver<Option<String>>,
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, Error> {
@@ -178,6 +180,27 @@ async fn reload_trust(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                 tracing::error!(error = %e, "trust files changed but cannot be loaded; the previous ones stay in force")
             }
         }
+    }
+}
+
+/// Waits for the store to fail for good; then reports NOT_SERVING on both
+/// listeners and sets `fatal` (see [`Daemon::failed`]).
+async fn watch_store(
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+    fatal: watch::Sender<Option<String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        why = node.store.failure() => {
+            tracing::error!(error = %why, "the store can no longer write: reporting NOT_SERVING and stopping");
+            health.set_not_serving::<PeerServer<PeerService>>().await;
+            health.set_not_serving::<ClientServer<ClientService>>().await;
+            fatal.send_replace(Some(why));
+        }
+        () = async {
+            let _ = stop.wait_for(|s| *s).await;
+        } => {}
     }
 }
 
@@ -347,6 +370,13 @@ impl Daemon {
                 tracing::error!(service = "client", error = %e, "server stopped");
             }
         }));
+        let (fatal_tx, fatal) = watch::channel(None);
+        tasks.push(tokio::spawn(watch_store(
+            node.clone(),
+            reporter.clone(),
+            fatal_tx,
+            rx.clone(),
+        )));
         tasks.push(tokio::spawn(delivery::run(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(reload_trust(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(accountability::run(node.clone(), rx)));
@@ -375,6 +405,7 @@ impl Daemon {
             shutdown,
             tasks,
             health: reporter,
+            fatal,
         })
     }
 
@@ -402,6 +433,21 @@ impl Daemon {
     /// The daemon's state (party, store).
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// Resolves if the daemon can no longer work (its store's writer
+    /// died): health already says NOT_SERVING. The caller shuts the daemon
+    /// down and exits non-zero so that its supervisor restarts it.
+    pub async fn failed(&self) -> Error {
+        let mut fatal = self.fatal.clone();
+        let why = fatal
+            .wait_for(Option::is_some)
+            .await
+            .map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => Error::Store(StoreError::WriterDied(why)),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops accepting, lets running requests finish, stops the workers.
