@@ -171,13 +171,21 @@ pub(crate) fn rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
     rand_core::UnwrapErr(getrandom::SysRng)
 }
 
-/// RFC 3339 in UTC, to the millisecond (the precision of envelope and receipt times).
+/// RFC 3339 in UTC, to the millisecond (the precision of envelope and receipt
+/// times), always with three fractional digits so that the width is fixed
+/// (`2026-11-27T09:31:21.490Z`): the `--json` outputs promise this form.
 pub(crate) fn fmt_time(t: SystemTime) -> String {
     let t = OffsetDateTime::from(t);
-    let ms = t
-        .replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
-        .unwrap_or(t);
-    ms.format(&Rfc3339).unwrap_or_else(|_| "?".into())
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// Parses an RFC 3339 time.
@@ -242,4 +250,25 @@ pub(crate) fn bytes(n: u64) -> String {
         u += 1;
     }
     format!("{v:.1} {} ({n} bytes)", UNITS[u])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn times_always_have_three_fractional_digits_and_parse_back() {
+        for (ms, want) in [
+            (1_795_771_881_490, "2026-11-27T09:31:21.490Z"),
+            (1_795_771_881_000, "2026-11-27T09:31:21.000Z"),
+            (1_795_771_881_007, "2026-11-27T09:31:21.007Z"),
+            (0, "1970-01-01T00:00:00.000Z"),
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            let s = fmt_time(t);
+            assert_eq!(s, want);
+            assert_eq!(parse_time(&s).unwrap(), t, "{s} parses back");
+        }
+    }
 }
