@@ -186,6 +186,8 @@ impl Node {
         if let Some(original) = self.original_receipt(peer, &head).await? {
             return Ok(original);
         }
+        // Our own state, not the envelope's: no receipt, the sender retries.
+        self.check_disk_reserve(head.header().ciphertext_length())?;
         match self.receive_verified(peer, &head, &pos, now, stream).await {
             Ok(receipt) => Ok(receipt),
             Err(error) if deserves_receipt(&error) => {
@@ -335,6 +337,9 @@ impl Node {
         check.finish()?;
         // Written (a spool file fsynced) before the custody time is taken.
         let ciphertext = sink.finish().await?;
+        // Other transfers may have used the space meanwhile; what this one
+        // wrote is already counted as used.
+        self.check_disk_reserve(0)?;
         // The custody time: the whole envelope received, verified and
         // written; the store commits it with our receipt next.
         let custody = SystemTime::now();
@@ -467,13 +472,24 @@ impl Node {
         }
     }
 
-    /// Keeps receipts that `peer` (a hop after us) returns for message `id`.
+    /// Keeps receipts that `peer` (a hop after us) returns for message `id`:
+    /// at most one per issuer and disposition, later ones (whatever their
+    /// bytes or times) answered as already held, not stored, not forwarded,
+    /// and audited once per call. Returns how many were stored and how many
+    /// were already held.
     pub(crate) async fn take_receipts(
         &self,
         peer: &PartyUri,
         id: MessageId,
-        receipts: &[Vec<u8>],
-    ) -> Result<usize, Error> {
+        receipts: Vec<Vec<u8>>,
+    ) -> Result<(usize, usize), Error> {
+        let limit = self.config.limits.max_receipts_per_call;
+        if receipts.len() > limit {
+            return Err(Error::TooManyReceipts {
+                count: receipts.len(),
+                limit,
+            });
+        }
         let record = self
             .store
             .message(id)
@@ -494,10 +510,8 @@ impl Node {
                     .join(" or "),
             });
         }
-        let verified = receipts
-            .iter()
-            .map(|r| self.check_receipt(&head, r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let count = receipts.len();
+        let verified = self.check_receipts(&head, receipts).await?;
         let actor = peer_actor(peer);
         let mut new: Vec<NewReceipt> = verified
             .iter()
@@ -510,13 +524,35 @@ impl Node {
             }
         }
         let stored = self.store.add_receipts(id, new).await?;
+        let held = count.saturating_sub(stored);
+        if held > 0 {
+            tracing::info!(
+                message = %id,
+                from = %peer,
+                stored,
+                held,
+                "receipts already held: not stored or forwarded again"
+            );
+            self.audit(vec![self.entry(
+                &actor,
+                AuditAction::Receipt,
+                Some(id),
+                AuditOutcome::Ok,
+                None,
+                Some(format!(
+                    "{held} of {count} receipts already held (the same issuer and disposition): \
+                     not stored or forwarded again"
+                )),
+            )])
+            .await?;
+        }
         if stored > 0 {
             if record.kind != MessageKind::Outbound {
                 self.work.notify_one();
             }
             let _ = self.events.send(id);
         }
-        Ok(stored)
+        Ok((stored, held))
     }
 }
 
@@ -582,9 +618,10 @@ impl Peer for PeerService {
         let peer = peer_of(&req)?;
         let req = req.into_inner();
         let id = MessageId::from_slice(&req.message_id).map_err(Error::from)?;
-        match self.node.take_receipts(&peer, id, &req.receipts).await {
-            Ok(n) => Ok(Response::new(ReturnReceiptsResponse {
-                stored: u32::try_from(n).unwrap_or(u32::MAX),
+        match self.node.take_receipts(&peer, id, req.receipts).await {
+            Ok((stored, held)) => Ok(Response::new(ReturnReceiptsResponse {
+                stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                already_held: u32::try_from(held).unwrap_or(u32::MAX),
             })),
             Err(e) => {
                 tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {}", e.bounded());
