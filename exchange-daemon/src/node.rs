@@ -350,17 +350,6 @@ impl Node {
         )
     }
 
-    /// Verifies a receipt and ties it to `head`.
-    pub(crate) fn check_receipt(
-        &self,
-        head: &VerifiedHead,
-        bytes: &[u8],
-    ) -> Result<VerifiedReceipt, Error> {
-        let receipt = SignedReceipt::from_bytes(bytes)?.verify(&self.trust())?;
-        receipt.check_for(head)?;
-        Ok(receipt)
-    }
-
     /// The stored receipts of `record`, read back and tied to `head`. Each
     /// was verified with the full policy (signature, chain and revocation at
     /// its issue time) when it arrived, and only then stored with the time

@@ -60,10 +60,10 @@ fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
 }
 
 /// A receipt whose issuer is named after its bytes (one issuer, one
-/// receipt): `b"r1"` is issued by `urn:test:r1`.
+/// receipt): `b"r1"` is issued by `urn:test:7231`.
 fn receipt(signed: &[u8], fwd: Option<NewDelivery>) -> NewReceipt {
     receipt_by(
-        &format!("urn:test:{}", String::from_utf8_lossy(signed)),
+        &format!("urn:test:{}", hex::encode(signed)),
         "DELIVERED",
         signed,
         fwd,
@@ -553,7 +553,7 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
         rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
         vec![&b"r1"[..], b"r2", b"r3"]
     );
-    assert_eq!(rs[0].issuer, uri("urn:test:r1"));
+    assert_eq!(rs[0].issuer, uri("urn:test:7231"));
     assert_eq!(rs[0].disposition, "DELIVERED");
     assert_eq!(rs[0].issued_ms, 3_000);
     assert_eq!(rs[0].verified_ms, Some(2_500));
