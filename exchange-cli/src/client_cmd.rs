@@ -920,7 +920,12 @@ pub(crate) async fn inbox(conn: &ConnArgs, all: bool, as_json: bool) -> Result<(
 /// Fetches an inbox item into `out`: a temporary file in the same directory,
 /// renamed onto `out` only when the daemon ended the stream OK (its last
 /// chunk and digest checks passed) and the length matches.
-pub(crate) async fn fetch_to(client: &Client, id: &MessageId, out: &Path) -> Result<FetchHeader> {
+pub(crate) async fn fetch_to(
+    client: &Client,
+    id: &MessageId,
+    from: Option<&str>,
+    out: &Path,
+) -> Result<FetchHeader> {
     let what = format!("fetch {id}");
     let mut rpc = client.rpc.clone();
     let map = |s: tonic::Status| match client.error(&what, &s) {
@@ -934,6 +939,7 @@ pub(crate) async fn fetch_to(client: &Client, id: &MessageId, out: &Path) -> Res
     let mut stream = rpc
         .fetch(FetchRequest {
             message_id: id.as_bytes().to_vec(),
+            sender: from.unwrap_or_default().to_owned(),
         })
         .await
         .map_err(map)?
@@ -1014,12 +1020,13 @@ pub(crate) async fn fetch_to(client: &Client, id: &MessageId, out: &Path) -> Res
 pub(crate) async fn fetch(
     conn: &ConnArgs,
     id: &str,
+    from: Option<&str>,
     out: &Path,
     show_subjects: bool,
 ) -> Result<()> {
     let id = parse_id(id)?;
     let client = conn.connect()?;
-    let h = fetch_to(&client, &id, out).await?;
+    let h = fetch_to(&client, &id, from, out).await?;
     print_fetched(&h, out, show_subjects, "");
     Ok(())
 }
@@ -1070,12 +1077,17 @@ pub(crate) fn print_fetched(h: &FetchHeader, out: &Path, show_subjects: bool, in
 }
 
 /// Acknowledges an inbox item; returns the daemon's PROCESSED receipt, verified.
-pub(crate) async fn ack_item(client: &Client, id: &MessageId) -> Result<VerifiedReceipt> {
+pub(crate) async fn ack_item(
+    client: &Client,
+    id: &MessageId,
+    from: Option<&str>,
+) -> Result<VerifiedReceipt> {
     let what = format!("ack {id}");
     let mut rpc = client.rpc.clone();
     let resp = rpc
         .ack(AckRequest {
             message_id: id.as_bytes().to_vec(),
+            sender: from.unwrap_or_default().to_owned(),
         })
         .await
         .map_err(|s| match client.error(&what, &s) {
@@ -1103,10 +1115,15 @@ pub(crate) async fn ack_item(client: &Client, id: &MessageId) -> Result<Verified
 }
 
 /// `exchange ack`.
-pub(crate) async fn ack(conn: &ConnArgs, id: &str, receipt_out: Option<&Path>) -> Result<()> {
+pub(crate) async fn ack(
+    conn: &ConnArgs,
+    id: &str,
+    from: Option<&str>,
+    receipt_out: Option<&Path>,
+) -> Result<()> {
     let id = parse_id(id)?;
     let client = conn.connect()?;
-    let r = ack_item(&client, &id).await?;
+    let r = ack_item(&client, &id, from).await?;
     if let Some(path) = receipt_out {
         files::write_atomic(path, &r.signed().to_file())?;
     }

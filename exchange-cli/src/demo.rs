@@ -583,7 +583,7 @@ async fn receive(
     let mid = MessageId::from_slice(id)?;
     let out = root.join(dir).join("app").join("inbox").join(file);
     files::create_dir(&files::dir_of(&out))?;
-    let header = client_cmd::fetch_to(client, &mid, &out).await?;
+    let header = client_cmd::fetch_to(client, &mid, None, &out).await?;
     let shown = out.strip_prefix(root).unwrap_or(&out);
     client_cmd::print_fetched(&header, shown, false, "  ");
     let same = files::read(&out)? == sent;
@@ -594,7 +594,7 @@ async fn receive(
             out.display()
         )));
     }
-    let r = client_cmd::ack_item(client, &mid).await?;
+    let r = client_cmd::ack_item(client, &mid, None).await?;
     println!(
         "  acknowledged: {} receipt signed by {} at {}, on its way back to the clinic",
         r.disposition(),

@@ -126,6 +126,10 @@ enum Command {
         conn: ConnArgs,
         /// The message id.
         id: String,
+        /// The sender's party URI (as `exchange inbox` lists it): needed when
+        /// several senders' items carry the same message id.
+        #[arg(long = "from", value_name = "URI")]
+        from: Option<String>,
         /// Output (written only if the whole item arrived and verified).
         #[arg(long = "out")]
         output: PathBuf,
@@ -139,6 +143,10 @@ enum Command {
         conn: ConnArgs,
         /// The message id.
         id: String,
+        /// The sender's party URI: needed when several senders' items carry
+        /// the same message id.
+        #[arg(long = "from", value_name = "URI")]
+        from: Option<String>,
         /// Also save the PROCESSED receipt here (.exrcpt).
         #[arg(long)]
         receipt: Option<PathBuf>,
@@ -416,12 +424,27 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch {
             conn,
             id,
+            from,
             output,
             show_subjects,
-        } => block_on(client_cmd::fetch(&conn, &id, &output, show_subjects)),
-        Command::Ack { conn, id, receipt } => {
-            block_on(client_cmd::ack(&conn, &id, receipt.as_deref()))
-        }
+        } => block_on(client_cmd::fetch(
+            &conn,
+            &id,
+            from.as_deref(),
+            &output,
+            show_subjects,
+        )),
+        Command::Ack {
+            conn,
+            id,
+            from,
+            receipt,
+        } => block_on(client_cmd::ack(
+            &conn,
+            &id,
+            from.as_deref(),
+            receipt.as_deref(),
+        )),
         Command::Audit { command } => match command {
             AuditCommand::Export {
                 data,

@@ -152,6 +152,7 @@ async fn fetch(client: &mut ClientClient<Channel>, id: &[u8]) -> Vec<u8> {
     let mut stream = client
         .fetch(FetchRequest {
             message_id: id.to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -243,6 +244,7 @@ fn online_backup_restore_and_verify_store() {
             fetch(&mut his, id).await;
             his.ack(AckRequest {
                 message_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -34,7 +34,9 @@ use tokio::sync::watch;
 
 use crate::error::{Error, StoreError};
 use crate::node::{Node, unix_ms};
-use crate::store::{MessageMeta, MessageRecord, NewCheckpoint, NewProvision, ProvisionDirection};
+use crate::store::{
+    MessageKey, MessageMeta, MessageRecord, NewCheckpoint, NewProvision, ProvisionDirection,
+};
 
 /// The facility secret's file name in the data directory.
 pub const SUBJECT_KEY_FILE: &str = "pseudonym.key";
@@ -255,7 +257,18 @@ impl Node {
 
     /// Appends entries now (reads, refusals, daemon events).
     pub(crate) async fn audit(&self, entries: Vec<AuditEntry>) -> Result<(), Error> {
-        Ok(self.store.append_audit(entries).await?)
+        Ok(self.store.append_audit(None, entries).await?)
+    }
+
+    /// Appends entries about the stored message with key `about` now: their
+    /// patients are that message's (never another sender's message under
+    /// the same id).
+    pub(crate) async fn audit_about(
+        &self,
+        about: MessageKey,
+        entries: Vec<AuditEntry>,
+    ) -> Result<(), Error> {
+        Ok(self.store.append_audit(Some(about), entries).await?)
     }
 
     /// Appends a refusal; a failure to record it is logged (the request is

@@ -844,10 +844,17 @@ fn scrub(
 ) -> Result<BTreeSet<String>, StoreError> {
     report.schema_version = schema_version(conn)?;
     let mut named = BTreeSet::new();
-    let mut messages = conn.prepare(
-        "SELECT id, header_sha256, head, blob, ciphertext_len, received_ms, our_receipt \
-         FROM messages ORDER BY received_ms, id",
-    )?;
+    // From schema 6 on, `id` is the row's local key and `wire_id` the
+    // message id its envelope carries; before, they were one.
+    let wire_id = if report.schema_version >= 6 {
+        "wire_id"
+    } else {
+        "id"
+    };
+    let mut messages = conn.prepare(&format!(
+        "SELECT id, header_sha256, head, blob, ciphertext_len, received_ms, our_receipt, \
+         {wire_id} FROM messages ORDER BY received_ms, id"
+    ))?;
     let mut inline = conn.prepare("SELECT ciphertext FROM messages WHERE id = ?1")?;
     let mut receipts = conn
         .prepare("SELECT seq, digest, signed FROM receipts WHERE message_id = ?1 ORDER BY seq")?;
@@ -861,7 +868,8 @@ fn scrub(
         let ciphertext_len: i64 = row.get(4)?;
         let received_ms: i64 = row.get(5)?;
         let our_receipt: Option<Vec<u8>> = row.get(6)?;
-        let Ok(id) = MessageId::from_slice(&id_bytes) else {
+        let wire_bytes: Vec<u8> = row.get(7)?;
+        let Ok(id) = MessageId::from_slice(&wire_bytes) else {
             report.fail(
                 None,
                 format!("message row {}", hex::encode(&id_bytes)),
@@ -1044,19 +1052,29 @@ fn verify_provisions(
     }
     let mut n = 0;
     let mut head_of = conn.prepare("SELECT head, received_ms FROM messages WHERE id = ?1")?;
+    // From schema 6 on, `message_id` is the message's local key and
+    // `wire_id` (NULL in older records: the key) its message id.
+    let wire_id = if schema_version(conn)? >= 6 {
+        "COALESCE(wire_id, message_id)"
+    } else {
+        "message_id"
+    };
     let rows = conn
-        .prepare("SELECT id, message_id, receipt FROM provisions ORDER BY id")?
+        .prepare(&format!(
+            "SELECT id, message_id, receipt, {wire_id} FROM provisions ORDER BY id"
+        ))?
         .query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, Vec<u8>>(1)?,
                 r.get::<_, Option<Vec<u8>>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    for (pid, message, receipt) in rows {
+    for (pid, message, receipt, wire) in rows {
         n += 1;
-        let id = MessageId::from_slice(&message).ok();
+        let id = MessageId::from_slice(&wire).ok();
         let what = format!("provision record {pid}: receipt");
         let Some(bytes) = receipt else {
             report.fail(id, what, "no receipt");

@@ -79,6 +79,16 @@ fn message_id(bytes: &[u8]) -> Result<MessageId, Error> {
         .map_err(|_| Error::BadRequest("message_id must be 16 bytes".into()))
 }
 
+/// The optional `sender` of a Fetch or Ack: empty for none.
+fn sender_of(s: &str) -> Result<Option<PartyUri>, Error> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    PartyUri::new(s.to_owned())
+        .map(Some)
+        .map_err(|e| Error::BadRequest(format!("sender: {e}")))
+}
+
 /// Longest idempotency key a client may give.
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 
@@ -366,6 +376,7 @@ impl Node {
         }
         tracing::info!(message = %id, client = %client.name, bytes = total, "envelope sealed and stored");
         self.work.notify_one();
+        crash_point!("client::send-reply");
         Ok(SendResponse {
             message_id: id.as_bytes().to_vec(),
             ciphertext_length: total,
@@ -403,13 +414,13 @@ impl Node {
         })
     }
 
-    /// An outbound message `client` sent.
+    /// An outbound message `client` sent (we are its sender: the id is unique).
     async fn own_outbound(
         &self,
         client: &ClientConfig,
         id: MessageId,
     ) -> Result<MessageRecord, Error> {
-        match self.store.message(id).await? {
+        match self.store.find(self.party.clone(), id).await? {
             Some(r)
                 if r.kind == MessageKind::Outbound
                     && r.local_client.as_deref() == Some(client.party.as_str()) =>
@@ -420,22 +431,37 @@ impl Node {
         }
     }
 
-    /// An inbound message `client` may read.
+    /// An inbound message `client` may read: the one `sender` sent under
+    /// `id`, or, without a sender, the only one under `id` that the client
+    /// may read. Two senders' messages may carry one id: then the sender
+    /// must be named; one is never picked silently.
     async fn readable_inbound(
         &self,
         client: &ClientConfig,
         id: MessageId,
+        sender: Option<PartyUri>,
     ) -> Result<MessageRecord, Error> {
-        match self.store.message(id).await? {
-            Some(r) if r.kind == MessageKind::Inbound && client.may_read(&r.purpose) => Ok(r),
-            _ => Err(Error::NotFound(id.to_string())),
+        let readable =
+            |r: &MessageRecord| r.kind == MessageKind::Inbound && client.may_read(&r.purpose);
+        let mut found: Vec<MessageRecord> = match sender {
+            Some(sender) => self.store.find(sender, id).await?.into_iter().collect(),
+            None => self.store.messages_by_id(id).await?,
+        };
+        found.retain(readable);
+        match found.len() {
+            0 => Err(Error::NotFound(id.to_string())),
+            1 => Ok(found.remove(0)),
+            n => Err(Error::AmbiguousId {
+                id: id.to_string(),
+                senders: n,
+            }),
         }
     }
 
     /// The status of an outbound message: hops, receipts, provision boundaries.
     async fn status(&self, record: &MessageRecord) -> Result<MessageStatus, Error> {
         let head = self.verify_stored(record)?;
-        let deliveries = self.store.deliveries(record.id).await?;
+        let deliveries = self.store.deliveries(record.key).await?;
         // Each receipt was verified when it arrived; a later revocation of
         // its issuer is shown beside it, not as a failure of the message.
         let verified = self.stored_receipts(record, &head).await?;
@@ -582,24 +608,27 @@ impl Node {
         ));
         if self
             .store
-            .acknowledge(record.id, unix_ms(now), keep)
+            .acknowledge(record.key, unix_ms(now), keep)
             .await?
         {
             self.work.notify_one();
             return Ok(receipt.to_bytes());
         }
         // Acknowledged before: return the receipt signed then.
-        self.audit(vec![self.entry(
-            &actor,
-            AuditAction::Ack,
-            Some(record.id),
-            AuditOutcome::Ok,
-            None,
-            Some("acknowledged before: the original PROCESSED receipt returned".into()),
-        )])
+        self.audit_about(
+            record.key,
+            vec![self.entry(
+                &actor,
+                AuditAction::Ack,
+                Some(record.id),
+                AuditOutcome::Ok,
+                None,
+                Some("acknowledged before: the original PROCESSED receipt returned".into()),
+            )],
+        )
         .await?;
         self.store
-            .receipts(record.id)
+            .receipts(record.key)
             .await?
             .into_iter()
             .find(|r| r.issuer == self.party && r.disposition == Disposition::Processed.as_str())
@@ -630,24 +659,28 @@ impl ClientService {
         refuse(client, action_name(action), e)
     }
 
-    /// Records a successful read by `client`; the read is refused if it
-    /// cannot be recorded.
+    /// Records a successful read by `client` (of one stored message, if
+    /// `message`); the read is refused if it cannot be recorded.
     async fn record(
         &self,
         client: &ClientConfig,
         action: AuditAction,
-        message: Option<MessageId>,
+        message: Option<&MessageRecord>,
         detail: String,
     ) -> Result<(), Status> {
         let entry = self.node.entry(
             &client_actor(&client.party),
             action,
-            message,
+            message.map(|m| m.id),
             AuditOutcome::Ok,
             None,
             Some(detail),
         );
-        self.node.audit(vec![entry]).await.map_err(|e| {
+        let appended = match message {
+            Some(m) => self.node.audit_about(m.key, vec![entry]).await,
+            None => self.node.audit(vec![entry]).await,
+        };
+        appended.map_err(|e| {
             tracing::error!(error = %e, "cannot append to the audit log; request refused");
             Status::from(e)
         })
@@ -670,18 +703,20 @@ impl ClientService {
         }
     }
 
-    /// An inbox item the client may read, the refusal recorded.
+    /// An inbox item the client may read (from `sender`, if not empty),
+    /// the refusal recorded.
     async fn inbound_for(
         &self,
         client: &ClientConfig,
         action: AuditAction,
         raw_id: &[u8],
+        sender: &str,
     ) -> Result<MessageRecord, Status> {
-        let id = match message_id(raw_id) {
-            Ok(id) => id,
+        let (id, sender) = match message_id(raw_id).and_then(|id| Ok((id, sender_of(sender)?))) {
+            Ok(r) => r,
             Err(e) => return Err(self.deny(client, action, None, e).await),
         };
-        match self.node.readable_inbound(client, id).await {
+        match self.node.readable_inbound(client, id, sender).await {
             Ok(r) => Ok(r),
             Err(e) => Err(self.deny(client, action, Some(id), e).await),
         }
@@ -738,7 +773,7 @@ impl Client for ClientService {
         self.record(
             client,
             AuditAction::Status,
-            Some(record.id),
+            Some(&record),
             format!("state {}", status.state),
         )
         .await?;
@@ -755,8 +790,8 @@ impl Client for ClientService {
         let record = self
             .outbound_for(client, AuditAction::Status, &req.get_ref().message_id)
             .await?;
-        let id = record.id;
-        self.record(client, AuditAction::Status, Some(id), "watch".into())
+        let key = record.key;
+        self.record(client, AuditAction::Status, Some(&record), "watch".into())
             .await?;
         let node = self.node.clone();
         let mut events = node.events.subscribe();
@@ -786,7 +821,7 @@ impl Client for ClientService {
                 let wait = async {
                     loop {
                         match events.recv().await {
-                            Ok(changed) if changed == id => return,
+                            Ok(changed) if changed == key => return,
                             Ok(_) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -845,7 +880,12 @@ impl Client for ClientService {
     ) -> Result<Response<Self::FetchStream>, Status> {
         let client = self.client(&req, AuditAction::Fetch).await?;
         let record = self
-            .inbound_for(client, AuditAction::Fetch, &req.get_ref().message_id)
+            .inbound_for(
+                client,
+                AuditAction::Fetch,
+                &req.get_ref().message_id,
+                &req.get_ref().sender,
+            )
             .await?;
         let id = record.id;
         let opened = self
@@ -883,7 +923,7 @@ impl Client for ClientService {
             payload_length: header.payload_length,
             created_ms: unix_ms(header.created),
         };
-        let ciphertext = match self.node.store.ciphertext(id).await {
+        let ciphertext = match self.node.store.ciphertext(record.key).await {
             Ok(c) => c,
             Err(e) => {
                 return Err(self
@@ -895,8 +935,11 @@ impl Client for ClientService {
         self.record(
             client,
             AuditAction::Fetch,
-            Some(id),
-            format!("{} plaintext bytes", header.payload_length),
+            Some(&record),
+            format!(
+                "{} plaintext bytes, from {}",
+                header.payload_length, record.sender
+            ),
         )
         .await?;
         tracing::info!(message = %id, client = %client.name, "inbox item fetched");
@@ -956,13 +999,14 @@ impl Client for ClientService {
         // A completed fetch is recorded before the stream ends, so that an
         // acknowledgement sent after the last byte finds it.
         let node = self.node.clone();
+        let key = record.key;
         tokio::spawn(async move {
             if !matches!(decrypt.await, Ok(true)) {
                 return;
             }
             if let Err(e) = node
                 .store
-                .mark_fetched(id, unix_ms(SystemTime::now()))
+                .mark_fetched(key, unix_ms(SystemTime::now()))
                 .await
             {
                 tracing::error!(message = %id, error = %e, "cannot record a completed fetch");
@@ -975,7 +1019,12 @@ impl Client for ClientService {
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let client = self.client(&req, AuditAction::Ack).await?;
         let record = self
-            .inbound_for(client, AuditAction::Ack, &req.get_ref().message_id)
+            .inbound_for(
+                client,
+                AuditAction::Ack,
+                &req.get_ref().message_id,
+                &req.get_ref().sender,
+            )
             .await?;
         let id = record.id;
         let receipt = match self.node.acknowledge(client, &record).await {

@@ -18,8 +18,8 @@ use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Status};
 
 use crate::accountability::{self, peer_actor};
-use crate::error::{Error, RECEIPT_METADATA, status_reason};
-use crate::node::{Node, unix_ms};
+use crate::error::{Error, MAX_STATUS_MESSAGE, RECEIPT_METADATA, status_reason};
+use crate::node::{Node, from_unix_ms, position, unix_ms};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
 use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt};
@@ -32,6 +32,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(200);
 /// Ciphertext slice per gRPC message.
 const SLICE: usize = 256 * 1024;
+/// Longest reason code of a peer's error status that is kept (bytes).
+const MAX_PEER_REASON: usize = 64;
+/// The reason of the REJECTED receipt a relay signs when it gives up
+/// forwarding an envelope and holds no signed refusal from downstream.
+pub(crate) const UNDELIVERABLE: &str = "undeliverable";
 
 /// The delay before attempt `attempts + 1`: doubling from `initial`, capped,
 /// with up to 25% random jitter so that retries from many senders spread out.
@@ -175,36 +180,52 @@ fn unix_ms_of(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A refusal by the peer (it will refuse again) rather than a failure to reach it.
-fn is_refusal(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument
-            | Code::PermissionDenied
-            | Code::FailedPrecondition
-            | Code::AlreadyExists
-            | Code::ResourceExhausted
-            | Code::NotFound
-    )
+/// The name of a status code a peer answered with when it refused the call
+/// itself (as opposed to failing to answer); `None` for codes that say the
+/// call did not get through (unavailable, cancelled, deadline, unknown).
+fn answered_code(code: Code) -> Option<&'static str> {
+    Some(match code {
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::NotFound => "NOT_FOUND",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Aborted => "ABORTED",
+        Code::DataLoss => "DATA_LOSS",
+        _ => return None,
+    })
 }
 
-/// What a peer's error status means for the delivery: a refusal (it will
-/// refuse again), its own internal failure, or a failure to reach it.
+/// What a peer's error status means for a delivery. A status alone is
+/// never final, whatever its code: only a signed REJECTED receipt (which
+/// the caller looks for first) is a refusal the peer can be held to. So a
+/// refusal without one, the peer's own internal failure and a failure to
+/// reach it are all retried until the delivery expires; they differ only in
+/// how they are reported. The peer's reason code is bounded and escaped:
+/// it ends up in our log, our audit log and the delivery's last error.
 fn peer_error(target: &PartyUri, status: &Status) -> Error {
-    let reason = status_reason(status);
-    if is_refusal(status.code()) {
-        Error::Refused {
-            party: target.to_string(),
-            reason: reason.unwrap_or("transport").to_owned(),
-        }
-    } else if let (Code::Internal, Some(reason)) = (status.code(), reason) {
+    let reason = status_reason(status).map(|r| exchange_core::audit::log_text(r, MAX_PEER_REASON));
+    match (status.code(), reason) {
         // The peer answered, with a reason code: it is up, and failing.
-        Error::PeerInternal {
+        (Code::Internal, Some(reason)) => Error::PeerInternal {
             party: target.to_string(),
-            reason: reason.to_owned(),
-        }
-    } else {
-        Error::Transport(format!("{target}: {}", status.message()))
+            reason,
+        },
+        (code, reason) => match answered_code(code) {
+            Some(name) => Error::UnsignedRefusal {
+                party: target.to_string(),
+                code: name.to_owned(),
+                reason: reason.unwrap_or_else(|| "none".to_owned()),
+            },
+            None => Error::Transport(format!(
+                "{target}: {}",
+                exchange_core::audit::log_text(status.message(), MAX_STATUS_MESSAGE)
+            )),
+        },
     }
 }
 
@@ -223,6 +244,7 @@ impl Node {
             DeliveryKind::Envelope => self.deliver_envelope(&item).await,
             DeliveryKind::Receipt(r) => self.return_receipt(&item, r).await.map(|()| Vec::new()),
         };
+        crash_point!("delivery::answered");
         let now = unix_ms(SystemTime::now());
         let what = match &item.kind {
             DeliveryKind::Envelope => "envelope",
@@ -294,6 +316,12 @@ impl Node {
                         Some(e.reason_code()),
                         format!("{what} to {} given up: {reason}", item.target),
                     );
+                    let mut receipts = receipts;
+                    if item.kind == DeliveryKind::Envelope
+                        && let Some(own) = self.undeliverable(&item, &reason, &receipts).await
+                    {
+                        receipts.push(own);
+                    }
                     (AttemptOutcome::Failed(reason), receipts, entry)
                 }
             }
@@ -305,7 +333,7 @@ impl Node {
         {
             tracing::error!(message = %id, error = %e, "cannot record delivery attempt");
         }
-        let _ = self.events.send(id);
+        let _ = self.events.send(item.message);
     }
 
     /// One attempt to deliver an envelope; the receipts it brought back.
@@ -316,7 +344,7 @@ impl Node {
         let fail = |e: Error| (e, Vec::new());
         let record = self
             .store
-            .message(item.message_id)
+            .message(item.message)
             .await
             .map_err(|e| fail(e.into()))?
             .ok_or_else(|| fail(Error::NotFound(item.message_id.to_string())))?;
@@ -330,7 +358,7 @@ impl Node {
         let channel = self.channel(&item.target).map_err(fail)?;
         let ciphertext = self
             .store
-            .ciphertext(item.message_id)
+            .ciphertext(item.message)
             .await
             .map_err(|e| fail(e.into()))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<DeliverRequest>(4);
@@ -449,6 +477,84 @@ impl Node {
                 )),
                 kept,
             )),
+        }
+    }
+
+    /// What a relay that gives up forwarding an envelope tells the hop
+    /// before it. A signed refusal from downstream that came back with the
+    /// attempt is kept and passed upstream like every receipt; without one,
+    /// the relay signs its own REJECTED receipt, reason [`UNDELIVERABLE`],
+    /// and queues it upstream through the same receipt-return queue, so
+    /// that the origin sees FAILED with signed evidence instead of RELAYED
+    /// forever. `why` (the last error) goes into the audit entry and the
+    /// log: a receipt's reason is a code, with no room for free text.
+    /// `None` for an origin or a recipient, when one was signed before (one
+    /// per message, whichever next hop failed first), or when it cannot be
+    /// signed (logged: the delivery still ends FAILED here).
+    async fn undeliverable(
+        &self,
+        item: &DeliveryRecord,
+        why: &str,
+        brought: &[NewReceipt],
+    ) -> Option<NewReceipt> {
+        let rejected = Disposition::Rejected(UNDELIVERABLE.to_owned());
+        if brought.iter().any(|r| r.disposition == rejected.as_str()) {
+            return None;
+        }
+        let id = item.message_id;
+        let signed = async {
+            let Some(record) = self.store.message(item.message).await? else {
+                return Ok(None);
+            };
+            if record.kind != MessageKind::Relay {
+                return Ok(None);
+            }
+            let held = self.store.receipts(item.message).await?;
+            if held
+                .iter()
+                .any(|r| r.issuer == self.party && r.disposition == rejected.as_str())
+            {
+                return Ok(None);
+            }
+            // The head was verified on arrival; a revocation since must not
+            // keep the relay from saying that it gave up.
+            let trust = self.trust().without_revocation();
+            let head = EnvelopeHead::decode(&record.head)?
+                .verify_ignoring_expiry(&trust, from_unix_ms(record.received_ms))?;
+            let pos = position(&head, &self.party)?;
+            let receipt = self
+                .sign_receipt(&head, pos.role, rejected.clone(), SystemTime::now())
+                .verify(&trust)?;
+            let mut keep = self.keep_receipt(&record, &receipt, accountability::DAEMON);
+            let upstream = record
+                .upstream
+                .as_ref()
+                .map_or_else(|| "nobody".to_owned(), ToString::to_string);
+            keep.audit = Some(self.entry(
+                accountability::DAEMON,
+                AuditAction::Receipt,
+                Some(id),
+                AuditOutcome::Failed,
+                Some(UNDELIVERABLE),
+                Some(format!(
+                    "{} signed and queued to {upstream}: forwarding to {} given up: {why}",
+                    receipt.disposition(),
+                    item.target
+                )),
+            ));
+            Ok::<_, Error>(Some(keep))
+        }
+        .await;
+        match signed {
+            Ok(Some(keep)) => {
+                tracing::warn!(message = %id, to = %item.target, upstream = ?keep.forward.as_ref().map(|f| f.target.to_string()), "forwarding given up: REJECTED (undeliverable) receipt signed and returned upstream");
+                Some(keep)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(message = %id, error = %e, "forwarding given up, but no REJECTED (undeliverable) receipt could be signed for the hop before us");
+                None
+            }
         }
     }
 

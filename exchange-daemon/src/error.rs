@@ -83,6 +83,15 @@ pub enum Error {
     /// The message does not exist (or is not visible to this client).
     #[error("no such message {0}")]
     NotFound(String),
+    /// Several senders' inbox items carry the message id a client named
+    /// without a sender: it must name the sender too.
+    #[error("{senders} senders' messages carry the id {id}: name the sender")]
+    AmbiguousId {
+        /// The message id.
+        id: String,
+        /// How many readable messages carry it.
+        senders: usize,
+    },
     /// A request is malformed.
     #[error("invalid request: {0}")]
     BadRequest(String),
@@ -92,12 +101,26 @@ pub enum Error {
     /// Connecting to or talking with a peer failed.
     #[error("transport: {0}")]
     Transport(String),
-    /// A peer refused the envelope with a REJECTED receipt or an error status.
+    /// A peer refused the envelope with a signed REJECTED receipt, verified
+    /// and tied to the envelope: final.
     #[error("refused by {party}: {reason}")]
     Refused {
         /// Who refused.
         party: String,
         /// Its reason code.
+        reason: String,
+    },
+    /// A peer answered with an error status that carries no signed REJECTED
+    /// receipt (a refusal it cannot be held to, from a misconfigured or
+    /// overloaded peer, or from something posing as it on the way): not
+    /// final. Retried with backoff until the delivery expires.
+    #[error("{party} answered {code} ({reason}) without a signed REJECTED receipt")]
+    UnsignedRefusal {
+        /// The peer.
+        party: String,
+        /// The gRPC status code it answered.
+        code: String,
+        /// The reason code it sent (`none` if it sent none).
         reason: String,
     },
     /// A peer failed internally while taking the envelope (its store or
@@ -262,10 +285,12 @@ impl Error {
             Self::UnknownClient(_) => "unknown-client",
             Self::UnknownPeer(_) => "unknown-peer",
             Self::NotFound(_) => "not-found",
+            Self::AmbiguousId { .. } => "ambiguous-id",
             Self::BadRequest(_) => "invalid-argument",
             Self::Protocol(_) => "malformed",
             Self::Transport(_) => "transport",
             Self::Refused { .. } => "refused",
+            Self::UnsignedRefusal { .. } => "unsigned-refusal",
             Self::Shutdown => "shutdown",
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
@@ -300,6 +325,7 @@ impl Error {
                 | Self::Shutdown
                 | Self::UnknownPeer(_)
                 | Self::PeerInternal { .. }
+                | Self::UnsignedRefusal { .. }
         )
     }
 
@@ -320,11 +346,15 @@ impl Error {
             Self::Replay(_) | Self::IdempotencyConflict(_) => Code::AlreadyExists,
             Self::Stalled { .. } => Code::DeadlineExceeded,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,
-            Self::UnknownPeer(_) | Self::Refused { .. } | Self::NotFetched(_) => {
-                Code::FailedPrecondition
-            }
+            Self::UnknownPeer(_)
+            | Self::Refused { .. }
+            | Self::NotFetched(_)
+            | Self::AmbiguousId { .. } => Code::FailedPrecondition,
             Self::LifetimeTooLong { .. } => Code::InvalidArgument,
-            Self::Transport(_) | Self::Shutdown | Self::PeerInternal { .. } => Code::Unavailable,
+            Self::Transport(_)
+            | Self::Shutdown
+            | Self::PeerInternal { .. }
+            | Self::UnsignedRefusal { .. } => Code::Unavailable,
             Self::Config(_)
             | Self::ReadFile { .. }
             | Self::Store(_)

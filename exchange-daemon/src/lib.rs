@@ -22,6 +22,9 @@
 
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod failpoints;
+
 pub mod accountability;
 pub mod admin;
 pub mod client;

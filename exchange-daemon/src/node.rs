@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use exchange_core::PartyUri;
 use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
 use exchange_core::identity::{Certificate, DecryptionKey, Identity};
 use exchange_core::receipt::{Disposition, ReceiptContent, SignedReceipt, VerifiedReceipt};
 use exchange_core::route::HopRole;
 use exchange_core::trust::TrustStore;
-use exchange_core::{MessageId, PartyUri};
 use tokio::sync::{Notify, broadcast};
 use tonic::transport::Channel;
 
@@ -23,7 +23,7 @@ use exchange_core::audit::{AuditAction, AuditOutcome};
 
 use crate::config::{ClientConfig, Config};
 use crate::error::Error;
-use crate::store::{MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
+use crate::store::{MessageKey, MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
 use crate::tls::{self, SharedTrust, TlsIdentity};
 
 /// How long receipts keep travelling upstream after the envelope expired (ms).
@@ -144,7 +144,7 @@ pub struct Node {
     /// Woken when new work is stored.
     pub(crate) work: Notify,
     /// Message ids whose status changed.
-    pub(crate) events: broadcast::Sender<MessageId>,
+    pub(crate) events: broadcast::Sender<MessageKey>,
 }
 
 impl std::fmt::Debug for Node {
@@ -366,7 +366,7 @@ impl Node {
         record: &MessageRecord,
         head: &VerifiedHead,
     ) -> Result<Vec<VerifiedReceipt>, Error> {
-        let stored = self.store.receipts(record.id).await?;
+        let stored = self.store.receipts(record.key).await?;
         if stored.is_empty() {
             return Ok(Vec::new());
         }
@@ -430,6 +430,25 @@ impl Node {
                     receipt.check_for(&head)?;
                     Ok(receipt)
                 })
+                .collect()
+        })
+        .await
+        .map_err(|_| Error::Shutdown)?
+    }
+
+    /// Verifies receipts a peer returned (signature, issuer chain and
+    /// revocation at their issue time) on the blocking pool: the checks are
+    /// CPU-bound, and a call carries at most `limits.max_receipts_per_call`.
+    /// Each must still be tied to its envelope ([`VerifiedReceipt::check_for`]).
+    pub(crate) async fn verify_receipts(
+        &self,
+        receipts: Vec<Vec<u8>>,
+    ) -> Result<Vec<VerifiedReceipt>, Error> {
+        let trust = self.trust();
+        tokio::task::spawn_blocking(move || {
+            receipts
+                .iter()
+                .map(|bytes| Ok(SignedReceipt::from_bytes(bytes)?.verify(&trust)?))
                 .collect()
         })
         .await

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
 use exchange_core::envelope::{CiphertextVerifier, EnvelopeHead, PayloadOpener, VerifiedHead};
-use exchange_core::receipt::Disposition;
+use exchange_core::receipt::{Disposition, VerifiedReceipt};
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::{Zeroize, Zeroizing};
@@ -29,8 +29,8 @@ use crate::proto::{
 };
 use crate::sink::Sink;
 use crate::store::{
-    Accepted, DeliveryKind, MessageKind, NewDelivery, NewEnvelope, NewProvision, NewReceipt,
-    ProvisionDirection,
+    Accepted, DeliveryKind, MessageKey, MessageKind, MessageRecord, NewDelivery, NewEnvelope,
+    NewProvision, NewReceipt, ProvisionDirection,
 };
 use crate::tls::PeerInfo;
 
@@ -213,7 +213,8 @@ impl Node {
         head: &VerifiedHead,
     ) -> Result<Option<Vec<u8>>, Error> {
         let id = head.header().message_id;
-        let Some(stored) = self.store.message(id).await? else {
+        let sender = head.sender().party().clone();
+        let Some(stored) = self.store.find(sender, id).await? else {
             return Ok(None);
         };
         if stored.header_sha256 != head.head().header_sha256() || stored.our_receipt.is_none() {
@@ -228,6 +229,7 @@ impl Node {
             peer,
             head,
             action,
+            Some(stored.key),
             stored.header_sha256,
             stored.our_receipt,
             "redelivery (body not read)",
@@ -236,14 +238,16 @@ impl Node {
         .map(Some)
     }
 
-    /// The answer to an envelope we took before (and may have purged since):
-    /// our original receipt if it is the very same envelope, with the
-    /// redelivery audited; else a replay.
+    /// The answer to an envelope its sender gave us before (stored under
+    /// `key`, or purged since): our original receipt if it is the very same
+    /// envelope, with the redelivery audited; else a replay.
+    #[allow(clippy::too_many_arguments)]
     async fn redelivered(
         &self,
         peer: &PartyUri,
         head: &VerifiedHead,
         action: AuditAction,
+        key: Option<MessageKey>,
         stored_header_sha256: [u8; 32],
         our_receipt: Option<Vec<u8>>,
         what: &str,
@@ -255,17 +259,21 @@ impl Node {
         ) {
             (true, Some(original)) => {
                 tracing::info!(message = %id, from = %peer, "{what}: original receipt returned");
-                self.audit(vec![self.entry(
+                let entry = self.entry(
                     &peer_actor(peer),
                     action,
                     Some(id),
                     AuditOutcome::Ok,
                     None,
                     Some(format!(
-                        "{what}: the original receipt returned, nothing stored"
+                        "{what} from {}: the original receipt returned, nothing stored",
+                        head.sender().party()
                     )),
-                )])
-                .await?;
+                );
+                match key {
+                    Some(key) => self.audit_about(key, vec![entry]).await?,
+                    None => self.audit(vec![entry]).await?,
+                }
                 Ok(original)
             }
             _ => Err(Error::Replay(id.to_string())),
@@ -452,6 +460,7 @@ impl Node {
                     peer,
                     head,
                     action,
+                    Some(stored.key),
                     stored.header_sha256,
                     stored.our_receipt,
                     "redelivery",
@@ -463,6 +472,7 @@ impl Node {
                     peer,
                     head,
                     action,
+                    None,
                     purged.header_sha256,
                     purged.our_receipt,
                     "redelivery of a purged message",
@@ -472,11 +482,15 @@ impl Node {
         }
     }
 
-    /// Keeps receipts that `peer` (a hop after us) returns for message `id`:
-    /// at most one per issuer and disposition, later ones (whatever their
-    /// bytes or times) answered as already held, not stored, not forwarded,
-    /// and audited once per call. Returns how many were stored and how many
-    /// were already held.
+    /// Keeps receipts that `peer` (a hop after us) returns for message `id`.
+    /// Several senders' envelopes may carry that id: each receipt names the
+    /// header it is about, and is kept with the message we sent or relay
+    /// under that very header (never matched by the id alone). At most one
+    /// per issuer and disposition is kept; later ones (whatever their bytes
+    /// or times) are answered as already held, not stored, not forwarded,
+    /// and audited once per call. A call carries at most
+    /// `limits.max_receipts_per_call`; they are verified on the blocking
+    /// pool. Returns how many were stored and how many were already held.
     pub(crate) async fn take_receipts(
         &self,
         peer: &PartyUri,
@@ -490,12 +504,52 @@ impl Node {
                 limit,
             });
         }
-        let record = self
+        let candidates: Vec<MessageRecord> = self
             .store
-            .message(id)
+            .messages_by_id(id)
             .await?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let head = self.verify_stored(&record)?;
+            .into_iter()
+            .filter(|r| r.kind != MessageKind::Inbound)
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        let verified = self.verify_receipts(receipts).await?;
+        let mut groups: Vec<(usize, Vec<VerifiedReceipt>)> = Vec::new();
+        for verified in verified {
+            let Some(i) = candidates
+                .iter()
+                .position(|c| &c.header_sha256 == verified.header_sha256())
+            else {
+                // About another message, or another header under this id.
+                return Err(exchange_core::Error::from(if verified.message_id() == id {
+                    exchange_core::ReceiptError::WrongHeader
+                } else {
+                    exchange_core::ReceiptError::WrongMessage
+                })
+                .into());
+            };
+            match groups.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, rs)) => rs.push(verified),
+                None => groups.push((i, vec![verified])),
+            }
+        }
+        let (mut stored, mut held) = (0, 0);
+        for (i, rs) in groups {
+            let (s, h) = self.take_receipts_for(peer, &candidates[i], rs).await?;
+            stored += s;
+            held += h;
+        }
+        Ok((stored, held))
+    }
+
+    async fn take_receipts_for(
+        &self,
+        peer: &PartyUri,
+        record: &MessageRecord,
+        verified: Vec<VerifiedReceipt>,
+    ) -> Result<(usize, usize), Error> {
+        let head = self.verify_stored(record)?;
         let next = match record.kind {
             MessageKind::Outbound => crate::node::first_hops(&head),
             _ => position(&head, &self.party)?.next,
@@ -510,24 +564,26 @@ impl Node {
                     .join(" or "),
             });
         }
-        let count = receipts.len();
-        let verified = self.check_receipts(&head, receipts).await?;
+        for r in &verified {
+            r.check_for(&head)?;
+        }
+        let count = verified.len();
         let actor = peer_actor(peer);
         let mut new: Vec<NewReceipt> = verified
             .iter()
-            .map(|r| self.keep_receipt(&record, r, &actor))
+            .map(|r| self.keep_receipt(record, r, &actor))
             .collect();
         if record.kind == MessageKind::Outbound {
-            let provisions = self.boundary_provisions(&record, &head, &verified).await?;
+            let provisions = self.boundary_provisions(record, &head, &verified).await?;
             for (k, p) in new.iter_mut().zip(provisions) {
                 k.provisions = p;
             }
         }
-        let stored = self.store.add_receipts(id, new).await?;
+        let stored = self.store.add_receipts(record.key, new).await?;
         let held = count.saturating_sub(stored);
         if held > 0 {
             tracing::info!(
-                message = %id,
+                message = %record.id,
                 from = %peer,
                 stored,
                 held,
@@ -536,7 +592,7 @@ impl Node {
             self.audit(vec![self.entry(
                 &actor,
                 AuditAction::Receipt,
-                Some(id),
+                Some(record.id),
                 AuditOutcome::Ok,
                 None,
                 Some(format!(
@@ -550,7 +606,7 @@ impl Node {
             if record.kind != MessageKind::Outbound {
                 self.work.notify_one();
             }
-            let _ = self.events.send(id);
+            let _ = self.events.send(record.key);
         }
         Ok((stored, held))
     }
@@ -579,7 +635,10 @@ impl Peer for PeerService {
             }
         };
         match self.node.receive(&peer, &head, stream).await {
-            Ok(receipt) => Ok(Response::new(DeliverResponse { receipt })),
+            Ok(receipt) => {
+                crash_point!("peer::deliver-reply");
+                Ok(Response::new(DeliverResponse { receipt }))
+            }
             Err(Refusal { error, receipt }) => {
                 if error.is_internal() {
                     tracing::error!(from = %peer, reason = error.reason_code(), "envelope refused by an internal failure: {}", error.bounded());
@@ -619,10 +678,13 @@ impl Peer for PeerService {
         let req = req.into_inner();
         let id = MessageId::from_slice(&req.message_id).map_err(Error::from)?;
         match self.node.take_receipts(&peer, id, req.receipts).await {
-            Ok((stored, held)) => Ok(Response::new(ReturnReceiptsResponse {
-                stored: u32::try_from(stored).unwrap_or(u32::MAX),
-                already_held: u32::try_from(held).unwrap_or(u32::MAX),
-            })),
+            Ok((stored, held)) => {
+                crash_point!("peer::receipts-reply");
+                Ok(Response::new(ReturnReceiptsResponse {
+                    stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                    already_held: u32::try_from(held).unwrap_or(u32::MAX),
+                }))
+            }
             Err(e) => {
                 tracing::warn!(from = %peer, message = %id, reason = e.reason_code(), "receipts rejected: {}", e.bounded());
                 let entry = self.node.claimed_refusal(

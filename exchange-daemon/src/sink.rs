@@ -102,6 +102,7 @@ impl Sink {
                     .sync_all()
                     .await
                     .map_err(|e| io("fsync", e))?;
+                crate::failpoints::synced(&spool.path);
                 Ok(Ciphertext::Spooled(spool))
             }
         }

@@ -152,6 +152,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     let mut s = reader
         .fetch(FetchRequest {
             message_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -160,6 +161,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     reader
         .ack(AckRequest {
             message_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -168,6 +170,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     let refused = reader
         .fetch(FetchRequest {
             message_id: unknown.to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -180,10 +183,10 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     let stored = c
         .node()
         .store()
-        .message(MessageId::from_slice(&id).unwrap())
+        .messages_by_id(MessageId::from_slice(&id).unwrap())
         .await
         .unwrap()
-        .unwrap();
+        .remove(0);
     let head = exchange_core::envelope::EnvelopeHead::decode(&stored.head)
         .unwrap()
         .verify(&net_trust(&net), std::time::SystemTime::now())
@@ -512,13 +515,19 @@ async fn retention_purges_old_envelopes_and_records_the_purge() {
     let done_id = MessageId::from_slice(&done).unwrap();
     let pending_id = MessageId::from_slice(&pending).unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while store.message(done_id).await.unwrap().is_some() {
+    while store.messages_by_id(done_id).await.unwrap().len() == 1 {
         assert!(tokio::time::Instant::now() < deadline, "never purged");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(store.receipts(done_id).await.unwrap().is_empty());
     assert!(
-        store.message(pending_id).await.unwrap().is_some(),
+        store
+            .receipts(exchange_daemon::store::MessageKey::of_id(done_id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store.messages_by_id(pending_id).await.unwrap().len() == 1,
         "a message with a pending delivery is kept"
     );
     c.shutdown().await;

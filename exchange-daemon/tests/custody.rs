@@ -150,9 +150,11 @@ async fn ack_is_refused_until_a_fetch_completed() {
     deliver(&mut peer, &head, &ct).await.unwrap();
     let ack = AckRequest {
         message_id: id.as_bytes().to_vec(),
+        ..Default::default()
     };
     let fetch = FetchRequest {
         message_id: id.as_bytes().to_vec(),
+        ..Default::default()
     };
 
     // Never fetched.
@@ -169,10 +171,10 @@ async fn ack_is_refused_until_a_fetch_completed() {
     assert!(
         h.node()
             .store()
-            .message(id)
+            .messages_by_id(id)
             .await
             .unwrap()
-            .unwrap()
+            .remove(0)
             .acked_ms
             .is_none()
     );
@@ -264,10 +266,10 @@ async fn custody_receipt_is_dated_when_the_whole_envelope_was_stored() {
     let stored = h
         .node()
         .store()
-        .message(head.header_unverified().unwrap().message_id)
+        .messages_by_id(head.header_unverified().unwrap().message_id)
         .await
         .unwrap()
-        .unwrap();
+        .remove(0);
     assert_eq!(stored.received_ms, unix_ms(r.issued()));
 
     // Relay: ACCEPTED_FOR_RELAY (the hospital behind it is running).

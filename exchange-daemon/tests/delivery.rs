@@ -34,6 +34,7 @@ async fn fetch_all(
     let mut stream = client
         .fetch(FetchRequest {
             message_id: id.to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -112,6 +113,7 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
     let ack = his_app
         .ack(AckRequest {
             message_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -120,6 +122,7 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
     let again = his_app
         .ack(AckRequest {
             message_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,10 +213,10 @@ async fn delivery_through_an_agent_returns_both_receipts() {
     let stored = a
         .node()
         .store()
-        .message(MessageId::from_slice(&id).unwrap())
+        .messages_by_id(MessageId::from_slice(&id).unwrap())
         .await
         .unwrap()
-        .unwrap();
+        .remove(0);
     let head = EnvelopeHead::decode(&stored.head)
         .unwrap()
         .verify(&trust(&net), std::time::SystemTime::now())
@@ -235,6 +238,7 @@ async fn delivery_through_an_agent_returns_both_receipts() {
     intake
         .ack(AckRequest {
             message_id: id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -380,10 +380,10 @@ async fn refusal(
     let record = c
         .node()
         .store()
-        .message(MessageId::from_slice(&id).unwrap())
+        .messages_by_id(MessageId::from_slice(&id).unwrap())
         .await
         .unwrap()
-        .unwrap();
+        .remove(0);
     let head = EnvelopeHead::decode(&record.head)
         .unwrap()
         .verify_ignoring_expiry(&net_trust(net), SystemTime::now())
@@ -424,10 +424,10 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
     let record = c
         .node()
         .store()
-        .message(MessageId::from_slice(&id).unwrap())
+        .messages_by_id(MessageId::from_slice(&id).unwrap())
         .await
         .unwrap()
-        .unwrap();
+        .remove(0);
     let head = EnvelopeHead::decode(&record.head)
         .unwrap()
         .verify_ignoring_expiry(&net_trust(&net), SystemTime::now())
@@ -527,7 +527,14 @@ async fn refusals_of_unverified_claims_are_not_linked_to_a_stored_patient() {
     .unwrap();
     wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
     let mid = MessageId::from_slice(&id).unwrap();
-    let genuine = c.node().store().message(mid).await.unwrap().unwrap().head;
+    let genuine = c
+        .node()
+        .store()
+        .messages_by_id(mid)
+        .await
+        .unwrap()
+        .remove(0)
+        .head;
     // The payer knows the id. It sends a head claiming it whose signature
     // does not verify, the genuine head (it is not the upstream), and
     // receipts for it (it is not on the route).

@@ -129,7 +129,14 @@ async fn a_downstream_hop_cannot_multiply_its_receipts() {
     .await;
     wait_idle(&a).await;
     let mid = MessageId::from_slice(&id).unwrap();
-    let head = c.node().store().message(mid).await.unwrap().unwrap().head;
+    let head = c
+        .node()
+        .store()
+        .messages_by_id(mid)
+        .await
+        .unwrap()
+        .remove(0)
+        .head;
     let head = EnvelopeHead::decode(&head)
         .unwrap()
         .verify_ignoring_expiry(&net_trust(&net), SystemTime::now())
@@ -340,6 +347,7 @@ async fn below_the_disk_reserve_new_envelopes_are_refused_and_reads_work() {
     let mut stream = app
         .fetch(FetchRequest {
             message_id: earlier_in.as_bytes().to_vec(),
+            ..FetchRequest::default()
         })
         .await
         .unwrap()
@@ -353,6 +361,7 @@ async fn below_the_disk_reserve_new_envelopes_are_refused_and_reads_work() {
     let ack = app
         .ack(AckRequest {
             message_id: earlier_in.as_bytes().to_vec(),
+            ..AckRequest::default()
         })
         .await
         .unwrap()

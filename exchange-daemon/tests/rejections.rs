@@ -202,10 +202,10 @@ async fn certificates_from_another_ca_are_refused_at_the_handshake() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // The genuine certificates get through.
@@ -221,10 +221,11 @@ async fn certificates_from_another_ca_are_refused_at_the_handshake() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_some()
+            .len()
+            == 1
     );
     h.shutdown().await;
 }
@@ -256,10 +257,10 @@ async fn peer_other_than_the_sender_is_an_identity_mismatch() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // The same envelope from its sender is accepted.
@@ -310,10 +311,10 @@ async fn revoked_peer_is_refused_at_the_handshake() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // An unrevoked party, same CA, same CRL, same daemon, same way of
@@ -494,10 +495,10 @@ async fn envelopes_over_the_size_limit_are_refused() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // Under the limit, both are accepted.
@@ -541,10 +542,10 @@ async fn expired_envelope_is_refused() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // Sealed at the same time for an hour: still valid, accepted.
@@ -561,10 +562,11 @@ async fn expired_envelope_is_refused() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_some()
+            .len()
+            == 1
     );
     h.shutdown().await;
 }
@@ -625,7 +627,7 @@ async fn local_client_outside_its_role_is_a_policy_violation() {
         .await
         .unwrap();
     let id = MessageId::from_slice(&id).unwrap();
-    assert!(c.node().store().message(id).await.unwrap().is_some());
+    assert!(c.node().store().messages_by_id(id).await.unwrap().len() == 1);
     let counts = store_counts(&clinic);
     assert_eq!((counts.messages, counts.deliveries), (1, 1), "{counts:?}");
     // A client whose send_to lists the agent sends through it.
@@ -669,10 +671,10 @@ async fn tampered_ciphertext_is_a_digest_mismatch() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // The untouched ciphertext is accepted (into a blob file).
@@ -700,10 +702,10 @@ async fn envelope_for_someone_else_is_not_on_route() {
     assert!(
         p.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // Addressed to the payer, the same delivery is accepted.
@@ -712,10 +714,11 @@ async fn envelope_for_someone_else_is_not_on_route() {
     assert!(
         p.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_some()
+            .len()
+            == 1
     );
     p.shutdown().await;
 }
@@ -800,6 +803,7 @@ async fn inbox_items_outside_read_purposes_are_invisible() {
         let e = claims_app
             .fetch(FetchRequest {
                 message_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -807,6 +811,7 @@ async fn inbox_items_outside_read_purposes_are_invisible() {
         let e = claims_app
             .ack(AckRequest {
                 message_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -815,15 +820,15 @@ async fn inbox_items_outside_read_purposes_are_invisible() {
     let record = h
         .node()
         .store()
-        .message(id_of(&head))
+        .messages_by_id(id_of(&head))
         .await
         .unwrap()
-        .unwrap();
+        .remove(0);
     assert_eq!(record.acked_ms, None, "the refused Ack changed nothing");
     assert!(
         h.node()
             .store()
-            .receipts(id_of(&head))
+            .receipts(record.key)
             .await
             .unwrap()
             .is_empty(),
@@ -835,18 +840,23 @@ async fn inbox_items_outside_read_purposes_are_invisible() {
     let mut s = claims_app
         .fetch(FetchRequest {
             message_id: claim.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     while s.message().await.unwrap().is_some() {}
     claims_app
-        .ack(AckRequest { message_id: claim })
+        .ack(AckRequest {
+            message_id: claim,
+            ..Default::default()
+        })
         .await
         .unwrap();
     ward_app
         .fetch(FetchRequest {
             message_id: treatment,
+            ..Default::default()
         })
         .await
         .unwrap();

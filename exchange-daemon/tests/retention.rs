@@ -34,6 +34,7 @@ async fn fetch_all(
     let mut stream = app
         .fetch(FetchRequest {
             message_id: id.as_bytes().to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -50,7 +51,15 @@ async fn fetch_all(
 /// Waits until `id` is gone from `daemon`'s store.
 async fn wait_purged(daemon: &Daemon, id: MessageId) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while daemon.node().store().message(id).await.unwrap().is_some() {
+    while daemon
+        .node()
+        .store()
+        .messages_by_id(id)
+        .await
+        .unwrap()
+        .len()
+        == 1
+    {
         assert!(tokio::time::Instant::now() < deadline, "never purged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -132,7 +141,14 @@ async fn redelivery_after_a_purge_returns_the_original_receipt_and_stores_nothin
     let mut peer = peer_client(&net, &hospital, &clinic.tls_identity());
     let again = deliver(&mut peer, &head, &ct).await.unwrap();
     assert_eq!(again, original, "the original verdict, not a new receipt");
-    assert!(h.node().store().message(id).await.unwrap().is_none());
+    assert!(
+        h.node()
+            .store()
+            .messages_by_id(id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let mut app = client_of(&net, &hospital, &his);
     let inbox = app
         .list_inbox(ListInboxRequest {
@@ -200,10 +216,10 @@ async fn envelope_lifetime_is_bounded_on_send_and_on_receive() {
     assert!(
         h.node()
             .store()
-            .message(id_of(&head))
+            .messages_by_id(id_of(&head))
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
     assert_eq!(store_counts(&hospital).messages, 1);
     c.shutdown().await;
@@ -269,13 +285,13 @@ async fn purge_keeps_unfetched_inbox_items_and_messages_awaiting_receipts() {
     net.configure(&clinic, &[&agent, &hospital], &[&emr], purge_now);
     let c = start(&clinic).await;
     purge_ran(&clinic).await;
-    assert!(c.node().store().message(mid).await.unwrap().is_some());
+    assert!(c.node().store().messages_by_id(mid).await.unwrap().len() == 1);
 
     // The hospital comes up; its receipt arrives and is kept.
     let h = start(&hospital).await;
     let mut app = client_of(&net, &clinic, &emr);
     wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
-    assert!(h.node().store().message(mid).await.unwrap().is_some());
+    assert!(h.node().store().messages_by_id(mid).await.unwrap().len() == 1);
     h.shutdown().await;
     c.shutdown().await;
 
@@ -288,7 +304,7 @@ async fn purge_keeps_unfetched_inbox_items_and_messages_awaiting_receipts() {
     net.configure(&hospital, &[&agent], &[&his], purge_now);
     let h = start(&hospital).await;
     purge_ran(&hospital).await;
-    assert!(h.node().store().message(mid).await.unwrap().is_some());
+    assert!(h.node().store().messages_by_id(mid).await.unwrap().len() == 1);
     let mut his_app = client_of(&net, &hospital, &his);
     assert_eq!(fetch_all(&mut his_app, mid).await, b"referral".len());
     h.shutdown().await;
@@ -334,7 +350,7 @@ async fn purge_does_nothing_when_the_clock_jumped_far_ahead_of_the_store() {
     let h = start(&hospital).await;
     purge_ran(&hospital).await;
     assert!(
-        h.node().store().message(id).await.unwrap().is_some(),
+        h.node().store().messages_by_id(id).await.unwrap().len() == 1,
         "purged after a clock jump"
     );
     h.shutdown().await;
@@ -346,7 +362,7 @@ async fn purge_does_nothing_when_the_clock_jumped_far_ahead_of_the_store() {
     // Still suspended at the next start: audited once, nothing purged.
     let h = start(&hospital).await;
     purge_ran(&hospital).await;
-    assert!(h.node().store().message(id).await.unwrap().is_some());
+    assert!(h.node().store().messages_by_id(id).await.unwrap().len() == 1);
     h.shutdown().await;
     assert_eq!(purges(&hospital, AuditOutcome::Failed).len(), 1);
 

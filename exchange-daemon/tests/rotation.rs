@@ -60,6 +60,7 @@ async fn fetch(
     let mut stream = client
         .fetch(FetchRequest {
             message_id: id.to_vec(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -91,6 +91,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log);
+    // Crash points for the crash tests: only in a build with the test-only
+    // `failpoints` feature (see exchange-daemon/src/failpoints.rs).
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -12,10 +12,17 @@
 //! * a call that returns `Ok` is durable (committed and fsynced);
 //! * [`Store::accept`] stores the envelope row, its ciphertext and its first
 //!   deliveries atomically: after a crash either all exist or none;
-//! * accepting a message id already stored changes nothing and returns the
-//!   stored record ([`Accepted::Duplicate`]): receiving is idempotent; so
-//!   is accepting the id of a purged message until its expiry
-//!   ([`Accepted::Purged`]);
+//! * a received envelope is identified by its sender *and* its message id:
+//!   accepting a (sender, message id) already stored changes nothing and
+//!   returns the stored record ([`Accepted::Duplicate`]): receiving is
+//!   idempotent; so is accepting the (sender, id) of a purged message until
+//!   its expiry ([`Accepted::Purged`]). Another sender's envelope under the
+//!   same message id is a different message, stored beside it: a sender
+//!   cannot squat an id that another sender's envelope will carry;
+//! * each stored message has an opaque local [`MessageKey`], which every
+//!   other row about it references; lookups by what a peer or a client
+//!   names go through (sender, message id) ([`Store::find`]) or list every
+//!   sender's message under an id ([`Store::messages_by_id`]);
 //! * receipts are kept once each (by the SHA-256 of their bytes).
 //!
 //! The store does not interpret envelopes or receipts: the daemon verifies
@@ -38,6 +45,43 @@ use crate::error::StoreError;
 
 /// A boxed future returned by [`Store`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The local key of a stored message: opaque, unique in the store, never
+/// reused (not even after a retention purge). It is not the message id
+/// (two senders' envelopes may carry the same id); a message stored before
+/// keys existed, and most messages since, have their message id as key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageKey([u8; 16]);
+
+impl MessageKey {
+    /// A key from its 16 bytes.
+    pub fn from_bytes(b: [u8; 16]) -> Self {
+        Self(b)
+    }
+
+    /// Its 16 bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// The key equal to a message id (the key a message gets when its id is
+    /// not yet used as a key).
+    pub fn of_id(id: MessageId) -> Self {
+        Self(*id.as_bytes())
+    }
+}
+
+impl fmt::Display for MessageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for MessageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageKey({self})")
+    }
+}
 
 /// Why this daemon holds an envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +161,7 @@ impl Drop for SpoolFile {
         if !self.kept {
             let _ = std::fs::remove_file(&self.path);
         }
+        crate::failpoints::forgotten(&self.path);
     }
 }
 
@@ -143,7 +188,7 @@ pub struct NewDelivery {
 /// An envelope to store.
 #[derive(Debug)]
 pub struct NewEnvelope {
-    /// Message id.
+    /// Message id (with `sender`, what identifies it; the store picks its key).
     pub id: MessageId,
     /// SHA-256 of the signed header bytes (tells two envelopes with one id apart).
     pub header_sha256: [u8; 32],
@@ -208,7 +253,7 @@ pub struct SendKey {
 /// A stored idempotency key: the Send it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendKeyRecord {
-    /// The message that Send made.
+    /// The message id of the message that Send made.
     pub message_id: MessageId,
     /// SHA-256 over that Send's parameters and its plaintext.
     pub request_sha256: [u8; 32],
@@ -285,7 +330,8 @@ pub struct NewProvision {
 pub struct ProvisionRecord {
     /// Provided or received.
     pub direction: ProvisionDirection,
-    /// The message.
+    /// The message's id (its sender: `counterparty` for a received one,
+    /// this facility for a provided one).
     pub message_id: MessageId,
     /// When responsibility passed (Unix ms).
     pub time_ms: u64,
@@ -368,7 +414,7 @@ pub struct ClockJump {
 /// What a retention purge removed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PurgeSummary {
-    /// Messages removed.
+    /// Messages removed (their message ids).
     pub messages: Vec<MessageId>,
     /// Ciphertext bytes removed.
     pub bytes: u64,
@@ -397,7 +443,9 @@ pub struct PurgedRecord {
 /// A stored envelope's row (without its ciphertext).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRecord {
-    /// Message id.
+    /// Its local key.
+    pub key: MessageKey,
+    /// Message id (unique with `sender`).
     pub id: MessageId,
     /// SHA-256 of the signed header bytes.
     pub header_sha256: [u8; 32],
@@ -436,10 +484,10 @@ pub struct MessageRecord {
 pub enum Accepted {
     /// Newly stored.
     Stored,
-    /// The id was already stored; nothing changed. The stored record.
+    /// The (sender, id) was already stored; nothing changed. The stored record.
     Duplicate(Box<MessageRecord>),
-    /// The id was stored and purged since, and has not expired; nothing
-    /// changed. What remains of it.
+    /// The (sender, id) was stored and purged since, and has not expired;
+    /// nothing changed. What remains of it.
     Purged(Box<PurgedRecord>),
 }
 
@@ -470,7 +518,9 @@ impl DeliveryState {
 pub struct DeliveryRecord {
     /// Row id.
     pub id: i64,
-    /// The message.
+    /// The message's local key.
+    pub message: MessageKey,
+    /// The message's id (what a peer knows it by).
     pub message_id: MessageId,
     /// Target party.
     pub target: PartyUri,
@@ -572,19 +622,28 @@ pub trait Store: Send + Sync + 'static {
     /// A new spool file for a large ciphertext (see [`Ciphertext::Spooled`]).
     fn spool(&self) -> Result<SpoolFile, StoreError>;
 
-    /// Stores an envelope with its deliveries, atomically and durably;
-    /// an id already stored changes nothing.
+    /// Stores an envelope with its deliveries, atomically and durably,
+    /// under a new key; a (sender, id) already stored changes nothing.
+    /// Once polled, it runs to its end even if the returned future is
+    /// dropped: the envelope is then stored or not, and a spooled
+    /// ciphertext is either named by its row or removed, never left behind.
     fn accept(&self, envelope: NewEnvelope) -> StoreFuture<'_, Accepted>;
 
     /// The row of one message.
-    fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>>;
+    fn message(&self, key: MessageKey) -> StoreFuture<'_, Option<MessageRecord>>;
+
+    /// The message `sender` sent under `id`, if stored.
+    fn find(&self, sender: PartyUri, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>>;
+
+    /// Every stored message under `id`, whoever sent it, oldest first.
+    fn messages_by_id(&self, id: MessageId) -> StoreFuture<'_, Vec<MessageRecord>>;
 
     /// The Send a client made under an idempotency key, if it is still kept
     /// (until its envelope's expiry).
     fn send_key(&self, client: String, key: String) -> StoreFuture<'_, Option<SendKeyRecord>>;
 
     /// One message's ciphertext.
-    fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext>;
+    fn ciphertext(&self, key: MessageKey) -> StoreFuture<'_, StoredCiphertext>;
 
     /// Claims up to `limit` due pending deliveries for `owner` until
     /// `lease_until_ms`; nobody else gets them before then.
@@ -636,33 +695,43 @@ pub trait Store: Send + Sync + 'static {
     /// bytes, or whose issuer and disposition, the message already has is
     /// not stored, and nothing it brings (forward delivery, provision
     /// records, audit entry) is kept.
-    fn add_receipts(&self, id: MessageId, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize>;
+    fn add_receipts(&self, key: MessageKey, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize>;
 
     /// Every receipt for a message, in the order received.
-    fn receipts(&self, id: MessageId) -> StoreFuture<'_, Vec<ReceiptRecord>>;
+    fn receipts(&self, key: MessageKey) -> StoreFuture<'_, Vec<ReceiptRecord>>;
 
     /// Every delivery of a message.
-    fn deliveries(&self, id: MessageId) -> StoreFuture<'_, Vec<DeliveryRecord>>;
+    fn deliveries(&self, key: MessageKey) -> StoreFuture<'_, Vec<DeliveryRecord>>;
 
     /// Inbound messages, newest last; acknowledged ones only if asked.
     fn inbox(&self, include_acked: bool) -> StoreFuture<'_, Vec<MessageRecord>>;
 
     /// Marks an inbound message acknowledged at `now_ms`, keeping our
     /// PROCESSED receipt (and its way back upstream). False if already acked.
-    fn acknowledge(&self, id: MessageId, now_ms: u64, receipt: NewReceipt)
-    -> StoreFuture<'_, bool>;
+    fn acknowledge(
+        &self,
+        key: MessageKey,
+        now_ms: u64,
+        receipt: NewReceipt,
+    ) -> StoreFuture<'_, bool>;
 
     /// Records that a local client received the whole, authenticated
     /// plaintext of an inbound message at `now_ms`.
-    fn mark_fetched(&self, id: MessageId, now_ms: u64) -> StoreFuture<'_, ()>;
+    fn mark_fetched(&self, key: MessageKey, now_ms: u64) -> StoreFuture<'_, ()>;
 
     /// How many pending deliveries there are (health, tests, the demo).
     fn pending_count(&self) -> StoreFuture<'_, u64>;
 
     /// Appends entries to the audit log (their `seq` and `time_ms` are set
-    /// by the store; empty `subjects` are filled from the message's
-    /// pseudonyms).
-    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<'_, ()>;
+    /// by the store). Empty `subjects` of an entry naming a message are
+    /// filled from the pseudonyms of the message `about` (its key), or, if
+    /// `about` is `None`, of the one message stored under the entry's
+    /// message id (none if several senders' messages carry that id).
+    fn append_audit(
+        &self,
+        about: Option<MessageKey>,
+        entries: Vec<AuditEntry>,
+    ) -> StoreFuture<'_, ()>;
 
     /// The latest checkpoint (frontier, signed form) and the entries after it.
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail>;

@@ -86,6 +86,23 @@
 //! digest of what it asked for, kept until a day after the envelope's
 //! expiry; a repeat answers with the same message id.
 //!
+//! Version 6 (a received envelope is identified by its sender and its id):
+//!
+//! * `messages.id` is now the message's local key (16 opaque bytes, never
+//!   reused: not by a message, a purged message's record or a provision
+//!   record), which `deliveries`, `receipts`, `message_meta`,
+//!   `message_subjects`, `message_awaited`, `send_keys` and `provisions`
+//!   reference; `messages.wire_id` is the message id the envelope carries,
+//!   unique with `sender` (index `messages_sender_wire`; `messages_wire`
+//!   lists every sender's message under an id). A new message's key is its
+//!   message id when no row uses that key yet, else random. Rows from
+//!   before keep `id = wire_id`.
+//! * `purged_messages` is keyed by (`sender`, `wire_id`), with the purged
+//!   message's `key` kept (so that it is not reused while the record lasts).
+//! * `provisions.wire_id`: the message id of the record's message
+//!   (`message_id` holds its key); NULL in records from before, whose key
+//!   is their message id.
+//!
 //! Version 7: `receipts` holds at most one receipt per (`message_id`,
 //! `issuer`, `disposition`) (unique index `receipts_issuer_disposition`;
 //! the migration keeps the first of any duplicates stored before it): a
@@ -109,6 +126,13 @@
 //! store deletes such orphans and empties `spool/`. An accept whose commit
 //! reported an error (outcome uncertain) leaves its blob in place for the
 //! same sweep rather than risk deleting a committed row's file.
+//!
+//! The link and the commit of an accept run in a task of their own, not in
+//! the caller's future: a caller dropped half-way (a peer that resets its
+//! stream, a client that goes away) leaves either the committed row with
+//! its blob or no blob at all, so that while the store is open `blobs/`
+//! holds only files that rows name (apart from a commit whose outcome is
+//! unknown, above) without waiting for the next open.
 //!
 //! # Group commit
 //!
@@ -142,7 +166,7 @@ use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS, Pseudonym, SubjectSe
 
 use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, ClockJump, DeliveryKind, DeliveryRecord,
-    DeliveryState, MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery,
+    DeliveryState, MessageKey, MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery,
     NewEnvelope, NewProvision, NewReceipt, ProvisionDirection, ProvisionRecord, PurgePolicy,
     PurgeSummary, PurgedRecord, ReceiptRecord, SendKey, SendKeyRecord, SpoolFile, Store,
     StoreFuture, StoredCiphertext,
@@ -324,8 +348,36 @@ CREATE TABLE send_keys (
 );
 CREATE INDEX send_keys_expiry ON send_keys (expires_ms);
 ",
-    // 6: no change.
-    "",
+    // 6: a received envelope is identified by (sender, message id): the
+    // primary key becomes an opaque local key, the id on the wire a column.
+    r"
+ALTER TABLE messages ADD COLUMN wire_id BLOB NOT NULL
+    DEFAULT x'00000000000000000000000000000000' CHECK (length(wire_id) = 16);
+UPDATE messages SET wire_id = id;
+CREATE UNIQUE INDEX messages_sender_wire ON messages (sender, wire_id);
+CREATE INDEX messages_wire ON messages (wire_id);
+
+CREATE TABLE purged_messages_v6 (
+    key           BLOB PRIMARY KEY NOT NULL CHECK (length(key) = 16),
+    wire_id       BLOB NOT NULL CHECK (length(wire_id) = 16),
+    sender        TEXT NOT NULL,
+    header_sha256 BLOB NOT NULL CHECK (length(header_sha256) = 32),
+    expires_ms    INTEGER NOT NULL,
+    our_receipt   BLOB,
+    purged_ms     INTEGER NOT NULL,
+    UNIQUE (sender, wire_id)
+);
+INSERT INTO purged_messages_v6
+    (key, wire_id, sender, header_sha256, expires_ms, our_receipt, purged_ms)
+    SELECT id, id, sender, header_sha256, expires_ms, our_receipt, purged_ms
+    FROM purged_messages;
+DROP TABLE purged_messages;
+ALTER TABLE purged_messages_v6 RENAME TO purged_messages;
+CREATE INDEX purged_messages_expiry ON purged_messages (expires_ms);
+
+ALTER TABLE provisions ADD COLUMN wire_id BLOB
+    CHECK (wire_id IS NULL OR length(wire_id) = 16);
+",
     // 7: at most one receipt per issuer and disposition per message (the
     // first kept), and when each receipt's signature and chain verified.
     r"
@@ -353,10 +405,13 @@ const SPOOL_DIR: &str = "spool";
 
 const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphertext_len, sender, upstream, \
      local_client, content_type, purpose, created_ms, expires_ms, received_ms, our_receipt, acked_ms, \
-     fetched_ms";
+     fetched_ms, wire_id";
 
+/// The last column is the message id of the delivery's message (`message_id`
+/// is its key).
 const DELIVERY_COLUMNS: &str = "id, message_id, target, kind, payload, state, failure, attempts, \
-     next_attempt_ms, last_error, expires_ms";
+     next_attempt_ms, last_error, expires_ms, \
+     (SELECT m.wire_id FROM messages m WHERE m.id = message_id)";
 
 /// Counters of the writer thread (metrics, tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,7 +430,7 @@ pub struct SqliteStore {
     writer_tx: Option<mpsc::Sender<Box<dyn Job>>>,
     writer: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
-    submitted: AtomicU64,
+    submitted: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
     /// Held for its file lock until the store is dropped.
     _lock: Mutex<Connection>,
@@ -449,7 +504,7 @@ impl SqliteStore {
             writer_tx: Some(tx),
             writer: Some(writer),
             reader: Arc::new(Mutex::new(reader)),
-            submitted: AtomicU64::new(0),
+            submitted: Arc::new(AtomicU64::new(0)),
             committed,
             _lock: Mutex::new(lock),
         })
@@ -471,16 +526,8 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, rx) = oneshot::channel();
-        let job: Box<dyn Job> = Box::new(Pending {
-            work: Some(Box::new(work)),
-            out: None,
-            reply: Some(reply),
-        });
         let tx = self.writer_tx.as_ref().ok_or(StoreError::Closed)?;
-        tx.send(job).map_err(|_| StoreError::Closed)?;
-        self.submitted.fetch_add(1, Ordering::Relaxed);
-        rx.await.map_err(|_| StoreError::Closed)?
+        submit_to(tx, &self.submitted, work).await
     }
 
     /// [`submit`](Self::submit) with both errors merged.
@@ -576,34 +623,46 @@ impl SqliteStore {
                     hex::encode(id.as_bytes()),
                     hex::encode(&header_sha256[..8])
                 );
-                let (name, path) = tokio::task::spawn_blocking(move || {
-                    adopt_spool(spooled, &blobs, &base, ciphertext_len)
-                })
-                .await
-                .map_err(|_| StoreError::Closed)??;
-                let row = MessageRow {
-                    body: Body::Blob(name),
-                    ..row
-                };
-                let outcome = self.submit(move |conn| insert_message(conn, &row)).await;
-                match outcome {
-                    Ok(Ok(Accepted::Stored)) => Ok(Accepted::Stored),
-                    // The file is ours alone (the link created its name), and
-                    // no row names it: the id was stored already, or our
-                    // savepoint was rolled back.
-                    Ok(Ok(dup @ (Accepted::Duplicate(_) | Accepted::Purged(_)))) => {
-                        remove_quietly(&path);
-                        Ok(dup)
+                let tx = self.writer_tx.clone().ok_or(StoreError::Closed)?;
+                let submitted = Arc::clone(&self.submitted);
+                // The caller may be dropped at any await (a peer that resets
+                // its stream, a client that goes away), but the link into
+                // blobs/ and the commit run on without it. So they run in a
+                // task of their own, which owns the file from the link to
+                // the end: it either commits the row that names the blob or
+                // removes the blob, whatever becomes of the caller.
+                let adoption = tokio::spawn(async move {
+                    let (name, path) = tokio::task::spawn_blocking(move || {
+                        adopt_spool(spooled, &blobs, &base, ciphertext_len)
+                    })
+                    .await
+                    .map_err(|_| StoreError::Closed)??;
+                    let row = MessageRow {
+                        body: Body::Blob(name),
+                        ..row
+                    };
+                    let outcome =
+                        submit_to(&tx, &submitted, move |conn| insert_message(conn, &row)).await;
+                    match outcome {
+                        Ok(Ok(Accepted::Stored)) => Ok(Accepted::Stored),
+                        // The file is ours alone (the link created its name),
+                        // and no row names it: the id was stored already, or
+                        // our savepoint was rolled back.
+                        Ok(Ok(dup @ (Accepted::Duplicate(_) | Accepted::Purged(_)))) => {
+                            remove_blob(path).await;
+                            Ok(dup)
+                        }
+                        Ok(Err(e)) => {
+                            remove_blob(path).await;
+                            Err(e)
+                        }
+                        // Not committed, or outcome unknown (commit error,
+                        // writer gone): keep the blob; if no row names it,
+                        // the next open deletes it.
+                        Err(e) => Err(e),
                     }
-                    Ok(Err(e)) => {
-                        remove_quietly(&path);
-                        Err(e)
-                    }
-                    // Not committed, or outcome unknown (commit error, writer
-                    // gone): keep the blob; if no row names it, the next
-                    // open deletes it.
-                    Err(e) => Err(e),
-                }
+                });
+                adoption.await.map_err(|_| StoreError::Closed)?
             }
         }
     }
@@ -631,6 +690,7 @@ impl Store for SqliteStore {
         })?;
         let path = self.spool.join(format!("{}.spool", hex::encode(name)));
         let file = create_private(&path)?;
+        crate::failpoints::created(&path);
         Ok(SpoolFile::new(path, file))
     }
 
@@ -638,14 +698,31 @@ impl Store for SqliteStore {
         Box::pin(self.accept_envelope(envelope))
     }
 
-    fn message(&self, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>> {
-        Box::pin(self.read(move |conn| load_message(conn, &id)))
+    fn message(&self, key: MessageKey) -> StoreFuture<'_, Option<MessageRecord>> {
+        Box::pin(self.read(move |conn| load_message(conn, &key)))
+    }
+
+    fn find(&self, sender: PartyUri, id: MessageId) -> StoreFuture<'_, Option<MessageRecord>> {
+        Box::pin(self.read(move |conn| find_message(conn, &sender, &id)))
+    }
+
+    fn messages_by_id(&self, id: MessageId) -> StoreFuture<'_, Vec<MessageRecord>> {
+        Box::pin(self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE wire_id = ?1 \
+                 ORDER BY received_ms, id"
+            ))?
+            .query_map([id.as_bytes()], message_from_row)?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .collect()
+        }))
     }
 
     fn send_key(&self, client: String, key: String) -> StoreFuture<'_, Option<SendKeyRecord>> {
         Box::pin(self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT k.message_id, k.request_sha256, m.ciphertext_len FROM send_keys k \
+                "SELECT m.wire_id, k.request_sha256, m.ciphertext_len FROM send_keys k \
                  JOIN messages m ON m.id = k.message_id WHERE k.client = ?1 AND k.key = ?2",
             )?
             .query_row(params![client, key], |r| {
@@ -669,7 +746,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn ciphertext(&self, id: MessageId) -> StoreFuture<'_, StoredCiphertext> {
+    fn ciphertext(&self, id: MessageKey) -> StoreFuture<'_, StoredCiphertext> {
         let blobs = self.blobs.clone();
         Box::pin(self.read(move |conn| {
             let row: Option<(Option<Vec<u8>>, Option<String>)> = conn
@@ -817,9 +894,10 @@ impl Store for SqliteStore {
                         )?
                         .execute(params![delivery, reason])?,
                 };
+                let message = message_key(&message)?;
                 insert_receipts(conn, &message, &receipts)?;
                 for e in audit {
-                    append_audit(conn, e)?;
+                    append_audit(conn, e, Some(&message))?;
                 }
                 Ok(())
             })
@@ -827,7 +905,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn add_receipts(&self, id: MessageId, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
+    fn add_receipts(&self, id: MessageKey, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
         Box::pin(async move {
             let receipts = receipts
                 .into_iter()
@@ -837,13 +915,13 @@ impl Store for SqliteStore {
                 if load_kind_acked(conn, &id)?.is_none() {
                     return Err(StoreError::NotFound(format!("message {id}")));
                 }
-                insert_receipts(conn, id.as_bytes(), &receipts)
+                insert_receipts(conn, &id, &receipts)
             })
             .await
         })
     }
 
-    fn receipts(&self, id: MessageId) -> StoreFuture<'_, Vec<ReceiptRecord>> {
+    fn receipts(&self, id: MessageKey) -> StoreFuture<'_, Vec<ReceiptRecord>> {
         Box::pin(self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT signed, issuer, disposition, issued_ms, verified_ms FROM receipts \
@@ -872,7 +950,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn deliveries(&self, id: MessageId) -> StoreFuture<'_, Vec<DeliveryRecord>> {
+    fn deliveries(&self, id: MessageKey) -> StoreFuture<'_, Vec<DeliveryRecord>> {
         Box::pin(self.read(move |conn| {
             conn.prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE message_id = ?1 ORDER BY id"
@@ -899,7 +977,7 @@ impl Store for SqliteStore {
 
     fn acknowledge(
         &self,
-        id: MessageId,
+        id: MessageKey,
         now_ms: u64,
         receipt: NewReceipt,
     ) -> StoreFuture<'_, bool> {
@@ -912,7 +990,7 @@ impl Store for SqliteStore {
                         "UPDATE messages SET acked_ms = ?2 WHERE id = ?1 AND acked_ms IS NULL",
                     )?
                     .execute(params![id.as_bytes(), now])?;
-                    insert_receipts(conn, id.as_bytes(), std::slice::from_ref(&receipt))?;
+                    insert_receipts(conn, &id, std::slice::from_ref(&receipt))?;
                     Ok(true)
                 }
                 Some((MessageKind::Inbound, Some(_))) => Ok(false),
@@ -922,7 +1000,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn mark_fetched(&self, id: MessageId, now_ms: u64) -> StoreFuture<'_, ()> {
+    fn mark_fetched(&self, id: MessageKey, now_ms: u64) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let now = to_i64(now_ms, "now_ms")?;
             self.write(move |conn| {
@@ -949,10 +1027,14 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<'_, ()> {
+    fn append_audit(
+        &self,
+        about: Option<MessageKey>,
+        entries: Vec<AuditEntry>,
+    ) -> StoreFuture<'_, ()> {
         Box::pin(self.write(move |conn| {
             for e in entries {
-                append_audit(conn, e)?;
+                append_audit(conn, e, about.as_ref())?;
             }
             Ok(())
         }))
@@ -1121,7 +1203,7 @@ pub fn provisions_for(
 ) -> Result<Vec<ProvisionRecord>, StoreError> {
     let rows = conn
         .prepare_cached(
-            "SELECT p.id, p.direction, p.message_id, p.time_ms, p.counterparty, \
+            "SELECT p.id, p.direction, COALESCE(p.wire_id, p.message_id), p.time_ms, p.counterparty, \
              p.counterparty_name, p.recipient, p.role, p.document_type, p.title, p.purpose, \
              p.content_type, p.receipt FROM provisions p \
              JOIN provision_subjects s ON s.provision_id = p.id \
@@ -1241,7 +1323,7 @@ fn check_purge_clock(
         )?
         .execute([last, p.now])?;
         if since.is_none() {
-            append_audit(conn, suspended)?;
+            append_audit(conn, suspended, None)?;
         }
         return Ok(Some(ClockJump {
             last_ms: to_u64(last, "purge_clock.last_ms")?,
@@ -1281,7 +1363,7 @@ fn purge(
         .execute([p.now.saturating_sub(PURGED_RECORD_MARGIN_MS)])?;
     let due = conn
         .prepare_cached(
-            "SELECT id, blob, ciphertext_len FROM messages m WHERE received_ms < ?1 \
+            "SELECT id, blob, ciphertext_len, wire_id FROM messages m WHERE received_ms < ?1 \
              AND NOT EXISTS (SELECT 1 FROM deliveries d \
                              WHERE d.message_id = m.id AND d.state = 'pending') \
              AND NOT (kind = 'inbound' AND fetched_ms IS NULL) \
@@ -1300,17 +1382,18 @@ fn purge(
                     r.get::<_, Vec<u8>>(0)?,
                     r.get::<_, Option<String>>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
                 ))
             },
         )?
         .collect::<Result<Vec<_>, _>>()?;
     let mut summary = PurgeSummary::default();
     let mut files = Vec::new();
-    for (id, blob, len) in due {
+    for (id, blob, len, wire_id) in due {
         conn.prepare_cached(
             "INSERT OR REPLACE INTO purged_messages \
-             (id, sender, header_sha256, expires_ms, our_receipt, purged_ms) \
-             SELECT id, sender, header_sha256, expires_ms, our_receipt, ?2 \
+             (key, wire_id, sender, header_sha256, expires_ms, our_receipt, purged_ms) \
+             SELECT id, wire_id, sender, header_sha256, expires_ms, our_receipt, ?2 \
              FROM messages WHERE id = ?1",
         )?
         .execute(params![&id, p.now])?;
@@ -1324,7 +1407,7 @@ fn purge(
         ] {
             conn.prepare_cached(sql)?.execute([&id])?;
         }
-        summary.messages.push(message_id(&id)?);
+        summary.messages.push(message_id(&wire_id)?);
         summary.bytes += to_u64(len, "ciphertext_len")?;
         if let Some(name) = blob.filter(|n| valid_blob_name(n)) {
             files.push(name);
@@ -1346,18 +1429,22 @@ fn purge(
             Some(d) => format!("{d}; {detail}"),
             None => detail,
         });
-        append_audit(conn, audit)?;
+        append_audit(conn, audit, None)?;
     }
     Ok((summary, files))
 }
 
-/// What remains of a purged message whose id is `id`, if any.
-fn load_purged(conn: &Connection, id: &MessageId) -> Result<Option<PurgedRecord>, StoreError> {
+/// What remains of a purged message `sender` sent under `id`, if any.
+fn load_purged(
+    conn: &Connection,
+    sender: &PartyUri,
+    id: &MessageId,
+) -> Result<Option<PurgedRecord>, StoreError> {
     conn.prepare_cached(
         "SELECT sender, header_sha256, expires_ms, our_receipt, purged_ms \
-         FROM purged_messages WHERE id = ?1",
+         FROM purged_messages WHERE sender = ?1 AND wire_id = ?2",
     )?
-    .query_row([id.as_bytes()], |r| {
+    .query_row(params![sender.as_str(), id.as_bytes()], |r| {
         let sender: String = r.get(0)?;
         let header: Vec<u8> = r.get(1)?;
         let expires: i64 = r.get(2)?;
@@ -1439,6 +1526,7 @@ fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Box<dyn Job>>, committed: 
         }
         match run_batch(conn, &mut batch) {
             Ok(()) => {
+                crash_point!("store::after-commit");
                 committed.fetch_add(1, Ordering::Relaxed);
                 for job in batch {
                     job.reply(None);
@@ -1461,7 +1549,10 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), rusqli
     let result = batch
         .iter_mut()
         .try_for_each(|job| run_one(conn, job.as_mut()))
-        .and_then(|()| conn.execute_batch("COMMIT"));
+        .and_then(|()| {
+            crash_point!("store::before-commit");
+            conn.execute_batch("COMMIT")
+        });
     if result.is_err() && !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
     }
@@ -1602,14 +1693,46 @@ impl ReceiptRow {
     }
 }
 
-/// Inserts a message with its deliveries, or returns the stored record.
+/// Whether a key is used by a message, a purged message's record or a
+/// provision record.
+fn key_used(conn: &Connection, key: &[u8; 16]) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ?1) \
+             OR EXISTS (SELECT 1 FROM purged_messages WHERE key = ?1) \
+             OR EXISTS (SELECT 1 FROM provisions WHERE message_id = ?1)",
+        )?
+        .query_row([key.as_slice()], |r| r.get::<_, bool>(0))?)
+}
+
+/// A key for a new message: its id if no row uses that key, else random.
+fn new_key(conn: &Connection, id: &MessageId) -> Result<MessageKey, StoreError> {
+    if !key_used(conn, id.as_bytes())? {
+        return Ok(MessageKey::of_id(*id));
+    }
+    for _ in 0..8 {
+        let mut k = [0u8; 16];
+        getrandom::fill(&mut k)
+            .map_err(|e| StoreError::Corrupt(format!("no randomness for a message key: {e}")))?;
+        if !key_used(conn, &k)? {
+            return Ok(MessageKey::from_bytes(k));
+        }
+    }
+    Err(StoreError::Corrupt(
+        "no unused message key after 8 random draws".into(),
+    ))
+}
+
+/// Inserts a message with its deliveries under a new key, or returns the
+/// record stored (or purged) for the same sender and id.
 fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreError> {
-    if let Some(stored) = load_message(conn, &m.id)? {
+    if let Some(stored) = find_message(conn, &m.sender, &m.id)? {
         return Ok(Accepted::Duplicate(Box::new(stored)));
     }
-    if let Some(purged) = load_purged(conn, &m.id)? {
+    if let Some(purged) = load_purged(conn, &m.sender, &m.id)? {
         return Ok(Accepted::Purged(Box::new(purged)));
     }
+    let key = new_key(conn, &m.id)?;
     let (inline, blob) = match &m.body {
         Body::Inline(bytes) => (Some(bytes.as_slice()), None),
         Body::Blob(name) => (None, Some(name.as_str())),
@@ -1617,11 +1740,11 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
     conn.prepare_cached(
         "INSERT INTO messages (id, header_sha256, kind, head, ciphertext, blob, ciphertext_len, \
          sender, upstream, local_client, content_type, purpose, created_ms, expires_ms, \
-         received_ms, our_receipt, acked_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, NULL)",
+         received_ms, our_receipt, acked_ms, wire_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, NULL, ?17)",
     )?
     .execute(params![
-        m.id.as_bytes(),
+        key.as_bytes(),
         m.header_sha256,
         m.kind.as_str(),
         m.head,
@@ -1637,9 +1760,10 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
         m.expires_ms,
         m.received_ms,
         m.our_receipt,
+        m.id.as_bytes(),
     ])?;
     for d in &m.deliveries {
-        insert_delivery(conn, m.id.as_bytes(), d)?;
+        insert_delivery(conn, key.as_bytes(), d)?;
     }
     if let Some(k) = &m.send_key {
         // The primary key (client, key) makes a concurrent repeat fail
@@ -1652,7 +1776,7 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
             k.client,
             k.key,
             k.request_sha256,
-            m.id.as_bytes(),
+            key.as_bytes(),
             m.expires_ms
         ])?;
     }
@@ -1660,16 +1784,16 @@ fn insert_message(conn: &Connection, m: &MessageRow) -> Result<Accepted, StoreEr
         conn.prepare_cached(
             "INSERT OR IGNORE INTO message_awaited (message_id, party) VALUES (?1, ?2)",
         )?
-        .execute(params![m.id.as_bytes(), party.as_str()])?;
+        .execute(params![key.as_bytes(), party.as_str()])?;
     }
     if let Some(meta) = &m.meta {
-        insert_meta(conn, m.id.as_bytes(), meta)?;
+        insert_meta(conn, key.as_bytes(), meta)?;
     }
     if let Some(p) = &m.provision {
-        insert_provision(conn, &m.id, p)?;
+        insert_provision(conn, &key, p)?;
     }
     for e in &m.audit {
-        append_audit(conn, e.clone())?;
+        append_audit(conn, e.clone(), Some(&key))?;
     }
     Ok(Accepted::Stored)
 }
@@ -1693,28 +1817,28 @@ fn insert_meta(conn: &Connection, message: &[u8], meta: &MessageMeta) -> Result<
 /// copying what was provided from the message's meta and header fields.
 fn insert_provision(
     conn: &Connection,
-    message: &MessageId,
+    message: &MessageKey,
     row: &ProvisionRow,
 ) -> Result<(), StoreError> {
     let p = &row.p;
-    let what: Option<(String, String, String, String)> = conn
+    let what: Option<(String, String, String, String, Vec<u8>)> = conn
         .prepare_cached(
             "SELECT COALESCE(mm.document_type, ''), COALESCE(mm.title, ''), m.purpose, \
-             m.content_type FROM messages m LEFT JOIN message_meta mm ON mm.message_id = m.id \
-             WHERE m.id = ?1",
+             m.content_type, m.wire_id FROM messages m \
+             LEFT JOIN message_meta mm ON mm.message_id = m.id WHERE m.id = ?1",
         )?
         .query_row([message.as_bytes()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()?;
-    let Some((document_type, title, purpose, content_type)) = what else {
+    let Some((document_type, title, purpose, content_type, wire_id)) = what else {
         return Err(StoreError::NotFound(format!("message {message}")));
     };
     let inserted = conn
         .prepare_cached(
             "INSERT INTO provisions (direction, message_id, time_ms, counterparty, \
              counterparty_name, recipient, role, document_type, title, purpose, content_type, \
-             receipt) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             receipt, wire_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
              ON CONFLICT (message_id, direction, recipient) DO NOTHING",
         )?
         .execute(params![
@@ -1730,6 +1854,7 @@ fn insert_provision(
             purpose,
             content_type,
             p.receipt,
+            wire_id,
         ])?;
     if inserted == 1 {
         // The provision's id is read once, before the copy: inside
@@ -1742,7 +1867,7 @@ fn insert_provision(
         )?
         .execute(params![provision_id, message.as_bytes()])?;
         if let Some(e) = &p.audit {
-            append_audit(conn, e.clone())?;
+            append_audit(conn, e.clone(), Some(message))?;
         }
     }
     Ok(())
@@ -1754,7 +1879,16 @@ fn insert_provision(
 /// [`SubjectSet`], the set itself kept once in `audit_subject_sets`). The
 /// entry must then pass [`AuditEntry::validate`], the rule exports and
 /// verifiers apply, or nothing is appended.
-fn append_audit(conn: &Connection, mut entry: AuditEntry) -> Result<(), StoreError> {
+///
+/// The pseudonyms are those of the message with key `about`; without one,
+/// those of the only message stored under the entry's message id (none if
+/// several senders' messages carry it: the entry is never linked to the
+/// patients of another sender's message).
+fn append_audit(
+    conn: &Connection,
+    mut entry: AuditEntry,
+    about: Option<&MessageKey>,
+) -> Result<(), StoreError> {
     let (next, last_ms): (i64, i64) = conn
         .prepare_cached(
             "SELECT COALESCE(MAX(seq) + 1, 0), \
@@ -1765,18 +1899,31 @@ fn append_audit(conn: &Connection, mut entry: AuditEntry) -> Result<(), StoreErr
     let time_ms = now.max(last_ms);
     entry.seq = to_u64(next, "audit seq")?;
     entry.time_ms = to_u64(time_ms, "audit time")?;
-    if entry.subjects.is_empty()
-        && let Some(id) = entry
-            .message_id
-            .as_deref()
-            .and_then(|h| hex::decode(h.replace('-', "")).ok())
-    {
+    let key = match (about, entry.message_id.as_deref()) {
+        _ if !entry.subjects.is_empty() => None,
+        (_, None) => None,
+        (Some(key), Some(_)) => Some(key.as_bytes().to_vec()),
+        (None, Some(id)) => match hex::decode(id.replace('-', "")) {
+            Ok(id) => {
+                let keys = conn
+                    .prepare_cached("SELECT id FROM messages WHERE wire_id = ?1 LIMIT 2")?
+                    .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                match <[Vec<u8>; 1]>::try_from(keys) {
+                    Ok([key]) => Some(key),
+                    Err(_) => None,
+                }
+            }
+            Err(_) => None,
+        },
+    };
+    if let Some(key) = key {
         entry.subjects = conn
             .prepare_cached(
                 "SELECT pseudonym FROM message_subjects WHERE message_id = ?1 \
                  ORDER BY pseudonym",
             )?
-            .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
+            .query_map([key], |r| r.get::<_, Vec<u8>>(0))?
             .map(|p| Ok(hex::encode(p?)))
             .collect::<Result<_, StoreError>>()?;
     }
@@ -1849,9 +1996,10 @@ fn insert_delivery(conn: &Connection, message: &[u8], d: &DeliveryRow) -> Result
 /// are already held for the message is ignored with all it brings.
 fn insert_receipts(
     conn: &Connection,
-    message: &[u8],
+    key: &MessageKey,
     receipts: &[ReceiptRow],
 ) -> Result<usize, StoreError> {
+    let message = key.as_bytes().as_slice();
     let mut new = 0;
     for r in receipts {
         let inserted = conn
@@ -1875,21 +2023,35 @@ fn insert_receipts(
                 insert_delivery(conn, message, forward)?;
             }
             for p in &r.provisions {
-                insert_provision(conn, &message_id(message)?, p)?;
+                insert_provision(conn, key, p)?;
             }
             if let Some(e) = &r.audit {
-                append_audit(conn, e.clone())?;
+                append_audit(conn, e.clone(), Some(key))?;
             }
         }
     }
     Ok(new)
 }
 
-fn load_message(conn: &Connection, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
+fn load_message(conn: &Connection, key: &MessageKey) -> Result<Option<MessageRecord>, StoreError> {
     conn.prepare_cached(&format!(
         "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"
     ))?
-    .query_row([id.as_bytes()], message_from_row)
+    .query_row([key.as_bytes()], message_from_row)
+    .optional()?
+    .transpose()
+}
+
+/// The message `sender` sent under `id`.
+fn find_message(
+    conn: &Connection,
+    sender: &PartyUri,
+    id: &MessageId,
+) -> Result<Option<MessageRecord>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender = ?1 AND wire_id = ?2"
+    ))?
+    .query_row(params![sender.as_str(), id.as_bytes()], message_from_row)
     .optional()?
     .transpose()
 }
@@ -1897,7 +2059,7 @@ fn load_message(conn: &Connection, id: &MessageId) -> Result<Option<MessageRecor
 /// The kind and acknowledgement time of a stored message.
 fn load_kind_acked(
     conn: &Connection,
-    id: &MessageId,
+    id: &MessageKey,
 ) -> Result<Option<(MessageKind, Option<i64>)>, StoreError> {
     let row: Option<(String, Option<i64>)> = conn
         .prepare_cached("SELECT kind, acked_ms FROM messages WHERE id = ?1")?
@@ -1925,9 +2087,11 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Result<MessageRecord, Store
     let our_receipt: Option<Vec<u8>> = r.get(13)?;
     let acked_ms: Option<i64> = r.get(14)?;
     let fetched_ms: Option<i64> = r.get(15)?;
+    let wire_id: Vec<u8> = r.get(16)?;
     Ok((|| -> Result<MessageRecord, StoreError> {
         Ok(MessageRecord {
-            id: message_id(&id)?,
+            key: message_key(&id)?,
+            id: message_id(&wire_id)?,
             header_sha256: <[u8; 32]>::try_from(header.as_slice())
                 .map_err(|_| StoreError::Corrupt("header_sha256 is not 32 bytes".into()))?,
             kind: message_kind(&kind)?,
@@ -1961,6 +2125,7 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<DeliveryRecord, Sto
     let next_attempt_ms: i64 = r.get(8)?;
     let last_error: Option<String> = r.get(9)?;
     let expires_ms: i64 = r.get(10)?;
+    let wire_id: Option<Vec<u8>> = r.get(11)?;
     Ok((|| -> Result<DeliveryRecord, StoreError> {
         let kind = match (kind.as_str(), payload) {
             ("envelope", None) => DeliveryKind::Envelope,
@@ -1985,7 +2150,8 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<DeliveryRecord, Sto
         };
         Ok(DeliveryRecord {
             id,
-            message_id: message_id(&message)?,
+            message: message_key(&message)?,
+            message_id: message_id(wire_id.as_deref().unwrap_or_default())?,
             target: party(target, "delivery target")?,
             kind,
             state,
@@ -2000,6 +2166,12 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<DeliveryRecord, Sto
 
 fn message_id(b: &[u8]) -> Result<MessageId, StoreError> {
     MessageId::from_slice(b).map_err(|_| StoreError::Corrupt("message id is not 16 bytes".into()))
+}
+
+fn message_key(b: &[u8]) -> Result<MessageKey, StoreError> {
+    <[u8; 16]>::try_from(b)
+        .map(MessageKey::from_bytes)
+        .map_err(|_| StoreError::Corrupt("message key is not 16 bytes".into()))
 }
 
 fn message_kind(s: &str) -> Result<MessageKind, StoreError> {
@@ -2068,9 +2240,37 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_err("fsync directory", dir, e))
 }
 
+/// Hands `work` to the writer through `tx` (see [`SqliteStore::submit`]).
+/// Once sent, the job runs and commits whether or not its answer is awaited.
+async fn submit_to<T, F>(
+    tx: &mpsc::Sender<Box<dyn Job>>,
+    submitted: &AtomicU64,
+    work: F,
+) -> Result<Result<T, StoreError>, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    let (reply, rx) = oneshot::channel();
+    let job: Box<dyn Job> = Box::new(Pending {
+        work: Some(Box::new(work)),
+        out: None,
+        reply: Some(reply),
+    });
+    tx.send(job).map_err(|_| StoreError::Closed)?;
+    submitted.fetch_add(1, Ordering::Relaxed);
+    rx.await.map_err(|_| StoreError::Closed)?
+}
+
+/// Removes a blob no row names, off the runtime threads.
+async fn remove_blob(path: PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || remove_quietly(&path)).await;
+}
+
 fn remove_quietly(path: &Path) {
     // Failure leaves an orphan blob, which the next open removes.
     let _ = fs::remove_file(path);
+    crate::failpoints::forgotten(path);
 }
 
 /// Takes the directory's exclusive lock: an SQLite file in exclusive
@@ -2193,6 +2393,8 @@ fn adopt_spool(
         .flush()
         .and_then(|()| spooled.file.sync_all())
         .map_err(|e| io_err("fsync", &spool_path, e))?;
+    crate::failpoints::synced(&spool_path);
+    crash_point!("store::spool-fsynced");
     let len = spooled
         .file
         .metadata()
@@ -2217,10 +2419,14 @@ fn adopt_spool(
             Err(e) => return Err(io_err("link blob", &path, e)),
         }
     };
+    crate::failpoints::linked(&spool_path, &path);
+    crash_point!("store::blob-linked");
     if let Err(e) = sync_dir(blobs) {
         remove_quietly(&path);
         return Err(e);
     }
+    crate::failpoints::dir_synced(&path);
+    crash_point!("store::blob-dir-synced");
     // The blob holds the data now; the spool name goes (the SpoolFile must
     // not remove anything itself any more).
     spooled.kept = true;

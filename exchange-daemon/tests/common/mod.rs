@@ -659,3 +659,112 @@ pub async fn tls_verdict(
         Ok(Err(e)) => Err(error_chain(&e)),
     }
 }
+
+/// A TLS connection as a test's own gRPC server sees it.
+pub struct ServerIo(pub tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for ServerIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for ServerIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ServerIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Serves a test's own peer service on `party`'s peer address, over real
+/// TLS with `party`'s identity certificate (the daemon connecting to it
+/// checks that it is `party`), without client authentication: a peer that
+/// misbehaves in ways a real daemon does not.
+pub async fn serve_peer<S>(party: &Party, service: S)
+where
+    S: exchange_daemon::proto::peer_server::Peer,
+{
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    tls::install_provider();
+    let chain = CertificateDer::pem_file_iter(party.file("identity.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(party.file("identity.key.pem")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(tls::versions(false))
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(party.peer_addr())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<ServerIo, std::io::Error>>(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = tx.send(Ok(ServerIo(tls))).await;
+                }
+            });
+        }
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(exchange_daemon::proto::peer_server::PeerServer::new(
+                service,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    );
+}
+
+/// The audit log entries of a party's store (their canonical JSON), in order.
+pub fn audit_entries(party: &Party) -> Vec<String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        party.data_dir().join("store.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.prepare("SELECT entry FROM audit_log ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| {
+            let v: Vec<u8> = r.get(0)?;
+            Ok(String::from_utf8_lossy(&v).into_owned())
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}

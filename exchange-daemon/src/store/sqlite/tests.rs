@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use super::*;
 
+fn key(id: MessageId) -> MessageKey {
+    MessageKey::of_id(id)
+}
+
 fn uri(s: &str) -> PartyUri {
     PartyUri::new(s).unwrap()
 }
@@ -153,10 +157,11 @@ async fn accept_inline_and_read_back() {
     };
     assert_eq!(store.accept(env).await.unwrap(), Accepted::Stored);
 
-    let m = store.message(id).await.unwrap().unwrap();
+    let m = store.message(key(id)).await.unwrap().unwrap();
     assert_eq!(
         m,
         MessageRecord {
+            key: key(id),
             id,
             header_sha256: sha256(id.as_bytes()),
             kind: MessageKind::Relay,
@@ -175,11 +180,11 @@ async fn accept_inline_and_read_back() {
             fetched_ms: None,
         }
     );
-    match store.ciphertext(id).await.unwrap() {
+    match store.ciphertext(key(id)).await.unwrap() {
         StoredCiphertext::Inline(v) => assert_eq!(v, ct),
         other => panic!("expected inline, got {other:?}"),
     }
-    let d = store.deliveries(id).await.unwrap();
+    let d = store.deliveries(key(id)).await.unwrap();
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].message_id, id);
     assert_eq!(d[0].target, uri("urn:test:next"));
@@ -188,9 +193,9 @@ async fn accept_inline_and_read_back() {
     assert_eq!((d[0].attempts, d[0].next_attempt_ms), (0, 0));
     assert_eq!(d[0].expires_ms, 9_000_000);
     assert_eq!(store.pending_count().await.unwrap(), 1);
-    assert!(store.message(mid(2)).await.unwrap().is_none());
+    assert!(store.message(key(mid(2))).await.unwrap().is_none());
     assert!(matches!(
-        store.ciphertext(mid(2)).await,
+        store.ciphertext(key(mid(2))).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -205,7 +210,7 @@ async fn accept_spooled_moves_file_into_blobs() {
     let env = envelope(id, MessageKind::Inbound, ct, data.len() as u64);
     assert_eq!(store.accept(env).await.unwrap(), Accepted::Stored);
 
-    let stored = store.ciphertext(id).await.unwrap();
+    let stored = store.ciphertext(key(id)).await.unwrap();
     let StoredCiphertext::File(path) = &stored else {
         panic!("expected a blob file, got {stored:?}");
     };
@@ -238,7 +243,7 @@ async fn spooled_with_wrong_length_is_refused_and_cleaned_up() {
     ));
     assert!(files_in(&dir.path().join("spool")).is_empty());
     assert!(files_in(&dir.path().join("blobs")).is_empty());
-    assert!(store.message(mid(1)).await.unwrap().is_none());
+    assert!(store.message(key(mid(1))).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -247,7 +252,7 @@ async fn duplicate_accept_returns_stored_record_and_changes_nothing() {
     let store = SqliteStore::open(dir.path()).unwrap();
     let id = mid(3);
     store.accept(inline(id, MessageKind::Relay)).await.unwrap();
-    let stored = store.message(id).await.unwrap().unwrap();
+    let stored = store.message(key(id)).await.unwrap().unwrap();
 
     // Same id, different header and ciphertext, spooled, more deliveries.
     let mut again = envelope(id, MessageKind::Inbound, spooled(&store, b"other"), 5);
@@ -260,8 +265,8 @@ async fn duplicate_accept_returns_stored_record_and_changes_nothing() {
         Accepted::Stored => panic!("stored twice"),
         Accepted::Purged(_) => panic!("never purged"),
     }
-    assert_eq!(store.message(id).await.unwrap().unwrap(), stored);
-    assert_eq!(store.deliveries(id).await.unwrap().len(), 1);
+    assert_eq!(store.message(key(id)).await.unwrap().unwrap(), stored);
+    assert_eq!(store.deliveries(key(id)).await.unwrap().len(), 1);
     assert_eq!(store.pending_count().await.unwrap(), 1);
     assert!(files_in(&dir.path().join("blobs")).is_empty());
     assert!(files_in(&dir.path().join("spool")).is_empty());
@@ -280,8 +285,11 @@ async fn same_header_spooled_redelivery_keeps_the_stored_blob() {
         Accepted::Duplicate(_)
     ));
     assert_eq!(files_in(&dir.path().join("blobs")).len(), 1);
-    assert_eq!(read_all(&store.ciphertext(id).await.unwrap()), b"first");
-    assert_eq!(store.deliveries(id).await.unwrap().len(), 1);
+    assert_eq!(
+        read_all(&store.ciphertext(key(id)).await.unwrap()),
+        b"first"
+    );
+    assert_eq!(store.deliveries(key(id)).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -297,7 +305,7 @@ async fn claim_due_respects_next_attempt_lease_and_limit() {
     let ids: Vec<i64> = {
         let mut v = Vec::new();
         for n in 1..=4 {
-            v.push(store.deliveries(mid(n)).await.unwrap()[0].id);
+            v.push(store.deliveries(key(mid(n))).await.unwrap()[0].id);
         }
         v
     };
@@ -439,7 +447,7 @@ async fn finish_attempt_sets_state_and_attempts() {
         .await
         .unwrap();
     let d1 = store.claim_due("w", 0, 100, 1).await.unwrap()[0].id;
-    let d2 = store.deliveries(mid(2)).await.unwrap()[0].id;
+    let d2 = store.deliveries(key(mid(2))).await.unwrap()[0].id;
 
     store
         .finish_attempt(
@@ -453,7 +461,7 @@ async fn finish_attempt_sets_state_and_attempts() {
         )
         .await
         .unwrap();
-    let r = &store.deliveries(mid(1)).await.unwrap()[0];
+    let r = &store.deliveries(key(mid(1))).await.unwrap()[0];
     assert_eq!(r.state, DeliveryState::Pending);
     assert_eq!(r.attempts, 1);
     assert_eq!(r.next_attempt_ms, 5_000);
@@ -468,14 +476,14 @@ async fn finish_attempt_sets_state_and_attempts() {
         .finish_attempt(d1, AttemptOutcome::Done, vec![], vec![])
         .await
         .unwrap();
-    let r = &store.deliveries(mid(1)).await.unwrap()[0];
+    let r = &store.deliveries(key(mid(1))).await.unwrap()[0];
     assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
 
     store
         .finish_attempt(d2, AttemptOutcome::Failed("refused".into()), vec![], vec![])
         .await
         .unwrap();
-    let r = &store.deliveries(mid(2)).await.unwrap()[0];
+    let r = &store.deliveries(key(mid(2))).await.unwrap()[0];
     assert_eq!(r.state, DeliveryState::Failed("refused".into()));
     assert_eq!(r.attempts, 1);
     assert_eq!(store.pending_count().await.unwrap(), 0);
@@ -493,7 +501,7 @@ async fn finish_attempt_sets_state_and_attempts() {
         )
         .await
         .unwrap();
-    let r = &store.deliveries(mid(1)).await.unwrap()[0];
+    let r = &store.deliveries(key(mid(1))).await.unwrap()[0];
     assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
     assert!(matches!(
         store
@@ -518,7 +526,7 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
 
     let n = store
         .add_receipts(
-            id,
+            key(id),
             vec![
                 receipt(b"r1", fwd(b"r1")),
                 receipt(b"r1", fwd(b"r1")),
@@ -530,14 +538,14 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
     assert_eq!(n, 2);
     assert_eq!(
         store
-            .add_receipts(id, vec![receipt(b"r1", fwd(b"r1"))])
+            .add_receipts(key(id), vec![receipt(b"r1", fwd(b"r1"))])
             .await
             .unwrap(),
         0
     );
 
     // finish_attempt brings r3 (new) and r1 (known) back.
-    let envelope_delivery = store.deliveries(id).await.unwrap()[0].id;
+    let envelope_delivery = store.deliveries(key(id)).await.unwrap()[0].id;
     store
         .finish_attempt(
             envelope_delivery,
@@ -548,7 +556,7 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
         .await
         .unwrap();
 
-    let rs = store.receipts(id).await.unwrap();
+    let rs = store.receipts(key(id)).await.unwrap();
     assert_eq!(
         rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
         vec![&b"r1"[..], b"r2", b"r3"]
@@ -558,7 +566,7 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
     assert_eq!(rs[0].issued_ms, 3_000);
     assert_eq!(rs[0].verified_ms, Some(2_500));
 
-    let ds = store.deliveries(id).await.unwrap();
+    let ds = store.deliveries(key(id)).await.unwrap();
     let kinds: Vec<DeliveryKind> = ds.iter().map(|d| d.kind.clone()).collect();
     assert_eq!(
         kinds,
@@ -573,10 +581,12 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
     assert_eq!(store.pending_count().await.unwrap(), 2);
 
     assert!(matches!(
-        store.add_receipts(mid(99), vec![receipt(b"x", None)]).await,
+        store
+            .add_receipts(key(mid(99)), vec![receipt(b"x", None)])
+            .await,
         Err(StoreError::NotFound(_))
     ));
-    assert!(store.receipts(mid(99)).await.unwrap().is_empty());
+    assert!(store.receipts(key(mid(99))).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -612,7 +622,7 @@ async fn one_receipt_per_issuer_and_disposition_is_kept() {
     // issuer and a DELIVERED of another: three are new.
     let n = store
         .add_receipts(
-            id,
+            key(id),
             vec![
                 audited("urn:test:c", "DELIVERED", b"d1"),
                 audited("urn:test:c", "DELIVERED", b"d2"),
@@ -627,12 +637,15 @@ async fn one_receipt_per_issuer_and_disposition_is_kept() {
     // attempt's outcome: none is new.
     for i in 0..20u8 {
         let n = store
-            .add_receipts(id, vec![audited("urn:test:c", "DELIVERED", &[b'v', i])])
+            .add_receipts(
+                key(id),
+                vec![audited("urn:test:c", "DELIVERED", &[b'v', i])],
+            )
             .await
             .unwrap();
         assert_eq!(n, 0);
     }
-    let envelope_delivery = store.deliveries(id).await.unwrap()[0].id;
+    let envelope_delivery = store.deliveries(key(id)).await.unwrap()[0].id;
     store
         .finish_attempt(
             envelope_delivery,
@@ -642,14 +655,14 @@ async fn one_receipt_per_issuer_and_disposition_is_kept() {
         )
         .await
         .unwrap();
-    let rs = store.receipts(id).await.unwrap();
+    let rs = store.receipts(key(id)).await.unwrap();
     assert_eq!(
         rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
         vec![&b"d1"[..], b"x1", b"e1"]
     );
     // Forwarded once each, audited once each.
     let forwarded = store
-        .deliveries(id)
+        .deliveries(key(id))
         .await
         .unwrap()
         .into_iter()
@@ -694,7 +707,7 @@ async fn migration_7_keeps_the_first_of_duplicate_receipts() {
     drop(conn);
     let store = SqliteStore::open(dir.path()).unwrap();
     let id = MessageId::from_slice(&[9u8; 16]).unwrap();
-    let rs = store.receipts(id).await.unwrap();
+    let rs = store.receipts(key(id)).await.unwrap();
     assert_eq!(
         rs.iter()
             .map(|r| (r.signed.clone(), r.disposition.as_str(), r.verified_ms))
@@ -703,7 +716,10 @@ async fn migration_7_keeps_the_first_of_duplicate_receipts() {
     );
     assert_eq!(
         store
-            .add_receipts(id, vec![receipt_by("urn:test:c", "DELIVERED", b"n", None)])
+            .add_receipts(
+                key(id),
+                vec![receipt_by("urn:test:c", "DELIVERED", b"n", None)]
+            )
             .await
             .unwrap(),
         0
@@ -732,33 +748,33 @@ async fn acknowledge_once() {
 
     assert!(
         store
-            .acknowledge(id, 7_000, receipt(b"processed", back()))
+            .acknowledge(key(id), 7_000, receipt(b"processed", back()))
             .await
             .unwrap()
     );
     assert!(
         !store
-            .acknowledge(id, 8_000, receipt(b"processed again", back()))
+            .acknowledge(key(id), 8_000, receipt(b"processed again", back()))
             .await
             .unwrap()
     );
     assert_eq!(
-        store.message(id).await.unwrap().unwrap().acked_ms,
+        store.message(key(id)).await.unwrap().unwrap().acked_ms,
         Some(7_000)
     );
-    let rs = store.receipts(id).await.unwrap();
+    let rs = store.receipts(key(id)).await.unwrap();
     assert_eq!(rs.len(), 1);
     assert_eq!(rs[0].signed, b"processed");
-    assert_eq!(store.deliveries(id).await.unwrap().len(), 2);
+    assert_eq!(store.deliveries(key(id)).await.unwrap().len(), 2);
 
     assert!(store.inbox(false).await.unwrap().is_empty());
     assert_eq!(store.inbox(true).await.unwrap().len(), 1);
     assert!(matches!(
-        store.acknowledge(mid(2), 1, receipt(b"p", None)).await,
+        store.acknowledge(key(mid(2)), 1, receipt(b"p", None)).await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        store.acknowledge(mid(3), 1, receipt(b"p", None)).await,
+        store.acknowledge(key(mid(3)), 1, receipt(b"p", None)).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -811,25 +827,28 @@ async fn everything_survives_reopen() {
             .await
             .unwrap();
         store
-            .acknowledge(mid(2), 60, receipt(b"p", None))
+            .acknowledge(key(mid(2)), 60, receipt(b"p", None))
             .await
             .unwrap();
         (
-            store.message(mid(1)).await.unwrap().unwrap(),
-            store.message(mid(2)).await.unwrap().unwrap(),
-            store.deliveries(mid(1)).await.unwrap(),
-            store.receipts(mid(1)).await.unwrap(),
+            store.message(key(mid(1))).await.unwrap().unwrap(),
+            store.message(key(mid(2))).await.unwrap().unwrap(),
+            store.deliveries(key(mid(1))).await.unwrap(),
+            store.receipts(key(mid(1))).await.unwrap(),
         )
     };
     let store = SqliteStore::open(dir.path()).unwrap();
-    assert_eq!(store.message(mid(1)).await.unwrap().unwrap(), msg1);
-    assert_eq!(store.message(mid(2)).await.unwrap().unwrap(), msg2);
+    assert_eq!(store.message(key(mid(1))).await.unwrap().unwrap(), msg1);
+    assert_eq!(store.message(key(mid(2))).await.unwrap().unwrap(), msg2);
     assert_eq!(msg2.acked_ms, Some(60));
-    assert_eq!(store.deliveries(mid(1)).await.unwrap(), ds);
+    assert_eq!(store.deliveries(key(mid(1))).await.unwrap(), ds);
     assert_eq!(ds[0].attempts, 1);
-    assert_eq!(store.receipts(mid(1)).await.unwrap(), rs);
+    assert_eq!(store.receipts(key(mid(1))).await.unwrap(), rs);
     assert_eq!(rs.len(), 1);
-    assert_eq!(read_all(&store.ciphertext(mid(2)).await.unwrap()), b"blob");
+    assert_eq!(
+        read_all(&store.ciphertext(key(mid(2))).await.unwrap()),
+        b"blob"
+    );
     assert_eq!(store.pending_count().await.unwrap(), 2);
 }
 
@@ -857,7 +876,7 @@ async fn open_removes_orphans_and_keeps_referenced_blobs() {
     assert_eq!(files_in(&blobs), kept);
     assert!(files_in(&spool).is_empty());
     assert_eq!(
-        read_all(&store.ciphertext(mid(1)).await.unwrap()),
+        read_all(&store.ciphertext(key(mid(1))).await.unwrap()),
         b"keep me"
     );
 }
@@ -890,9 +909,12 @@ async fn a_version_1_store_migrates_keeping_its_messages() {
     drop(conn);
     let store = SqliteStore::open(dir.path()).unwrap();
     let id = MessageId::from_slice(&[9u8; 16]).unwrap();
-    assert_eq!(store.message(id).await.unwrap().unwrap().purpose, "p");
+    assert_eq!(store.message(key(id)).await.unwrap().unwrap().purpose, "p");
+    // A row from before keys existed: its key is its id, found by (sender, id).
+    let found = store.find(uri("urn:test:s"), id).await.unwrap().unwrap();
+    assert_eq!((found.key, found.id), (key(id), id));
     // The new tables work on the migrated store.
-    store.append_audit(vec![]).await.unwrap();
+    store.append_audit(None, vec![]).await.unwrap();
     assert_eq!(store.audit_tail().await.unwrap(), AuditTail::default());
     drop(store);
     let conn = Connection::open(dir.path().join("store.sqlite3")).unwrap();
@@ -938,7 +960,7 @@ async fn concurrent_accepts_share_commits() {
 
     for n in 0..200 {
         assert!(
-            store.message(mid(n)).await.unwrap().is_some(),
+            store.message(key(mid(n))).await.unwrap().is_some(),
             "{n} missing"
         );
     }
@@ -967,7 +989,7 @@ async fn a_failing_operation_loses_only_itself() {
     let partial = tokio::spawn(async move {
         let r = ReceiptRow::new(receipt(b"undone", None)).unwrap();
         s.write(move |conn| {
-            assert_eq!(insert_receipts(conn, m.as_bytes(), &[r])?, 1);
+            assert_eq!(insert_receipts(conn, &key(m), &[r])?, 1);
             Err::<(), _>(StoreError::Invalid("fail after writing".into()))
         })
         .await
@@ -976,16 +998,19 @@ async fn a_failing_operation_loses_only_itself() {
     let s = Arc::clone(&store);
     let fk = tokio::spawn(async move {
         let r = ReceiptRow::new(receipt(b"orphan", None)).unwrap();
-        s.write(move |conn| insert_receipts(conn, mid(999).as_bytes(), &[r]))
+        s.write(move |conn| insert_receipts(conn, &key(mid(999)), &[r]))
             .await
     });
     let s = Arc::clone(&store);
-    let missing =
-        tokio::spawn(async move { s.add_receipts(mid(998), vec![receipt(b"x", None)]).await });
+    let missing = tokio::spawn(async move {
+        s.add_receipts(key(mid(998)), vec![receipt(b"x", None)])
+            .await
+    });
     let s = Arc::clone(&store);
     let b = tokio::spawn(async move { s.accept(inline(mid(2), MessageKind::Relay)).await });
     let s = Arc::clone(&store);
-    let kept = tokio::spawn(async move { s.add_receipts(m, vec![receipt(b"kept", None)]).await });
+    let kept =
+        tokio::spawn(async move { s.add_receipts(key(m), vec![receipt(b"kept", None)]).await });
 
     wait_submitted(&store, before.ops_submitted + 7).await;
     release.send(()).unwrap();
@@ -1004,14 +1029,14 @@ async fn a_failing_operation_loses_only_itself() {
     assert_eq!(b.await.unwrap().unwrap(), Accepted::Stored);
     assert_eq!(kept.await.unwrap().unwrap(), 1);
 
-    assert!(store.message(mid(1)).await.unwrap().is_some());
-    assert!(store.message(mid(2)).await.unwrap().is_some());
-    let rs = store.receipts(m).await.unwrap();
+    assert!(store.message(key(mid(1))).await.unwrap().is_some());
+    assert!(store.message(key(mid(2))).await.unwrap().is_some());
+    let rs = store.receipts(key(m)).await.unwrap();
     assert_eq!(
         rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
         vec![&b"kept"[..]]
     );
-    assert!(store.receipts(mid(999)).await.unwrap().is_empty());
+    assert!(store.receipts(key(mid(999))).await.unwrap().is_empty());
     let after = store.writer_stats();
     assert_eq!(
         after.transactions_committed - before.transactions_committed,
@@ -1026,5 +1051,49 @@ async fn out_of_range_values_are_refused() {
     let mut e = inline(mid(1), MessageKind::Relay);
     e.expires_ms = u64::MAX;
     assert!(matches!(store.accept(e).await, Err(StoreError::Invalid(_))));
-    assert!(store.message(mid(1)).await.unwrap().is_none());
+    assert!(store.message(key(mid(1))).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn two_senders_envelopes_under_one_id_are_two_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(40);
+    let first = inline(id, MessageKind::Inbound);
+    assert_eq!(store.accept(first).await.unwrap(), Accepted::Stored);
+    let mut other = envelope(id, MessageKind::Inbound, spooled(&store, b"other"), 5);
+    other.sender = uri("urn:test:squatter");
+    other.header_sha256 = [7; 32];
+    assert_eq!(store.accept(other).await.unwrap(), Accepted::Stored);
+
+    let both = store.messages_by_id(id).await.unwrap();
+    assert_eq!(both.len(), 2);
+    assert!(both.iter().all(|m| m.id == id));
+    assert_ne!(both[0].key, both[1].key, "each its own key");
+    let a = store
+        .find(uri("urn:test:sender"), id)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = store
+        .find(uri("urn:test:squatter"), id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.key, key(id), "the first keeps its id as key");
+    assert_eq!(b.header_sha256, [7; 32]);
+    assert_eq!(read_all(&store.ciphertext(b.key).await.unwrap()), b"other");
+    assert_eq!(store.deliveries(b.key).await.unwrap().len(), 1);
+    assert_eq!(store.deliveries(b.key).await.unwrap()[0].message_id, id);
+
+    // The same sender under the same id is still the one stored message.
+    let mut again = envelope(id, MessageKind::Inbound, spooled(&store, b"third"), 5);
+    again.sender = uri("urn:test:squatter");
+    again.header_sha256 = [8; 32];
+    match store.accept(again).await.unwrap() {
+        Accepted::Duplicate(r) => assert_eq!(*r, b),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.messages_by_id(id).await.unwrap().len(), 2);
+    assert_eq!(store.messages_by_id(mid(41)).await.unwrap(), Vec::new());
 }
