@@ -7,7 +7,12 @@ use protox::prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["exchange/v1/daemon.proto"];
-    for f in &files {
+    // daemon.proto imports the envelope's and the receipt's enums.
+    for f in [
+        "exchange/v1/daemon.proto",
+        "exchange/v1/envelope.proto",
+        "exchange/v1/receipt.proto",
+    ] {
         println!("cargo:rerun-if-changed=../proto/{f}");
     }
     let fds = protox::compile(files, ["../proto"])?;

@@ -285,7 +285,8 @@ pub(crate) fn export(
         }
         None => {
             let stdout = std::io::stdout();
-            accountability::export_audit(data, from_ms, to_ms, &witnessed, stdout.lock())
+            let out = crate::out::PipeAware(stdout.lock());
+            accountability::export_audit(data, from_ms, to_ms, &witnessed, out)
                 .map_err(export_err)?
         }
     };

@@ -23,20 +23,45 @@ fn crl_window(now: SystemTime) -> (SystemTime, SystemTime) {
     )
 }
 
-/// `ca init`: a new CA in `dir` (ca.pem, ca.key.pem, crl.pem).
-pub(crate) fn init(dir: &Path, name: &str, days: u32, now: SystemTime) -> Result<()> {
-    let (cert, key, crl) = (
+/// The file in a subordinate CA's directory holding the certificates that
+/// its parties' files carry after their leaf (the subordinate's own).
+const CHAIN_FILE: &str = "chain.pem";
+
+/// `ca init`: a new CA in `dir` (ca.pem, ca.key.pem, crl.pem); with
+/// `issuer`, a subordinate CA signed by the CA in that directory (and
+/// chain.pem).
+pub(crate) fn init(
+    dir: &Path,
+    name: &str,
+    days: u32,
+    issuer: Option<&Path>,
+    now: SystemTime,
+) -> Result<()> {
+    let (cert, key, crl, chain) = (
         dir.join("ca.pem"),
         dir.join("ca.key.pem"),
         dir.join("crl.pem"),
+        dir.join(CHAIN_FILE),
     );
-    for p in [&cert, &key, &crl] {
+    for p in [&cert, &key, &crl, &chain] {
         if p.exists() {
             return Err(CliError::Exists(p.clone()));
         }
     }
+    let validity = Validity::days_from(now, days);
+    let ca = match issuer {
+        None => CertificateAuthority::generate(name, validity)?,
+        Some(parent_dir) => {
+            if parent_dir.join(CHAIN_FILE).exists() {
+                return Err(CliError::Usage(format!(
+                    "{} is a subordinate CA (path length 0): it cannot sign another CA",
+                    parent_dir.display()
+                )));
+            }
+            load_ca(parent_dir)?.issue_subordinate(name, validity)?
+        }
+    };
     files::create_dir(dir)?;
-    let ca = CertificateAuthority::generate(name, Validity::days_from(now, days))?;
     let (this, next) = crl_window(now);
     let crl_pem = ca.crl(
         &CrlState {
@@ -49,14 +74,43 @@ pub(crate) fn init(dir: &Path, name: &str, days: u32, now: SystemTime) -> Result
     files::write_new(&key, ca.key_pem().as_bytes(), true)?;
     files::write_new(&cert, ca.certificate_pem().as_bytes(), false)?;
     files::write_new(&crl, crl_pem.as_bytes(), false)?;
-    println!("CA \"{name}\" created in {}", dir.display());
-    println!("  {}  trust anchor: give it to every party", cert.display());
+    if let Some(parent_dir) = issuer {
+        files::write_new(&chain, ca.certificate_pem().as_bytes(), false)?;
+        println!(
+            "subordinate CA \"{name}\" created in {}, signed by the CA in {}",
+            dir.display(),
+            parent_dir.display()
+        );
+        println!(
+            "  {}  its certificate: the parties it issues carry it after their leaf ({})",
+            cert.display(),
+            chain.display()
+        );
+        println!(
+            "  the trust anchor stays {}; give parties both CRLs",
+            parent_dir.join("ca.pem").display()
+        );
+    } else {
+        println!("CA \"{name}\" created in {}", dir.display());
+        println!("  {}  trust anchor: give it to every party", cert.display());
+    }
     println!(
         "  {}  private key (mode 0600): keep it offline",
         key.display()
     );
     println!("  {}  CRL, fresh until {}", crl.display(), fmt_time(next));
     Ok(())
+}
+
+/// What a certificate issued by the CA in `dir` carries after its leaf: a
+/// subordinate CA's chain.pem, nothing for a root.
+fn issuer_chain(dir: &Path) -> Result<String> {
+    let path = dir.join(CHAIN_FILE);
+    if !path.exists() {
+        return Ok(String::new());
+    }
+    String::from_utf8(files::read(&path)?)
+        .map_err(|_| CliError::Usage(format!("{} is not PEM text", path.display())))
 }
 
 fn load_ca(dir: &Path) -> Result<CertificateAuthority> {
@@ -116,11 +170,20 @@ pub(crate) fn issue_files(
         return Err(CliError::Exists(p.clone()));
     }
     let creds = ca.issue_party(&party, name, Validity::days_from(now, days))?;
+    let chain = issuer_chain(ca_dir)?;
     files::create_dir(out)?;
     files::write_new(&paths[1], creds.identity.key_pem.as_bytes(), true)?;
-    files::write_new(&paths[0], creds.identity.cert_pem.as_bytes(), false)?;
+    files::write_new(
+        &paths[0],
+        (creds.identity.cert_pem + &chain).as_bytes(),
+        false,
+    )?;
     files::write_new(&paths[3], creds.encryption.key_pem.as_bytes(), true)?;
-    files::write_new(&paths[2], creds.encryption.cert_pem.as_bytes(), false)?;
+    files::write_new(
+        &paths[2],
+        (creds.encryption.cert_pem + &chain).as_bytes(),
+        false,
+    )?;
     Ok((party, paths))
 }
 
@@ -167,9 +230,10 @@ pub(crate) fn issue_client_files(
         role: KeyRole::Identity,
         validity: Validity::days_from(now, days),
     })?;
+    let chain = issuer_chain(ca_dir)?;
     files::create_dir(out)?;
     files::write_new(&key, issued.key_pem.as_bytes(), true)?;
-    files::write_new(&cert, issued.cert_pem.as_bytes(), false)?;
+    files::write_new(&cert, (issued.cert_pem + &chain).as_bytes(), false)?;
     Ok((cert, key))
 }
 
@@ -280,7 +344,7 @@ pub(crate) fn verify(
         ),
         Some(KeyRole::Encryption) => (
             trust
-                .verify_encryption(leaf, at)
+                .verify_encryption_chain(&chain, at)
                 .map_err(about)?
                 .party()
                 .clone(),

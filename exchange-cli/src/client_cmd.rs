@@ -21,9 +21,9 @@ use exchange_daemon::error::status_reason;
 use exchange_daemon::from_unix_ms;
 use exchange_daemon::proto::client_client::ClientClient;
 use exchange_daemon::proto::{
-    AckRequest, FetchHeader, FetchRequest, InboxItem, ListInboxRequest, MessageStatus, Receipt,
-    SendRequest, SendResponse, SendStart, StatusRequest, SubjectIdentifier, fetch_response,
-    send_request,
+    AckRequest, FetchHeader, FetchRequest, HopState, InboxItem, ListInboxRequest, MessageStatus,
+    Receipt, RecipientProvision, SendRequest, SendResponse, SendStart, StatusRequest,
+    SubjectIdentifier, fetch_response, send_request,
 };
 use exchange_daemon::tls::TlsIdentity;
 use serde::Deserialize;
@@ -675,7 +675,7 @@ pub(crate) async fn watch_until(
         .map_err(|s| client.error(&what, &s))?
     {
         each(&s);
-        let done = s.state == "FAILED" || until.contains(&s.state.as_str());
+        let done = state_name(&s) == "FAILED" || until.contains(&state_name(&s));
         last = Some(s);
         if done {
             break;
@@ -699,18 +699,18 @@ pub(crate) async fn status_of(client: &Client, id: &[u8]) -> Result<MessageStatu
 }
 
 fn failed_check(s: &MessageStatus) -> Result<()> {
-    if s.state != "FAILED" {
+    if state_name(s) != "FAILED" {
         return Ok(());
     }
     let reason = s
         .receipts
         .iter()
-        .find(|r| r.disposition == "REJECTED")
+        .find(|r| disposition_name(r) == "REJECTED")
         .map(|r| format!("REJECTED by {}: {}", r.issuer, r.reason))
         .or_else(|| {
             s.hops
                 .iter()
-                .find(|h| h.state == "FAILED")
+                .find(|h| hop_state_name(h) == "FAILED")
                 .map(|h| format!("delivery to {} failed: {}", h.party, h.last_error))
         })
         .unwrap_or_else(|| "no reason given".into());
@@ -718,6 +718,37 @@ fn failed_check(s: &MessageStatus) -> Result<()> {
         id: id_of(&s.message_id),
         reason,
     })
+}
+
+/// The short name of an API enum value (`DELIVERED` for
+/// `MESSAGE_STATE_DELIVERED`): what the CLI prints and its JSON carries.
+fn short(name: &'static str, prefix: &str) -> &'static str {
+    name.strip_prefix(prefix).unwrap_or(name)
+}
+
+/// A message's state: PENDING, RELAYED, DELIVERED, PROCESSED or FAILED.
+pub(crate) fn state_name(s: &MessageStatus) -> &'static str {
+    short(s.state().as_str_name(), "MESSAGE_STATE_")
+}
+
+/// A hop's delivery state: PENDING, DELIVERED or FAILED.
+pub(crate) fn hop_state_name(h: &HopState) -> &'static str {
+    short(h.state().as_str_name(), "HOP_DELIVERY_STATE_")
+}
+
+/// A receipt's disposition: ACCEPTED_FOR_RELAY, DELIVERED, PROCESSED or REJECTED.
+pub(crate) fn disposition_name(r: &Receipt) -> &'static str {
+    short(r.disposition().as_str_name(), "DISPOSITION_")
+}
+
+/// A receipt issuer's role: ENTRUSTED or THIRD_PARTY.
+pub(crate) fn role_name(r: &Receipt) -> &'static str {
+    short(r.role().as_str_name(), "HOP_ROLE_")
+}
+
+/// A recipient's provision: NOT_A_PROVISION, PENDING, PASSED or REJECTED.
+pub(crate) fn provision_name(p: &RecipientProvision) -> &'static str {
+    short(p.provision().as_str_name(), "PROVISION_STATE_")
 }
 
 fn ms(t: u64) -> String {
@@ -728,13 +759,13 @@ fn ms(t: u64) -> String {
 /// boundary mark.
 pub(crate) fn receipt_line(r: &Receipt) -> String {
     let disposition = if r.reason.is_empty() {
-        r.disposition.clone()
+        disposition_name(r).to_owned()
     } else {
-        format!("{} ({})", r.disposition, r.reason)
+        format!("{} ({})", disposition_name(r), r.reason)
     };
     format!(
         "{disposition:<18} {:<11}  {:<24}  {} <{}>{}{}",
-        r.role,
+        role_name(r),
         ms(r.issued_ms),
         if r.issuer_name.is_empty() {
             "?"
@@ -757,7 +788,7 @@ pub(crate) fn receipt_line(r: &Receipt) -> String {
 
 /// The human-readable status.
 pub(crate) fn print_status(s: &MessageStatus) {
-    println!("message {}  {}", id_of(&s.message_id), s.state);
+    println!("message {}  {}", id_of(&s.message_id), state_name(s));
     println!(
         "  created     {}, expires {}",
         ms(s.created_ms),
@@ -767,7 +798,7 @@ pub(crate) fn print_status(s: &MessageStatus) {
         println!(
             "  hop         {} {} (attempts {}){}",
             h.party,
-            h.state,
+            hop_state_name(h),
             h.attempts,
             if h.last_error.is_empty() {
                 String::new()
@@ -783,7 +814,7 @@ pub(crate) fn print_status(s: &MessageStatus) {
         println!("  receipt     {}", receipt_line(r));
     }
     for p in &s.provisions {
-        let detail = match p.provision.as_str() {
+        let detail = match provision_name(p) {
             "NOT_A_PROVISION" => {
                 "entrusted hops only (委託): not a third-party provision".to_owned()
             }
@@ -792,7 +823,11 @@ pub(crate) fn print_status(s: &MessageStatus) {
             "REJECTED" => format!("{} refused it", p.boundary),
             other => other.to_owned(),
         };
-        println!("  provision   {} {}: {detail}", p.recipient, p.provision);
+        println!(
+            "  provision   {} {}: {detail}",
+            p.recipient,
+            provision_name(p)
+        );
     }
 }
 
@@ -800,21 +835,21 @@ pub(crate) fn print_status(s: &MessageStatus) {
 pub(crate) fn status_json(s: &MessageStatus) -> serde_json::Value {
     json!({
         "message_id": id_of(&s.message_id),
-        "state": s.state,
+        "state": state_name(s),
         "created": ms(s.created_ms),
         "expires": ms(s.expires_ms),
         "hops": s.hops.iter().map(|h| json!({
-            "party": h.party, "state": h.state, "attempts": h.attempts,
+            "party": h.party, "state": hop_state_name(h), "attempts": h.attempts,
             "last_error": h.last_error,
         })).collect::<Vec<_>>(),
         "receipts": s.receipts.iter().map(|r| json!({
-            "issuer": r.issuer, "issuer_name": r.issuer_name, "role": r.role,
-            "disposition": r.disposition, "reason": r.reason, "time": ms(r.issued_ms),
+            "issuer": r.issuer, "issuer_name": r.issuer_name, "role": role_name(r),
+            "disposition": disposition_name(r), "reason": r.reason, "time": ms(r.issued_ms),
             "provision_boundary": r.provision_boundary,
             "issuer_revoked_since": r.issuer_revoked_since,
         })).collect::<Vec<_>>(),
         "provisions": s.provisions.iter().map(|p| json!({
-            "recipient": p.recipient, "provision": p.provision, "boundary": p.boundary,
+            "recipient": p.recipient, "provision": provision_name(p), "boundary": p.boundary,
             "receipt": p.receipt,
         })).collect::<Vec<_>>(),
     })

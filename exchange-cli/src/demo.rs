@@ -375,6 +375,7 @@ pub(crate) async fn run(dir: Option<&Path>, burst: usize) -> Result<()> {
         &root.join("ca"),
         "Regional Care Network CA (demo)",
         3650,
+        None,
         now,
     )?;
 
@@ -515,7 +516,7 @@ async fn wait_for(
                     format!(
                         "hop {} {} after {} attempt(s){}",
                         h.party,
-                        h.state,
+                        client_cmd::hop_state_name(h),
                         h.attempts,
                         if h.last_error.is_empty() {
                             String::new()
@@ -528,14 +529,14 @@ async fn wait_for(
             return Err(CliError::Timeout {
                 what: format!(
                     "the {label} to be {state} (it is {}; {})",
-                    last.state,
+                    client_cmd::state_name(&last),
                     hops.join("; ")
                 ),
                 secs: WAIT.as_secs(),
             });
         }
     };
-    if status.state == "FAILED" {
+    if client_cmd::state_name(&status) == "FAILED" {
         return Err(CliError::Failed {
             id: id_string(id),
             reason: format!("the {label} did not reach {state}"),
@@ -620,14 +621,18 @@ fn show_receipts(client: &Client, root: &Path, label: &str, s: &MessageStatus) -
             )));
         }
         files::write_new(
-            &dir.join(format!("{label}-{}-{}.exrcpt", i + 1, r.disposition)),
+            &dir.join(format!(
+                "{label}-{}-{}.exrcpt",
+                i + 1,
+                client_cmd::disposition_name(r)
+            )),
             &verified.signed().to_file(),
             false,
         )?;
         println!("    {}. {}", i + 1, client_cmd::receipt_line(r));
     }
     for p in &s.provisions {
-        let line = match (p.provision.as_str(), p.receipt) {
+        let line = match (client_cmd::provision_name(p), p.receipt) {
             ("PASSED", Some(n)) if p.boundary == p.recipient => format!(
                 "responsibility for the {label} passed to {} with receipt {} (第三者提供)",
                 p.recipient,
@@ -647,10 +652,15 @@ fn show_receipts(client: &Client, root: &Path, label: &str, s: &MessageStatus) -
         };
         println!("    boundary: {line}");
     }
-    for r in s.receipts.iter().filter(|r| r.role == "ENTRUSTED") {
+    for r in s
+        .receipts
+        .iter()
+        .filter(|r| client_cmd::role_name(r) == "ENTRUSTED")
+    {
         println!(
             "    {} acted for the clinic (委託): its {} receipt is custody, not a provision; the clinic stayed responsible",
-            r.issuer, r.disposition
+            r.issuer,
+            client_cmd::disposition_name(r)
         );
     }
     Ok(())
@@ -811,7 +821,7 @@ async fn measure_burst(emr: &Client, n: usize) -> Result<()> {
     let mut next = 0;
     while next < n {
         let s = client_cmd::status_of(emr, &ids[next]).await?;
-        match s.state.as_str() {
+        match client_cmd::state_name(&s) {
             "DELIVERED" | "PROCESSED" => next += 1,
             "FAILED" => {
                 return Err(CliError::Failed {

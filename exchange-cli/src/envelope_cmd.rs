@@ -124,11 +124,11 @@ pub(crate) fn seal(a: &SealArgs, now: SystemTime) -> Result<VerifiedHead> {
     }
     for path in &a.to {
         let about = format!("recipient {}", path.display());
-        let cert = Certificate::from_pem(&files::read(path)?)
-            .map_err(CliError::about(about.clone()))?
-            .remove(0);
+        // The leaf, then the intermediates that issued it: its chain.
+        let chain =
+            Certificate::from_pem(&files::read(path)?).map_err(CliError::about(about.clone()))?;
         let key = trust
-            .verify_encryption(&cert, now)
+            .verify_encryption_chain(&chain, now)
             .map_err(CliError::about(about))?;
         builder = builder.recipient(key, a.recipient_role);
     }
@@ -429,7 +429,9 @@ pub(crate) fn verify_receipt(
 ) -> Result<VerifiedReceipt> {
     let trust = files::trust(trust_path, crl)?;
     let about = CliError::about(file.display().to_string());
-    let r = SignedReceipt::from_file(&files::read(file)?)
+    // The file form (.exrcpt) or the bare SignedReceipt message that the
+    // daemon's Status and Ack answers carry.
+    let r = SignedReceipt::from_file_or_bytes(&files::read(file)?)
         .and_then(|r| r.verify(&trust))
         .map_err(about)?;
     let cert = r.issuer_certificate();

@@ -7,6 +7,23 @@
 
 #![forbid(unsafe_code)]
 
+// Output macros for the whole crate (they shadow std's, textually, in every
+// module declared below): a closed pipe ends the command quietly (see `out`).
+/// Prints to standard output; a closed pipe ends the command quietly.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::out::write(format_args!($($arg)*)) };
+}
+/// Prints a line to standard output; a closed pipe ends the command quietly.
+macro_rules! println {
+    () => { $crate::out::write_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::out::write_line(format_args!($($arg)*)) };
+}
+/// Prints a line to standard error; never panics.
+macro_rules! eprintln {
+    () => { $crate::out::write_err_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::out::write_err_line(format_args!($($arg)*)) };
+}
+
 mod admin_cmd;
 mod audit_cmd;
 mod ca;
@@ -15,6 +32,7 @@ mod demo;
 mod envelope_cmd;
 mod error;
 mod files;
+mod out;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -193,7 +211,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CaCommand {
-    /// Create a CA: DIR/ca.pem, DIR/ca.key.pem, DIR/crl.pem.
+    /// Create a CA: DIR/ca.pem, DIR/ca.key.pem, DIR/crl.pem. With --issuer,
+    /// a subordinate (intermediate, path length 0) CA signed by the CA in
+    /// that directory, and DIR/chain.pem, which every certificate it issues
+    /// carries after its leaf.
     Init {
         /// Directory for the CA files.
         #[arg(long)]
@@ -204,6 +225,9 @@ enum CaCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// The directory of the (root) CA that signs this one as its subordinate.
+        #[arg(long, value_name = "CA_DIR")]
+        issuer: Option<PathBuf>,
     },
     /// Issue identity and encryption credentials for a party.
     Issue {
@@ -328,7 +352,8 @@ enum ReceiptCommand {
         /// The envelope the receipt is for.
         #[arg(long)]
         envelope: Option<PathBuf>,
-        /// The receipt (.exrcpt).
+        /// The receipt: a .exrcpt file, or the bare signed receipt (the bytes
+        /// of Receipt.signed or AckResponse.receipt from the daemon's API).
         file: PathBuf,
     },
 }
@@ -337,7 +362,12 @@ fn run(cli: Cli) -> Result<()> {
     let now = SystemTime::now();
     match cli.command {
         Command::Ca { command } => match command {
-            CaCommand::Init { dir, name, days } => ca::init(&dir, &name, days, now),
+            CaCommand::Init {
+                dir,
+                name,
+                days,
+                issuer,
+            } => ca::init(&dir, &name, days, issuer.as_deref(), now),
             CaCommand::Issue {
                 ca,
                 party,
@@ -486,11 +516,14 @@ fn block_on(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    let cli = Cli::parse();
+    match out::catching_closed_pipe(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+        // The reader of standard output went away: end quietly, as cat does.
+        Err(status) => ExitCode::from(status),
     }
 }

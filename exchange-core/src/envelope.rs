@@ -431,7 +431,7 @@ impl EnvelopeHead {
         let mut fixed = [0u8; 12];
         read_exact(r, &mut fixed, "envelope prefix")?;
         if &fixed[..6] != MAGIC {
-            return Err(FormatError::BadMagic("envelope").into());
+            return Err(FormatError::BadMagic("an envelope").into());
         }
         let version = u16::from_be_bytes([fixed[6], fixed[7]]);
         if version != FILE_VERSION {

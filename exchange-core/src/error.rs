@@ -116,8 +116,9 @@ impl Error {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FormatError {
-    /// The file does not start with the expected magic bytes.
-    #[error("not an {0} file (bad magic)")]
+    /// The file does not start with the expected magic bytes. The text
+    /// names what was expected with its article ("a receipt").
+    #[error("not {0} file (bad magic)")]
     BadMagic(&'static str),
     /// Format version we do not implement.
     #[error("unsupported format version {0}")]

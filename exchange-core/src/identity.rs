@@ -362,7 +362,8 @@ impl Identity {
 /// A party may hold several (old keys after rotation still open stored messages).
 #[derive(Debug)]
 pub struct DecryptionKey {
-    cert: Certificate,
+    /// The encryption certificate, then the intermediates that issued it.
+    chain: Vec<Certificate>,
     key: EncryptionKey,
 }
 
@@ -370,24 +371,38 @@ impl DecryptionKey {
     /// Pairs an encryption certificate with its key; fails with
     /// [`Error::KeyMismatch`] if they do not belong together.
     pub fn new(cert: Certificate, key: EncryptionKey) -> Result<Self, Error> {
-        if cert.public_key()? != &key.public_key() {
-            return Err(Error::KeyMismatch);
-        }
-        Ok(Self { cert, key })
+        Self::with_chain(vec![cert], key)
     }
 
-    /// Loads from PEM: the encryption certificate and its PKCS#8 key.
+    /// Pairs an encryption certificate chain (leaf first, then the
+    /// intermediates that issued it, no root) with the leaf's key; fails with
+    /// [`Error::KeyMismatch`] if the key is not the leaf's.
+    pub fn with_chain(chain: Vec<Certificate>, key: EncryptionKey) -> Result<Self, Error> {
+        let leaf = chain.first().ok_or(FormatError::Pem("certificate"))?;
+        if leaf.public_key()? != &key.public_key() {
+            return Err(Error::KeyMismatch);
+        }
+        Ok(Self { chain, key })
+    }
+
+    /// Loads from PEM: the encryption certificate file (the leaf, then any
+    /// intermediates: its chain) and its PKCS#8 key.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, Error> {
-        let cert = Certificate::from_pem(cert_pem)?
-            .into_iter()
-            .next()
-            .ok_or(FormatError::Pem("certificate"))?;
-        Self::new(cert, EncryptionKey::from_pkcs8_pem(key_pem)?)
+        Self::with_chain(
+            Certificate::from_pem(cert_pem)?,
+            EncryptionKey::from_pkcs8_pem(key_pem)?,
+        )
     }
 
     /// The encryption certificate.
     pub fn certificate(&self) -> &Certificate {
-        &self.cert
+        &self.chain[0]
+    }
+
+    /// The encryption certificate then its intermediates, as loaded: what
+    /// [`crate::trust::TrustStore::verify_encryption_chain`] takes.
+    pub fn chain(&self) -> &[Certificate] {
+        &self.chain
     }
 
     pub(crate) fn key(&self) -> &EncryptionKey {

@@ -212,7 +212,7 @@ impl SignedReceipt {
     pub fn from_file(bytes: &[u8]) -> Result<Self, Error> {
         let rest = bytes
             .strip_prefix(MAGIC.as_slice())
-            .ok_or(FormatError::BadMagic("receipt"))?;
+            .ok_or(FormatError::BadMagic("a receipt"))?;
         let (version, rest) = rest
             .split_first_chunk::<2>()
             .ok_or(FormatError::UnexpectedEof("receipt version"))?;
@@ -222,6 +222,17 @@ impl SignedReceipt {
             );
         }
         Self::from_bytes(rest)
+    }
+
+    /// Parses either form: the file form when `bytes` start with [`MAGIC`],
+    /// else the network form (the bare `SignedReceipt` message, as the
+    /// daemon's `Receipt.signed` and `AckResponse.receipt` carry it).
+    pub fn from_file_or_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.starts_with(MAGIC.as_slice()) {
+            Self::from_file(bytes)
+        } else {
+            Self::from_bytes(bytes)
+        }
     }
 
     /// Verifies the signature (before parsing the body), the issuer binding and

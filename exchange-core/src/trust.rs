@@ -344,13 +344,29 @@ impl TrustStore {
         })
     }
 
-    /// Validates a recipient's encryption certificate at `at`.
+    /// Validates a recipient's encryption certificate at `at`, with only the
+    /// store's own intermediates for path building. A certificate read from a
+    /// file that may carry its chain goes through
+    /// [`TrustStore::verify_encryption_chain`] instead.
     pub fn verify_encryption(
         &self,
         cert: &Certificate,
         at: SystemTime,
     ) -> Result<VerifiedRecipientKey, Error> {
-        let party = self.validate(cert, &[], at, KeyRole::Encryption)?;
+        self.verify_encryption_chain(std::slice::from_ref(cert), at)
+    }
+
+    /// Validates a recipient's encryption certificate given as a chain, leaf
+    /// first and the intermediates that issued it after (as in a PEM file
+    /// holding the leaf then its intermediate): path, validity, revocation of
+    /// every certificate on the path, encryption key usage.
+    pub fn verify_encryption_chain(
+        &self,
+        chain: &[Certificate],
+        at: SystemTime,
+    ) -> Result<VerifiedRecipientKey, Error> {
+        let (cert, rest) = chain.split_first().ok_or(TrustError::Malformed)?;
+        let party = self.validate(cert, rest, at, KeyRole::Encryption)?;
         Ok(VerifiedRecipientKey {
             party,
             public_key: *cert.public_key()?,

@@ -95,7 +95,11 @@ async fn run(messages: usize, concurrency: usize, bytes: usize) {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(s.state, "DELIVERED", "{s:#?}");
+        assert_eq!(
+            s.state(),
+            exchange_daemon::proto::MessageState::Delivered,
+            "{s:#?}"
+        );
     }
     let inbox = h.node().store().inbox(true).await.unwrap().len();
     assert_eq!(inbox, ids.len());

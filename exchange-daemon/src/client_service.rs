@@ -23,13 +23,14 @@ use exchange_core::audit::{AuditAction, AuditOutcome};
 use crate::accountability::client_actor;
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::node::{Node, first_hops, next_message, position, unix_ms};
+use crate::node::{Node, first_hops, next_message, position, receive_error, unix_ms};
 use crate::peer::peer_of;
 use crate::proto::client_server::Client;
 use crate::proto::{
-    self, AckRequest, AckResponse, FetchHeader, FetchRequest, FetchResponse, HopState, InboxItem,
-    ListInboxRequest, ListInboxResponse, MessageStatus, RecipientProvision, SendRequest,
-    SendResponse, StatusRequest, SubjectIdentifier, fetch_response, send_request,
+    self, AckRequest, AckResponse, FetchHeader, FetchRequest, FetchResponse, HopDeliveryState,
+    HopState, InboxItem, ListInboxRequest, ListInboxResponse, MessageState, MessageStatus,
+    ProvisionState, RecipientProvision, SendRequest, SendResponse, StatusRequest,
+    SubjectIdentifier, fetch_response, send_request,
 };
 use crate::sink::Sink;
 use crate::store::{
@@ -154,7 +155,14 @@ impl Node {
         {
             // A repeat: read what it asks for, store nothing.
             let progress = self.config.limits.progress_timeout();
-            while let Some(msg) = next_message(&mut stream, progress, "plaintext").await? {
+            while let Some(msg) = next_message(
+                &mut stream,
+                progress,
+                "plaintext",
+                self.config.limits.max_message_bytes,
+            )
+            .await?
+            {
                 let Some(send_request::Part::Chunk(data)) = msg.part else {
                     return Err(Error::Protocol("a second SendStart".into()));
                 };
@@ -184,7 +192,7 @@ impl Node {
                 .ok_or_else(|| {
                     Error::UnknownPeer(format!("{party} (no encryption certificate configured)"))
                 })?;
-            let key = self.trust().verify_encryption(cert, now)?;
+            let key = self.trust().verify_encryption_chain(cert, now)?;
             if key.party() != &party {
                 return Err(Error::Config(format!(
                     "the encryption certificate configured for {party} names {}",
@@ -264,7 +272,14 @@ impl Node {
         let mut total = 0u64;
         let mut out = Vec::with_capacity(SLICE + 1024);
         let progress = self.config.limits.progress_timeout();
-        while let Some(msg) = next_message(&mut stream, progress, "plaintext").await? {
+        while let Some(msg) = next_message(
+            &mut stream,
+            progress,
+            "plaintext",
+            self.config.limits.max_message_bytes,
+        )
+        .await?
+        {
             let Some(send_request::Part::Chunk(data)) = msg.part else {
                 return Err(Error::Protocol("a second SendStart".into()));
             };
@@ -484,8 +499,8 @@ impl Node {
                     .common_name()
                     .unwrap_or_default()
                     .to_owned(),
-                role: r.role().as_str().to_owned(),
-                disposition: r.disposition().as_str().to_owned(),
+                role: proto_role(r.role()).into(),
+                disposition: proto_disposition(r.disposition()).into(),
                 reason: match r.disposition() {
                     Disposition::Rejected(reason) => reason.clone(),
                     _ => String::new(),
@@ -500,7 +515,12 @@ impl Node {
             .filter(|d| d.kind == DeliveryKind::Envelope)
             .map(|d| HopState {
                 party: d.target.to_string(),
-                state: d.state.as_str().to_owned(),
+                state: match d.state {
+                    DeliveryState::Pending => HopDeliveryState::Pending,
+                    DeliveryState::Done => HopDeliveryState::Delivered,
+                    DeliveryState::Failed(_) => HopDeliveryState::Failed,
+                }
+                .into(),
                 attempts: d.attempts,
                 last_error: match &d.state {
                     DeliveryState::Failed(reason) => reason.clone(),
@@ -525,26 +545,30 @@ impl Node {
                         && !matches!(later.disposition(), Disposition::Rejected(_))
                 })
         });
-        let state = if rejected || hops.iter().any(|h| h.state == "FAILED") {
-            "FAILED"
+        let state = if rejected || hops.iter().any(|h| h.state() == HopDeliveryState::Failed) {
+            MessageState::Failed
         } else if recipients
             .iter()
             .all(|h| has(&h.party, &[Disposition::Processed]))
         {
-            "PROCESSED"
+            MessageState::Processed
         } else if recipients
             .iter()
             .all(|h| has(&h.party, &[Disposition::Delivered, Disposition::Processed]))
         {
-            "DELIVERED"
-        } else if !hops.is_empty() && hops.iter().all(|h| h.state == "DELIVERED") {
-            "RELAYED"
+            MessageState::Delivered
+        } else if !hops.is_empty()
+            && hops
+                .iter()
+                .all(|h| h.state() == HopDeliveryState::Delivered)
+        {
+            MessageState::Relayed
         } else {
-            "PENDING"
+            MessageState::Pending
         };
         Ok(MessageStatus {
             message_id: record.id.as_bytes().to_vec(),
-            state: state.to_owned(),
+            state: state.into(),
             created_ms: record.created_ms,
             expires_ms: record.expires_ms,
             hops,
@@ -552,25 +576,27 @@ impl Node {
             provisions: provisions
                 .into_iter()
                 .map(|p| {
-                    let (name, boundary, receipt) = match p.provision {
-                        Provision::NotAProvision => ("NOT_A_PROVISION", String::new(), None),
+                    let (state, boundary, receipt) = match p.provision {
+                        Provision::NotAProvision => {
+                            (ProvisionState::NotAProvision, String::new(), None)
+                        }
                         Provision::Pending { boundary } => {
-                            ("PENDING", boundary.party.to_string(), None)
+                            (ProvisionState::Pending, boundary.party.to_string(), None)
                         }
                         Provision::Passed { boundary, receipt } => (
-                            "PASSED",
+                            ProvisionState::Passed,
                             boundary.party.to_string(),
                             u32::try_from(receipt).ok(),
                         ),
                         Provision::Rejected { boundary, receipt } => (
-                            "REJECTED",
+                            ProvisionState::Rejected,
                             boundary.party.to_string(),
                             u32::try_from(receipt).ok(),
                         ),
                     };
                     RecipientProvision {
                         recipient: p.recipient.to_string(),
-                        provision: name.to_owned(),
+                        provision: state.into(),
                         boundary,
                         receipt,
                     }
@@ -639,6 +665,30 @@ impl Node {
                 ))
             })
     }
+}
+
+/// A receipt's role as the API's enum.
+fn proto_role(role: HopRole) -> proto::HopRole {
+    match role {
+        HopRole::Entrusted => proto::HopRole::Entrusted,
+        HopRole::ThirdParty => proto::HopRole::ThirdParty,
+    }
+}
+
+/// A receipt's disposition as the API's enum (the reason travels beside it).
+fn proto_disposition(d: &Disposition) -> proto::Disposition {
+    match d {
+        Disposition::AcceptedForRelay => proto::Disposition::AcceptedForRelay,
+        Disposition::Delivered => proto::Disposition::Delivered,
+        Disposition::Processed => proto::Disposition::Processed,
+        Disposition::Rejected(_) => proto::Disposition::Rejected,
+    }
+}
+
+/// A message state's short name (`DELIVERED`), for the audit log.
+fn state_name(state: MessageState) -> &'static str {
+    let name = state.as_str_name();
+    name.strip_prefix("MESSAGE_STATE_").unwrap_or(name)
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -742,7 +792,18 @@ impl Client for ClientService {
     ) -> Result<Response<SendResponse>, Status> {
         let client = self.client(&req, AuditAction::Send).await?;
         let mut stream = req.into_inner();
-        let start = match stream.message().await? {
+        let limit = self.node.config.limits.max_message_bytes;
+        let first = match stream.message().await {
+            Ok(first) => first,
+            Err(s) => {
+                let e = receive_error(&s, "SendStart", limit);
+                if matches!(e, Error::PieceTooLarge { .. }) {
+                    return Err(self.deny(client, AuditAction::Send, None, e).await);
+                }
+                return Err(s);
+            }
+        };
+        let start = match first {
             Some(SendRequest {
                 part: Some(send_request::Part::Start(start)),
             }) => start,
@@ -774,7 +835,7 @@ impl Client for ClientService {
             client,
             AuditAction::Status,
             Some(&record),
-            format!("state {}", status.state),
+            format!("state {}", state_name(status.state())),
         )
         .await?;
         Ok(Response::new(status))
@@ -806,7 +867,10 @@ impl Client for ClientService {
                         return;
                     }
                 };
-                let done = matches!(status.state.as_str(), "PROCESSED" | "FAILED");
+                let done = matches!(
+                    status.state(),
+                    MessageState::Processed | MessageState::Failed
+                );
                 if last.as_ref() != Some(&status) {
                     last = Some(status.clone());
                     if tx.send(Ok(status)).await.is_err() {

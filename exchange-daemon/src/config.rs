@@ -243,6 +243,11 @@ pub struct LimitsConfig {
     /// refused with `disk-reserve`. 0 turns the check off.
     #[serde(default = "default_min_free_disk")]
     pub min_free_disk_bytes: u64,
+    /// Largest single gRPC message either listener decodes (bytes): one
+    /// Send or Deliver piece, or one whole unary request. A larger piece is
+    /// refused with INVALID_ARGUMENT, reason `piece-too-large`.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
 }
 
 impl LimitsConfig {
@@ -278,6 +283,17 @@ fn default_min_free_disk() -> u64 {
     1 << 30
 }
 
+/// The default of [`LimitsConfig::max_message_bytes`]: 4 MiB, gRPC's
+/// customary limit, sixteen times the 256 KiB pieces the CLI and daemons send.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The smallest [`LimitsConfig::max_message_bytes`] accepted: 2 MiB (an
+/// envelope head may take 1 MiB).
+pub const MIN_MAX_MESSAGE_BYTES: usize = 2 << 20;
+
+fn default_max_message() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
 fn default_max_envelope() -> u64 {
     4 << 30
 }
@@ -298,6 +314,7 @@ impl Default for LimitsConfig {
             keepalive_timeout_seconds: default_keepalive_timeout(),
             max_receipts_per_call: default_max_receipts_per_call(),
             min_free_disk_bytes: default_min_free_disk(),
+            max_message_bytes: default_max_message(),
         }
     }
 }
@@ -573,6 +590,13 @@ impl Config {
             ));
         }
         let l = &self.limits;
+        if l.max_message_bytes < MIN_MAX_MESSAGE_BYTES {
+            return Err(Error::Config(format!(
+                "limits.max_message_bytes ({}) must be at least {MIN_MAX_MESSAGE_BYTES}: \
+                 256 KiB pieces, envelope heads and receipts must fit",
+                l.max_message_bytes
+            )));
+        }
         if l.progress_timeout_seconds == 0
             || l.max_connections == 0
             || l.max_connections_per_party == 0

@@ -195,6 +195,20 @@ pub enum Error {
         /// `limits.max_receipts_per_call`.
         limit: usize,
     },
+    /// One message of a request stream (a Send or Deliver piece) is larger
+    /// than the configured `limits.max_message_bytes`: the request is
+    /// refused, not retried.
+    #[error(
+        "a {what} piece is larger than the limit of {limit} bytes per message (limits.max_message_bytes): {detail}"
+    )]
+    PieceTooLarge {
+        /// What the stream carried (plaintext, ciphertext, the head).
+        what: &'static str,
+        /// The limit in force (bytes).
+        limit: usize,
+        /// What the gRPC decoder reported.
+        detail: String,
+    },
 }
 
 /// Why the store failed.
@@ -300,6 +314,7 @@ impl Error {
             Self::LifetimeTooLong { .. } => "lifetime-too-long",
             Self::DiskReserve { .. } => "disk-reserve",
             Self::TooManyReceipts { .. } => "too-many-receipts",
+            Self::PieceTooLarge { .. } => "piece-too-large",
         }
     }
 
@@ -350,7 +365,7 @@ impl Error {
             | Self::Refused { .. }
             | Self::NotFetched(_)
             | Self::AmbiguousId { .. } => Code::FailedPrecondition,
-            Self::LifetimeTooLong { .. } => Code::InvalidArgument,
+            Self::LifetimeTooLong { .. } | Self::PieceTooLarge { .. } => Code::InvalidArgument,
             Self::Transport(_)
             | Self::Shutdown
             | Self::PeerInternal { .. }

@@ -40,13 +40,29 @@ pub(crate) async fn next_message<T>(
     stream: &mut tonic::Streaming<T>,
     progress: Duration,
     what: &'static str,
+    limit: usize,
 ) -> Result<Option<T>, Error> {
     match tokio::time::timeout(progress, stream.message()).await {
         Err(_) => Err(Error::Stalled {
             what,
             seconds: progress.as_secs(),
         }),
-        Ok(r) => r.map_err(|s| Error::Transport(format!("receiving {what}: {}", s.message()))),
+        Ok(r) => r.map_err(|s| receive_error(&s, what, limit)),
+    }
+}
+
+/// What a failed read of a request stream means: a piece over the decoding
+/// limit (`limit`, bytes) is the client's error and final; anything else is
+/// the transport's.
+pub(crate) fn receive_error(status: &tonic::Status, what: &'static str, limit: usize) -> Error {
+    if status.code() == tonic::Code::OutOfRange {
+        Error::PieceTooLarge {
+            what,
+            limit,
+            detail: status.message().to_owned(),
+        }
+    } else {
+        Error::Transport(format!("receiving {what}: {}", status.message()))
     }
 }
 
@@ -66,7 +82,9 @@ pub fn from_unix_ms(ms: u64) -> SystemTime {
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) address: Option<String>,
-    pub(crate) encryption: Option<Certificate>,
+    /// Its encryption certificate, then the intermediates that issued it (the
+    /// rest of the configured PEM file).
+    pub(crate) encryption: Option<Vec<Certificate>>,
     /// Its role on any route, by contract.
     pub(crate) role: HopRole,
 }
@@ -206,7 +224,7 @@ impl Node {
         // Our own credentials must pass the checks every peer will apply.
         trust.verify_identity(identity.chain(), SystemTime::now())?;
         for k in &keys[..1] {
-            let key = trust.verify_encryption(k.certificate(), SystemTime::now())?;
+            let key = trust.verify_encryption_chain(k.chain(), SystemTime::now())?;
             if key.party() != &party {
                 return Err(Error::Config(format!(
                     "encryption certificate names {}, identity names {party}",
@@ -217,14 +235,8 @@ impl Node {
         let mut peers = HashMap::new();
         for p in &config.peers {
             let encryption = match &p.encryption_cert {
-                Some(path) => Some(
-                    Certificate::from_pem(&config.read(path)?)?
-                        .into_iter()
-                        .next()
-                        .ok_or_else(|| {
-                            Error::Config(format!("{}: no certificate", path.display()))
-                        })?,
-                ),
+                // The leaf, then its chain: path building needs the intermediates.
+                Some(path) => Some(Certificate::from_pem(&config.read(path)?)?),
                 None => None,
             };
             peers.insert(

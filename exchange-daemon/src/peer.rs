@@ -21,7 +21,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::accountability::{self, certificate_name, peer_actor};
 use crate::error::{Error, RECEIPT_METADATA};
-use crate::node::{Node, Position, next_message, position, unix_ms};
+use crate::node::{Node, Position, next_message, position, receive_error, unix_ms};
 use crate::proto::deliver_request::Part;
 use crate::proto::peer_server::Peer;
 use crate::proto::{
@@ -333,7 +333,14 @@ impl Node {
             self.config.limits.inline_ciphertext_bytes,
         )?;
         let progress = self.config.limits.progress_timeout();
-        while let Some(msg) = next_message(&mut stream, progress, "ciphertext").await? {
+        while let Some(msg) = next_message(
+            &mut stream,
+            progress,
+            "ciphertext",
+            self.config.limits.max_message_bytes,
+        )
+        .await?
+        {
             match msg.part {
                 Some(Part::Chunk(data)) => {
                     check.update(&data)?;
@@ -620,12 +627,23 @@ impl Peer for PeerService {
     ) -> Result<Response<DeliverResponse>, Status> {
         let peer = peer_of(&req)?;
         let mut stream = req.into_inner();
-        let head = match stream.message().await? {
-            Some(DeliverRequest {
+        let limit = self.node.config.limits.max_message_bytes;
+        let first = match stream.message().await {
+            Ok(first) => Ok(first),
+            Err(s) => match receive_error(&s, "head", limit) {
+                e @ Error::PieceTooLarge { .. } => Err(e),
+                _ => return Err(s),
+            },
+        };
+        let head = match first {
+            Ok(Some(DeliverRequest {
                 part: Some(Part::Head(head)),
-            }) => head,
-            _ => {
-                let e = Error::Protocol("the first message must carry the head".into());
+            })) => head,
+            other => {
+                let e = match other {
+                    Err(e) => e,
+                    _ => Error::Protocol("the first message must carry the head".into()),
+                };
                 tracing::warn!(from = %peer, reason = e.reason_code(), "envelope rejected: {}", e.bounded());
                 let entry = self
                     .node

@@ -157,11 +157,21 @@ impl Daemon {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<PeerServer<PeerService>>().await;
         reporter.set_serving::<ClientServer<ClientService>>().await;
+        // Reflection in both versions: grpc.reflection.v1, and v1alpha for
+        // the clients that speak only it (grpcio-reflection, older grpcurl).
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = || {
+            reflection()
                 .build_v1()
+                .map_err(|e| Error::Config(format!("reflection: {e}")))
+        };
+        let reflection_v1alpha = || {
+            reflection()
+                .build_v1alpha()
                 .map_err(|e| Error::Config(format!("reflection: {e}")))
         };
 
@@ -177,8 +187,12 @@ impl Daemon {
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_seconds)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
             .add_service(health.clone())
-            .add_service(reflection()?)
-            .add_service(PeerServer::new(PeerService::new(node.clone())));
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
+            .add_service(
+                PeerServer::new(PeerService::new(node.clone()))
+                    .max_decoding_message_size(limits.max_message_bytes),
+            );
         let client_router = Server::builder()
             .initial_stream_window_size(tls::STREAM_WINDOW)
             .initial_connection_window_size(tls::CONNECTION_WINDOW)
@@ -186,8 +200,12 @@ impl Daemon {
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_seconds)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
             .add_service(health)
-            .add_service(reflection()?)
-            .add_service(ClientServer::new(ClientService::new(node.clone())));
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
+            .add_service(
+                ClientServer::new(ClientService::new(node.clone()))
+                    .max_decoding_message_size(limits.max_message_bytes),
+            );
         for (name, router, listener, config, trust) in [
             (
                 "peer",

@@ -140,7 +140,10 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     .await
     .unwrap();
     let mid = MessageId::from_slice(&id).unwrap().to_string();
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
 
     let mut reader = client_of(&net, &hospital, &his);
     reader
@@ -175,7 +178,10 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::NotFound);
-    wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Processed
+    })
+    .await;
 
     // What the origin keeps after sending is sealed to the recipient: its
     // own keys do not open it (what it holds is the sealed envelope, not
@@ -370,7 +376,10 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
     start_msg.document_type = "claim".into();
     let id = send(&mut app, start_msg, b"claim").await.unwrap();
     let mid = MessageId::from_slice(&id).unwrap();
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     // The receipt reaches the clinic through the agent's queue; wait for
     // the record.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -495,7 +504,10 @@ async fn retention_purges_old_envelopes_and_records_the_purge() {
     )
     .await
     .unwrap();
-    wait_status(&mut app, &done, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &done, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     // The payer never comes up: this one stays pending.
     let pending = send(&mut app, referral_start(&[&payer], &[], "treatment"), b"b")
         .await
@@ -574,7 +586,10 @@ async fn verify_store_detects_a_rewritten_audit_entry_and_provision_receipt() {
     )
     .await
     .unwrap();
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     c.shutdown().await;
     h.shutdown().await;
 

@@ -67,7 +67,10 @@ async fn a_message_naming_5000_patients_leaves_an_exportable_audit_log() {
     let id = send(&mut app, start_msg, b"monthly claims batch")
         .await
         .unwrap();
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     c.shutdown().await;
     h.shutdown().await;
 

@@ -72,21 +72,33 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
     )
     .await
     .unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
 
     assert_eq!(status.receipts.len(), 1);
     let r = &status.receipts[0];
     assert_eq!(r.issuer, HOSPITAL);
-    assert_eq!(r.disposition, "DELIVERED");
-    assert_eq!(r.role, "THIRD_PARTY");
+    assert_eq!(
+        r.disposition(),
+        exchange_daemon::proto::Disposition::Delivered
+    );
+    assert_eq!(r.role(), exchange_daemon::proto::HopRole::ThirdParty);
     assert!(
         r.provision_boundary,
         "the hospital's DELIVERED receipt is the boundary"
     );
     assert_eq!(status.provisions.len(), 1);
-    assert_eq!(status.provisions[0].provision, "PASSED");
+    assert_eq!(
+        status.provisions[0].provision(),
+        exchange_daemon::proto::ProvisionState::Passed
+    );
     assert_eq!(status.provisions[0].receipt, Some(0));
-    assert_eq!(status.hops[0].state, "DELIVERED");
+    assert_eq!(
+        status.hops[0].state(),
+        exchange_daemon::proto::HopDeliveryState::Delivered
+    );
 
     // The receipt verifies offline and belongs to this message.
     let receipt = SignedReceipt::from_bytes(&r.signed)
@@ -130,9 +142,15 @@ async fn direct_delivery_returns_a_delivered_receipt_marking_the_boundary() {
     assert_eq!(ack.receipt, again.receipt);
 
     // The PROCESSED receipt travels back to the clinic.
-    let status = wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Processed
+    })
+    .await;
     assert_eq!(status.receipts.len(), 2);
-    assert_eq!(status.receipts[1].disposition, "PROCESSED");
+    assert_eq!(
+        status.receipts[1].disposition(),
+        exchange_daemon::proto::Disposition::Processed
+    );
     assert_eq!(status.receipts[1].signed, ack.receipt);
     // The boundary stays the first custody receipt.
     assert!(status.receipts[0].provision_boundary);
@@ -180,7 +198,10 @@ async fn delivery_through_an_agent_returns_both_receipts() {
     let mut start_msg = referral_start(&[&payer], &[relay.as_str()], "claims");
     start_msg.content_type = "text/plain".into();
     let id = send(&mut app, start_msg, &claim).await.unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
 
     assert_eq!(status.receipts.len(), 2, "{status:#?}");
     let by = |issuer: &str| {
@@ -193,14 +214,20 @@ async fn delivery_through_an_agent_returns_both_receipts() {
     };
     let agent_r = by(AGENT);
     let payer_r = by(PAYER);
-    assert_eq!(agent_r.disposition, "ACCEPTED_FOR_RELAY");
-    assert_eq!(agent_r.role, "ENTRUSTED");
+    assert_eq!(
+        agent_r.disposition(),
+        exchange_daemon::proto::Disposition::AcceptedForRelay
+    );
+    assert_eq!(agent_r.role(), exchange_daemon::proto::HopRole::Entrusted);
     assert!(
         !agent_r.provision_boundary,
         "an entrusted agent is not a provision"
     );
-    assert_eq!(payer_r.disposition, "DELIVERED");
-    assert_eq!(payer_r.role, "THIRD_PARTY");
+    assert_eq!(
+        payer_r.disposition(),
+        exchange_daemon::proto::Disposition::Delivered
+    );
+    assert_eq!(payer_r.role(), exchange_daemon::proto::HopRole::ThirdParty);
     assert!(payer_r.provision_boundary);
     assert_eq!(status.provisions[0].boundary, PAYER);
     assert_eq!(status.hops.len(), 1);
@@ -242,7 +269,10 @@ async fn delivery_through_an_agent_returns_both_receipts() {
         })
         .await
         .unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Processed
+    })
+    .await;
     assert_eq!(status.receipts.len(), 3);
     c.shutdown().await;
     a.shutdown().await;
@@ -269,11 +299,17 @@ async fn recipient_down_then_up_gets_the_message_once() {
     .unwrap();
     // The hospital is down: attempts fail and are retried.
     let status = wait_status(&mut app, &id, |s| s.hops[0].attempts >= 2).await;
-    assert_eq!(status.state, "PENDING");
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Pending
+    );
     assert!(!status.hops[0].last_error.is_empty());
 
     let h = start(&hospital).await;
-    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     assert_eq!(status.receipts.len(), 1);
     let inbox = h.node().store().inbox(true).await.unwrap();
     assert_eq!(inbox.len(), 1);
@@ -361,7 +397,10 @@ async fn a_refreshed_crl_takes_effect_without_a_restart() {
     )
     .await
     .unwrap();
-    wait_status(&mut app, &first, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &first, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
 
     // The CA revokes the clinic; the hospital picks the new CRL up while running.
     net.revoke(&clinic.file("identity.pem"));
@@ -412,7 +451,7 @@ async fn a_refreshed_crl_takes_effect_without_a_restart() {
     // it refuses to seal with a revoked identity, or the hospital refuses it.
     if let Ok(id) = second {
         let s = wait_status(&mut app, &id, |s| s.hops[0].attempts >= 1).await;
-        assert_ne!(s.state, "DELIVERED");
+        assert_ne!(s.state(), exchange_daemon::proto::MessageState::Delivered);
     }
     assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 1);
     c.shutdown().await;
@@ -442,15 +481,27 @@ async fn a_refusal_comes_back_as_a_signed_rejected_receipt() {
     )
     .await
     .unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state == "FAILED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Failed
+    })
+    .await;
     assert_eq!(status.receipts.len(), 1, "{status:#?}");
     let r = &status.receipts[0];
     assert_eq!(r.issuer, HOSPITAL);
-    assert_eq!(r.disposition, "REJECTED");
+    assert_eq!(
+        r.disposition(),
+        exchange_daemon::proto::Disposition::Rejected
+    );
     assert_eq!(r.reason, "oversize");
     assert!(!r.provision_boundary, "a refusal passes no responsibility");
-    assert_eq!(status.provisions[0].provision, "REJECTED");
-    assert_eq!(status.hops[0].state, "FAILED");
+    assert_eq!(
+        status.provisions[0].provision(),
+        exchange_daemon::proto::ProvisionState::Rejected
+    );
+    assert_eq!(
+        status.hops[0].state(),
+        exchange_daemon::proto::HopDeliveryState::Failed
+    );
     assert_eq!(status.hops[0].attempts, 1, "a refusal is not retried");
     // The evidence verifies offline.
     let receipt = SignedReceipt::from_bytes(&r.signed)
@@ -599,10 +650,20 @@ async fn an_undeliverable_message_fails_with_the_reason_when_it_expires() {
     let mut start_msg = referral_start(&[&hospital], &[], "treatment");
     start_msg.lifetime_seconds = 2;
     let id = send(&mut app, start_msg, b"lab result").await.unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state != "PENDING").await;
-    assert_eq!(status.state, "FAILED", "{status:#?}");
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() != exchange_daemon::proto::MessageState::Pending
+    })
+    .await;
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Failed,
+        "{status:#?}"
+    );
     let hop = &status.hops[0];
-    assert_eq!(hop.state, "FAILED");
+    assert_eq!(
+        hop.state(),
+        exchange_daemon::proto::HopDeliveryState::Failed
+    );
     assert!(hop.attempts >= 2, "retried before giving up: {hop:?}");
     assert!(
         hop.last_error.starts_with("expired") && hop.last_error.contains("transport"),
@@ -642,8 +703,14 @@ async fn returned_receipts_are_taken_only_from_the_next_hop_and_for_this_message
     )
     .await
     .unwrap();
-    let status = wait_status(&mut app, &first, |s| s.state == "DELIVERED").await;
-    wait_status(&mut app, &second, |s| s.state == "DELIVERED").await;
+    let status = wait_status(&mut app, &first, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
+    wait_status(&mut app, &second, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     let receipt_of_first = status.receipts[0].signed.clone();
 
     // A party not after the clinic on the route: refused, nothing kept.

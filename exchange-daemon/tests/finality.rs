@@ -194,7 +194,8 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
             .unwrap()
             .into_inner();
         assert_ne!(
-            s.state, "FAILED",
+            s.state(),
+            exchange_daemon::proto::MessageState::Failed,
             "an error answer without a signed refusal ended the delivery: {s:#?}"
         );
         if let Some(hop) = s.hops.first()
@@ -203,7 +204,7 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
         {
             errors_seen.push(hop.last_error.clone());
         }
-        if s.state == "DELIVERED" {
+        if s.state() == exchange_daemon::proto::MessageState::Delivered {
             break s;
         }
         assert!(
@@ -213,7 +214,10 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let hop = &status.hops[0];
-    assert_eq!(hop.state, "DELIVERED");
+    assert_eq!(
+        hop.state(),
+        exchange_daemon::proto::HopDeliveryState::Delivered
+    );
     assert_eq!(
         hop.attempts, 6,
         "five answers retried, then delivered: {hop:?}"
@@ -229,7 +233,10 @@ async fn error_answers_without_a_signed_refusal_from_the_next_hop_are_retried_un
     // scripted ones.
     assert_eq!(status.receipts.len(), 1, "{status:#?}");
     assert_eq!(status.receipts[0].issuer, HOSPITAL);
-    assert_eq!(status.receipts[0].disposition, "DELIVERED");
+    assert_eq!(
+        status.receipts[0].disposition(),
+        exchange_daemon::proto::Disposition::Delivered
+    );
     assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 1);
 
     // Each failed attempt is audited with the error it got.
@@ -304,23 +311,35 @@ async fn a_relay_that_gives_up_returns_its_signed_undeliverable_receipt_to_the_o
     let mut start_msg = referral_start(&[&payer], &[relay.as_str()], "claims");
     start_msg.lifetime_seconds = 3;
     let id = send(&mut app, start_msg, b"claim").await.unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state == "FAILED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Failed
+    })
+    .await;
 
     // The agent took custody, then gave up, and signed that.
     assert_eq!(status.hops.len(), 1);
     assert_eq!(status.hops[0].party, AGENT);
-    assert_eq!(status.hops[0].state, "DELIVERED");
+    assert_eq!(
+        status.hops[0].state(),
+        exchange_daemon::proto::HopDeliveryState::Delivered
+    );
     let from_agent: Vec<_> = status
         .receipts
         .iter()
         .filter(|r| r.issuer == AGENT)
         .collect();
     assert_eq!(from_agent.len(), 2, "{status:#?}");
-    assert_eq!(from_agent[0].disposition, "ACCEPTED_FOR_RELAY");
+    assert_eq!(
+        from_agent[0].disposition(),
+        exchange_daemon::proto::Disposition::AcceptedForRelay
+    );
     let refusal = from_agent[1];
-    assert_eq!(refusal.disposition, "REJECTED");
+    assert_eq!(
+        refusal.disposition(),
+        exchange_daemon::proto::Disposition::Rejected
+    );
     assert_eq!(refusal.reason, "undeliverable");
-    assert_eq!(refusal.role, "ENTRUSTED");
+    assert_eq!(refusal.role(), exchange_daemon::proto::HopRole::Entrusted);
     assert!(!refusal.provision_boundary);
     assert_eq!(
         status.receipts.len(),
@@ -340,7 +359,10 @@ async fn a_relay_that_gives_up_returns_its_signed_undeliverable_receipt_to_the_o
         &Disposition::Rejected("undeliverable".into())
     );
     // Not a provision: the payer never took it, and the agent is entrusted.
-    assert_eq!(status.provisions[0].provision, "PENDING");
+    assert_eq!(
+        status.provisions[0].provision(),
+        exchange_daemon::proto::ProvisionState::Pending
+    );
     assert_eq!(provision_rows(&clinic), 0);
 
     // The agent's audit log says why, with the last error.
@@ -391,23 +413,32 @@ async fn a_relay_passes_a_signed_refusal_from_downstream_on_and_signs_none_of_it
     )
     .await
     .unwrap();
-    wait_status(&mut app, &id, |s| s.state == "FAILED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Failed
+    })
+    .await;
     // Wait for anything else the agent might send.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while a.node().store().pending_count().await.unwrap() > 0 {
         assert!(tokio::time::Instant::now() < deadline, "agent still busy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = wait_status(&mut app, &id, |s| s.state == "FAILED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Failed
+    })
+    .await;
     let rejected: Vec<_> = status
         .receipts
         .iter()
-        .filter(|r| r.disposition == "REJECTED")
+        .filter(|r| r.disposition() == exchange_daemon::proto::Disposition::Rejected)
         .collect();
     assert_eq!(rejected.len(), 1, "{status:#?}");
     assert_eq!(rejected[0].issuer, PAYER);
     assert_eq!(rejected[0].reason, "oversize");
-    assert_eq!(status.provisions[0].provision, "REJECTED");
+    assert_eq!(
+        status.provisions[0].provision(),
+        exchange_daemon::proto::ProvisionState::Rejected
+    );
     assert!(
         !audit_entries(&agent)
             .iter()

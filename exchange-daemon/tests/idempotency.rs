@@ -113,7 +113,10 @@ async fn a_send_retried_after_a_lost_answer_is_stored_once() {
     }
 
     // The recipient holds each message once: 1 + 1 + 5.
-    wait_status(&mut app, stored[0].as_bytes(), |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, stored[0].as_bytes(), |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     let mut his_app = client_of(&net, &hospital, &his);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let inbox = loop {

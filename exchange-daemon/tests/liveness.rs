@@ -168,11 +168,16 @@ async fn a_peer_that_never_answers_does_not_hold_delivery_to_the_others() {
         .unwrap();
     let status = tokio::time::timeout(
         Duration::from_secs(10),
-        wait_status(&mut app, &id, |s| s.state == "DELIVERED"),
+        wait_status(&mut app, &id, |s| {
+            s.state() == exchange_daemon::proto::MessageState::Delivered
+        }),
     )
     .await
     .expect("the healthy peer's message was not delivered within 10 s");
-    assert_eq!(status.state, "DELIVERED");
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered
+    );
     let taken = sent.elapsed();
     // The stuck peer holds no more than its share of the workers.
     assert!(
@@ -204,7 +209,10 @@ async fn an_attempt_that_gets_no_answer_ends_at_its_deadline_and_is_retried() {
     .unwrap();
     let status = wait_status(&mut app, &id, |s| s.hops.iter().any(|h| h.attempts >= 2)).await;
     let hop = &status.hops[0];
-    assert_eq!(hop.state, "PENDING");
+    assert_eq!(
+        hop.state(),
+        exchange_daemon::proto::HopDeliveryState::Pending
+    );
     assert!(
         hop.last_error.contains("no answer within 500 ms"),
         "{hop:?}"

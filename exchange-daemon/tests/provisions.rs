@@ -106,10 +106,15 @@ async fn messages_naming_many_patients_are_delivered_with_every_patient_recorded
     }
     for (id, _, _) in &sent {
         let s = wait_status(&mut app, id.as_bytes(), |s| {
-            s.state == "DELIVERED" || s.state == "FAILED"
+            s.state() == exchange_daemon::proto::MessageState::Delivered
+                || s.state() == exchange_daemon::proto::MessageState::Failed
         })
         .await;
-        assert_eq!(s.state, "DELIVERED", "{s:#?}");
+        assert_eq!(
+            s.state(),
+            exchange_daemon::proto::MessageState::Delivered,
+            "{s:#?}"
+        );
     }
     // The origin's records of provision follow the receipts.
     eventually("every provision record at the clinic", || {
@@ -271,13 +276,15 @@ async fn each_recipient_behind_a_third_party_relay_gets_its_own_provision_record
         .await
         .unwrap();
     let mid = MessageId::from_slice(&id).unwrap();
-    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     assert_eq!(status.provisions.len(), 2);
     assert!(
-        status
-            .provisions
-            .iter()
-            .all(|p| p.provision == "PASSED" && p.boundary == AGENT),
+        status.provisions.iter().all(|p| p.provision()
+            == exchange_daemon::proto::ProvisionState::Passed
+            && p.boundary == AGENT),
         "{status:#?}"
     );
     let records = eventually("two records of provision", || {
@@ -332,9 +339,10 @@ async fn a_receipt_whose_issuer_is_revoked_later_stays_evidence_and_others_still
     let mid = MessageId::from_slice(&id).unwrap();
     // The hospital delivers; the payer is not up yet.
     wait_status(&mut app, &id, |s| {
-        s.receipts
-            .iter()
-            .any(|r| r.issuer == HOSPITAL && r.disposition == "DELIVERED")
+        s.receipts.iter().any(|r| {
+            r.issuer == HOSPITAL
+                && r.disposition() == exchange_daemon::proto::Disposition::Delivered
+        })
     })
     .await;
     h.shutdown().await;
@@ -343,7 +351,10 @@ async fn a_receipt_whose_issuer_is_revoked_later_stays_evidence_and_others_still
     c.reload_trust().unwrap();
     // The payer delivers afterwards.
     let p = start(&payer).await;
-    let status = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     let records = eventually("both records of provision", || {
         let r = accountability::provision_report(&clinic.data_dir(), &subject(0)).unwrap();
         (r.len() >= 2).then_some(r)
@@ -356,11 +367,19 @@ async fn a_receipt_whose_issuer_is_revoked_later_stays_evidence_and_others_still
     // beside it, and both mark a boundary.
     assert_eq!(status.receipts.len(), 2, "{status:#?}");
     for r in &status.receipts {
-        assert_eq!(r.disposition, "DELIVERED");
+        assert_eq!(
+            r.disposition(),
+            exchange_daemon::proto::Disposition::Delivered
+        );
         assert!(r.provision_boundary);
         assert_eq!(r.issuer_revoked_since, r.issuer == HOSPITAL, "{r:?}");
     }
-    assert!(status.provisions.iter().all(|p| p.provision == "PASSED"));
+    assert!(
+        status
+            .provisions
+            .iter()
+            .all(|p| p.provision() == exchange_daemon::proto::ProvisionState::Passed)
+    );
     let mut recipients: Vec<&str> = records.iter().map(|r| r.recipient.as_str()).collect();
     recipients.sort_unstable();
     let mut expected = vec![HOSPITAL, PAYER];
@@ -417,7 +436,10 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
     )
     .await
     .unwrap();
-    let delivered = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let delivered = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     let custody_ms = delivered.receipts[0].issued_ms;
     // A REJECTED signed by the hospital before its custody receipt (as a
     // relay that truncated once would bring back) reaches the clinic late.
@@ -451,13 +473,19 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
     let status = wait_status(&mut app, &id, |s| s.receipts.len() == 2).await;
     // The earlier refusal is shown, but the hop's latest signed state is
     // custody: the message is delivered.
-    assert!(
-        status
-            .receipts
-            .iter()
-            .any(|r| r.disposition == "REJECTED" && r.reason == "truncated")
+    assert!(status.receipts.iter().any(|r| r.disposition()
+        == exchange_daemon::proto::Disposition::Rejected
+        && r.reason == "truncated"));
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
     );
-    assert_eq!(status.state, "DELIVERED", "{status:#?}");
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
+    );
     // A message keeps one receipt per issuer and disposition: a second
     // refusal from the same hop is already held, whatever it says.
     let held = peer
@@ -474,7 +502,11 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
         .into_inner();
     assert_eq!((held.stored, held.already_held), (0, 1));
     let status = wait_status(&mut app, &id, |s| s.receipts.len() == 2).await;
-    assert_eq!(status.state, "DELIVERED", "{status:#?}");
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
+    );
     // A refusal signed after the custody receipt is the hop's latest state.
     let id = send(
         &mut app,
@@ -483,7 +515,10 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
     )
     .await
     .unwrap();
-    let delivered = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    let delivered = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     peer.return_receipts(ReturnReceiptsRequest {
         message_id: id.clone(),
         receipts: vec![
@@ -501,7 +536,11 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
     .await
     .unwrap();
     let status = wait_status(&mut app, &id, |s| s.receipts.len() == 2).await;
-    assert_eq!(status.state, "FAILED", "{status:#?}");
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Failed,
+        "{status:#?}"
+    );
     c.shutdown().await;
     h.shutdown().await;
 }
@@ -525,7 +564,10 @@ async fn refusals_of_unverified_claims_are_not_linked_to_a_stored_patient() {
     )
     .await
     .unwrap();
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     let mid = MessageId::from_slice(&id).unwrap();
     let genuine = c
         .node()
@@ -642,9 +684,15 @@ async fn roles_come_from_the_contract_in_the_configuration_not_from_the_applicat
         )
         .await
         .unwrap();
-        let s = wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+        let s = wait_status(&mut app, &id, |s| {
+            s.state() == exchange_daemon::proto::MessageState::Delivered
+        })
+        .await;
         assert_eq!(s.provisions.len(), 1);
-        assert_eq!(s.provisions[0].provision, "PASSED");
+        assert_eq!(
+            s.provisions[0].provision(),
+            exchange_daemon::proto::ProvisionState::Passed
+        );
         assert_eq!(s.provisions[0].boundary, PAYER, "the agent is entrusted");
     }
     c.shutdown().await;

@@ -124,7 +124,7 @@ async fn a_downstream_hop_cannot_multiply_its_receipts() {
     .await
     .unwrap();
     wait_status(&mut app, &id, |s| {
-        s.state == "DELIVERED" && s.receipts.len() == 2
+        s.state() == exchange_daemon::proto::MessageState::Delivered && s.receipts.len() == 2
     })
     .await;
     wait_idle(&a).await;
@@ -205,7 +205,10 @@ async fn a_downstream_hop_cannot_multiply_its_receipts() {
         .unwrap()
         .into_inner();
     assert_eq!((r.stored, u64::from(r.already_held)), (1, PER_CALL - 1));
-    let status = wait_status(&mut app, &id, |s| s.state == "PROCESSED").await;
+    let status = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Processed
+    })
+    .await;
     wait_idle(&a).await;
     assert_eq!(
         receipts_of(&clinic, &id),
@@ -226,10 +229,16 @@ async fn a_downstream_hop_cannot_multiply_its_receipts() {
         .collect();
     assert_eq!(boundary.len(), 1, "{status:#?}");
     assert_eq!(boundary[0].issuer, PAYER);
-    assert_eq!(boundary[0].disposition, "DELIVERED");
+    assert_eq!(
+        boundary[0].disposition(),
+        exchange_daemon::proto::Disposition::Delivered
+    );
     assert!(status.receipts.iter().all(|r| !r.issuer_revoked_since));
     assert_eq!(status.provisions.len(), 1);
-    assert_eq!(status.provisions[0].provision, "PASSED");
+    assert_eq!(
+        status.provisions[0].provision(),
+        exchange_daemon::proto::ProvisionState::Passed
+    );
     assert_eq!(status.provisions[0].boundary, PAYER);
     let conn = open_read_only(&clinic.data_dir()).unwrap();
     let unrecorded: i64 = conn

@@ -184,7 +184,10 @@ async fn envelope_lifetime_is_bounded_on_send_and_on_receive() {
     let mut ok = referral_start(&[&hospital], &[], "treatment");
     ok.lifetime_seconds = 30 * 86_400;
     let id = send(&mut app, ok, b"x").await.unwrap();
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
 
     // Receive: an envelope declaring more is refused with a REJECTED receipt.
     let mut peer = peer_client(&net, &hospital, &clinic.tls_identity());
@@ -277,7 +280,10 @@ async fn purge_keeps_unfetched_inbox_items_and_messages_awaiting_receipts() {
     )
     .await
     .unwrap();
-    wait_status(&mut app, &id, |s| s.state == "RELAYED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Relayed
+    })
+    .await;
     let mid = MessageId::from_slice(&id).unwrap();
     c.shutdown().await;
 
@@ -290,7 +296,10 @@ async fn purge_keeps_unfetched_inbox_items_and_messages_awaiting_receipts() {
     // The hospital comes up; its receipt arrives and is kept.
     let h = start(&hospital).await;
     let mut app = client_of(&net, &clinic, &emr);
-    wait_status(&mut app, &id, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     assert!(h.node().store().messages_by_id(mid).await.unwrap().len() == 1);
     h.shutdown().await;
     c.shutdown().await;

@@ -289,7 +289,10 @@ async fn a_reload_closes_the_daemons_own_connection_to_a_revoked_peer() {
     )
     .await
     .unwrap();
-    wait_status(&mut app, &first, |s| s.state == "DELIVERED").await;
+    wait_status(&mut app, &first, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 1);
 
     // The hospital's identity (its TLS certificate) is revoked; the clinic
@@ -304,7 +307,11 @@ async fn a_reload_closes_the_daemons_own_connection_to_a_revoked_peer() {
     .await
     .unwrap();
     let s = wait_status(&mut app, &second, |s| s.hops[0].attempts >= 1).await;
-    assert_ne!(s.state, "DELIVERED", "{s:#?}");
+    assert_ne!(
+        s.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{s:#?}"
+    );
     // The attempt never reached the hospital.
     assert_eq!(h.node().store().inbox(true).await.unwrap().len(), 1);
     c.shutdown().await;

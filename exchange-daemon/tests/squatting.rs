@@ -123,9 +123,15 @@ async fn fetch(
 
 /// Waits until the status is final for this test: delivered (or more), or
 /// refused (REJECTED/FAILED).
-async fn settled(app: &mut ClientClient<Channel>, id: &[u8], target: &str) -> MessageStatus {
+async fn settled(
+    app: &mut ClientClient<Channel>,
+    id: &[u8],
+    target: exchange_daemon::proto::MessageState,
+) -> MessageStatus {
     wait_status(app, id, |s| {
-        s.state == target || s.state == "FAILED" || s.state == "PROCESSED"
+        s.state() == target
+            || s.state() == exchange_daemon::proto::MessageState::Failed
+            || s.state() == exchange_daemon::proto::MessageState::Processed
     })
     .await
 }
@@ -191,14 +197,26 @@ async fn another_senders_envelope_under_a_pending_id_does_not_block_the_genuine_
     // A comes back and retries: its genuine envelope is delivered.
     let c_daemon = start(&clinic).await;
     let mut emr_app = client_of(&net, &clinic, &emr);
-    let status = settled(&mut emr_app, &raw_id, "DELIVERED").await;
-    assert_eq!(status.state, "DELIVERED", "{status:#?}");
+    let status = settled(
+        &mut emr_app,
+        &raw_id,
+        exchange_daemon::proto::MessageState::Delivered,
+    )
+    .await;
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
+    );
     let c_receipt = status
         .receipts
         .iter()
         .find(|r| r.issuer == HOSPITAL)
         .unwrap();
-    assert_eq!(c_receipt.disposition, "DELIVERED");
+    assert_eq!(
+        c_receipt.disposition(),
+        exchange_daemon::proto::Disposition::Delivered
+    );
 
     // C's inbox holds both, each under its own sender.
     let mut his_app = client_of(&net, &hospital, &his);
@@ -239,8 +257,17 @@ async fn another_senders_envelope_under_a_pending_id_does_not_block_the_genuine_
         })
         .await
         .unwrap();
-    let status = settled(&mut emr_app, &raw_id, "PROCESSED").await;
-    assert_eq!(status.state, "PROCESSED", "{status:#?}");
+    let status = settled(
+        &mut emr_app,
+        &raw_id,
+        exchange_daemon::proto::MessageState::Processed,
+    )
+    .await;
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Processed,
+        "{status:#?}"
+    );
     his_app
         .ack(AckRequest {
             message_id: raw_id.clone(),
@@ -248,7 +275,12 @@ async fn another_senders_envelope_under_a_pending_id_does_not_block_the_genuine_
         })
         .await
         .unwrap();
-    let status = settled(&mut emr_app, &raw_id, "PROCESSED").await;
+    let status = settled(
+        &mut emr_app,
+        &raw_id,
+        exchange_daemon::proto::MessageState::Processed,
+    )
+    .await;
     assert!(
         status.receipts.iter().all(|r| r.reason.is_empty()),
         "{status:#?}"
@@ -324,8 +356,17 @@ async fn a_relay_forwards_both_envelopes_and_matches_their_receipts() {
     // DELIVERED comes back to A.
     let c_daemon = start(&clinic).await;
     let mut emr_app = client_of(&net, &clinic, &emr);
-    let status = settled(&mut emr_app, &raw_id, "DELIVERED").await;
-    assert_eq!(status.state, "DELIVERED", "{status:#?}");
+    let status = settled(
+        &mut emr_app,
+        &raw_id,
+        exchange_daemon::proto::MessageState::Delivered,
+    )
+    .await;
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
+    );
     assert_eq!(a.node().store().messages_by_id(id).await.unwrap().len(), 2);
 
     let mut intake_app = client_of(&net, &payer, &intake);
@@ -359,8 +400,17 @@ async fn a_relay_forwards_both_envelopes_and_matches_their_receipts() {
         })
         .await
         .unwrap();
-    let status = settled(&mut emr_app, &raw_id, "PROCESSED").await;
-    assert_eq!(status.state, "PROCESSED", "{status:#?}");
+    let status = settled(
+        &mut emr_app,
+        &raw_id,
+        exchange_daemon::proto::MessageState::Processed,
+    )
+    .await;
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Processed,
+        "{status:#?}"
+    );
     assert_eq!(status.receipts.len(), 3, "{status:#?}");
     // Both PROCESSED receipts reached the agent, each kept with its own message.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

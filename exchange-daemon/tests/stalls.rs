@@ -166,11 +166,16 @@ async fn hundreds_of_stalled_transfers_do_not_wedge_the_daemon() {
     .unwrap();
     let status = tokio::time::timeout(
         Duration::from_secs(10),
-        wait_status(&mut app, &id, |s| s.state == "DELIVERED"),
+        wait_status(&mut app, &id, |s| {
+            s.state() == exchange_daemon::proto::MessageState::Delivered
+        }),
     )
     .await
     .expect("delivery to another peer did not complete within 10 s");
-    assert_eq!(status.state, "DELIVERED");
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered
+    );
     tokio::time::timeout(
         Duration::from_secs(2),
         app.status(StatusRequest {

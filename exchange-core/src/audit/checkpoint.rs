@@ -175,7 +175,7 @@ impl SignedCheckpoint {
         }
         let rest = bytes
             .strip_prefix(CHECKPOINT_MAGIC.as_slice())
-            .ok_or(FormatError::BadMagic("audit checkpoint"))?;
+            .ok_or(FormatError::BadMagic("an audit checkpoint"))?;
         let mut r = Reader(rest);
         let version = u16::from_be_bytes(r.array("checkpoint version")?);
         if version != CHECKPOINT_FILE_VERSION {

@@ -29,6 +29,8 @@ use exchange_daemon::tls::{self, TlsIdentity};
 use exchange_daemon::{Config, Daemon};
 use tonic::transport::Channel;
 
+pub mod openssl_pki;
+
 pub const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";
 pub const HOSPITAL: &str = "urn:jp:mhlw:facility:1310000021";
 pub const AGENT: &str = "urn:jp:example:agent:claims-agent-01";

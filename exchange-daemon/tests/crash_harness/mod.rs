@@ -724,14 +724,17 @@ async fn check(
         let mut got: Vec<(String, String)> = status
             .receipts
             .iter()
-            .map(|r| (r.issuer.clone(), r.disposition.clone()))
+            .map(|r| (r.issuer.clone(), r.disposition().as_str_name().to_owned()))
             .collect();
         got.sort();
         let want = vec![
-            (AGENT.to_owned(), "ACCEPTED_FOR_RELAY".to_owned()),
-            (HOSPITAL.to_owned(), "DELIVERED".to_owned()),
+            (
+                AGENT.to_owned(),
+                "DISPOSITION_ACCEPTED_FOR_RELAY".to_owned(),
+            ),
+            (HOSPITAL.to_owned(), "DISPOSITION_DELIVERED".to_owned()),
         ];
-        if status.state != "DELIVERED" || got != want {
+        if status.state() != exchange_daemon::proto::MessageState::Delivered || got != want {
             tally.receipts_wrong += 1;
             tally.problems.push(format!(
                 "{}-{}: state {} with receipts {got:?}",
