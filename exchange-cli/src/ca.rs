@@ -237,6 +237,74 @@ pub(crate) fn issue_client_files(
     Ok((cert, key))
 }
 
+/// `ca issue-server`: a TLS server certificate for a daemon's client
+/// listener, valid for the host names and addresses that local applications
+/// dial (`out/server.pem`, `out/server.key.pem`), naming the facility's
+/// party too when given (the `exchange` CLI pins it; stock gRPC clients
+/// check the host name).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue_server(
+    ca_dir: &Path,
+    party: Option<&str>,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+    name: &str,
+    out: &Path,
+    days: u32,
+    now: SystemTime,
+) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = issue_server_files(ca_dir, party, dns, ips, name, out, days, now)?;
+    let names: Vec<String> = dns
+        .iter()
+        .cloned()
+        .chain(ips.iter().map(ToString::to_string))
+        .collect();
+    println!(
+        "issued server certificate \"{name}\" into {}",
+        out.display()
+    );
+    println!("  server.pem / server.key.pem  the client listener's TLS certificate");
+    println!("  valid for: {}", names.join(", "));
+    if let Some(party) = party {
+        println!("  names the party {party} (for clients that pin it)");
+    }
+    println!(
+        "  the daemon presents it once [listen] sets client_cert and client_key to these files"
+    );
+    Ok((cert, key))
+}
+
+/// Writes a server certificate and key into `out` (nothing printed).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue_server_files(
+    ca_dir: &Path,
+    party: Option<&str>,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+    name: &str,
+    out: &Path,
+    days: u32,
+    now: SystemTime,
+) -> Result<(PathBuf, PathBuf)> {
+    let party = party.map(PartyUri::new).transpose()?;
+    let ca = load_ca(ca_dir)?;
+    let (cert, key) = (out.join("server.pem"), out.join("server.key.pem"));
+    if let Some(p) = [&cert, &key].into_iter().find(|p| p.exists()) {
+        return Err(CliError::Exists(p.clone()));
+    }
+    let issued = ca.issue_tls_server(
+        name,
+        party.as_ref(),
+        dns,
+        ips,
+        Validity::days_from(now, days),
+    )?;
+    files::create_dir(out)?;
+    files::write_new(&key, issued.key_pem.as_bytes(), true)?;
+    files::write_new(&cert, issued.cert_pem.as_bytes(), false)?;
+    Ok((cert, key))
+}
+
 /// `ca revoke`: adds the certificate's serial to the CA's CRL.
 pub(crate) fn revoke(ca_dir: &Path, cert_path: &Path, now: SystemTime) -> Result<()> {
     let ca = load_ca(ca_dir)?;

@@ -886,13 +886,28 @@ pub(crate) async fn status(conn: &ConnArgs, id: &str, watch: bool, as_json: bool
     failed_check(&last)
 }
 
-/// The inbox listing.
+/// The inbox listing: every page, in order.
 pub(crate) async fn list_inbox(client: &Client, all: bool) -> Result<Vec<InboxItem>> {
     let mut rpc = client.rpc.clone();
-    rpc.list_inbox(ListInboxRequest { include_acked: all })
-        .await
-        .map(|r| r.into_inner().items)
-        .map_err(|s| client.error("inbox", &s))
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = rpc
+            .list_inbox(ListInboxRequest {
+                include_acked: all,
+                // The daemon's default page size.
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(|s| client.error("inbox", &s))?
+            .into_inner();
+        items.extend(page.items);
+        if page.next_page_token.is_empty() {
+            return Ok(items);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 fn short_size(n: u64) -> String {

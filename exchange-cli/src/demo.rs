@@ -168,7 +168,17 @@ struct Ports {
     client: u16,
 }
 
-fn daemon_config(s: &Site, ports: &[Ports]) -> Result<String> {
+/// The longest Unix socket path the demo configures (sun_path holds 108
+/// bytes with its terminator); a demo in a deeper directory serves TCP only.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Where site `s`'s daemon serves its client socket, if the path fits.
+fn socket_path(root: &Path, s: &Site) -> Option<PathBuf> {
+    let p = root.join(s.dir).join("client.sock");
+    (p.as_os_str().len() <= MAX_SOCKET_PATH).then_some(p)
+}
+
+fn daemon_config(root: &Path, s: &Site, ports: &[Ports]) -> Result<String> {
     let mut t = String::new();
     let q = toml_string;
     let list = |xs: &[&str]| {
@@ -195,7 +205,12 @@ fn daemon_config(s: &Site, ports: &[Ports]) -> Result<String> {
          crls = [\"../ca/crl.pem\"]\n\n\
          [listen]\n\
          peer = \"127.0.0.1:{pp}\"\n\
-         client = \"127.0.0.1:{cp}\"\n\n\
+         client = \"127.0.0.1:{cp}\"\n\
+         # The client listener's certificate, valid for localhost and 127.0.0.1\n\
+         # (`exchange ca issue-server`): stock gRPC clients check that name.\n\
+         client_cert = \"server.pem\"\n\
+         client_key = \"server.key.pem\"\n\
+         {socket}\n\
          [delivery]\n\
          initial_backoff_ms = 200\n\
          max_backoff_ms = 5000\n",
@@ -203,6 +218,12 @@ fn daemon_config(s: &Site, ports: &[Ports]) -> Result<String> {
         uri = s.uri,
         pp = me.peer,
         cp = me.client,
+        socket = if socket_path(root, s).is_some() {
+            "# The client service on a Unix socket too (mode 0600: this user only).\n\
+             client_socket = \"client.sock\"\n"
+        } else {
+            ""
+        },
     );
     for (dir, with_key, with_address, role) in s.peers {
         let p = site(dir)?;
@@ -248,7 +269,9 @@ fn readme(root: &Path, ports: &[Ports], sent: &[(&str, String)]) -> String {
              {blank}  identity.pem, identity.key.pem, encryption.pem, encryption.key.pem: its credentials\n\
              {blank}  exchanged.toml: its daemon's configuration (peer 127.0.0.1:{pp}, client 127.0.0.1:{cp})\n\
              {blank}  data/: its daemon's store (store.sqlite3 and blobs/)\n\
-             {blank}  app/: its local application {app}: client.pem, client.key.pem, client.toml\n",
+             {blank}  server.pem, server.key.pem: its client listener's certificate (localhost, 127.0.0.1)\n\
+             {blank}  app/: its local application {app}: client.pem, client.key.pem, client.toml,\n\
+             {blank}        README.txt (how a stock gRPC client connects: names, certificates, socket)\n",
             dir = s.dir,
             pad = " ".repeat(20usize.saturating_sub(s.dir.len() + 1)),
             blank = " ".repeat(18),
@@ -295,6 +318,63 @@ fn readme(root: &Path, ports: &[Ports], sent: &[(&str, String)]) -> String {
             let _ = writeln!(t, "    {label:<9} {id}");
         }
     }
+    t
+}
+
+/// `SITE/app/README.txt`: how a local application written with a stock
+/// gRPC library reaches its daemon (names, certificates, the socket).
+fn app_readme(root: &Path, s: &Site, p: &Ports) -> String {
+    // Absolute, so that the file says where to look from anywhere.
+    let abs = std::path::absolute(root).unwrap_or_else(|_| root.to_owned());
+    let mut t = String::new();
+    let _ = write!(
+        t,
+        "The local application of {name} ({uri}), written by `exchange demo`.\n\
+         It is named {app} in its client certificate and in the daemon's\n\
+         [[client]] entry (../exchanged.toml), which says what it may do.\n\n\
+         Files here:\n\
+         \x20 client.pem, client.key.pem  its TLS client certificate and key (PEM, PKCS#8 P-256)\n\
+         \x20 client.toml                 settings for the `exchange` command (--client-config client.toml)\n\n\
+         Connecting with a stock gRPC library (Python grpcio, grpc-java, grpc-dotnet, grpcurl):\n\n\
+         \x20 address       localhost:{cp}\n\
+         \x20               The daemon's client listener presents ../server.pem, valid for the\n\
+         \x20               DNS name localhost and the address 127.0.0.1: dial one of these two,\n\
+         \x20               with the library's normal host-name check (no override needed).\n\
+         \x20 root CA       ../../ca/ca.pem (the daemon's certificate chains to it)\n\
+         \x20 client cert   client.pem with key client.key.pem (mutual TLS is required)\n",
+        name = s.name,
+        uri = s.uri,
+        app = s.app,
+        cp = p.client,
+    );
+    match socket_path(root, s).map(|_| abs.join(s.dir).join("client.sock")) {
+        Some(sock) => {
+            let _ = write!(
+                t,
+                "\x20 Unix socket   unix:{sock}\n\
+                 \x20               Mode 0600: only this user may connect. The same TLS runs over it:\n\
+                 \x20               check the certificate for the name localhost (grpcio: channel option\n\
+                 \x20               grpc.default_authority = \"localhost\") and present client.pem.\n",
+                sock = sock.display()
+            );
+        }
+        None => t.push_str(
+            "  Unix socket   none (this directory's path is too long for a socket path)\n",
+        ),
+    }
+    let _ = write!(
+        t,
+        "\nServices: exchange.v1.Client (proto/exchange/v1/daemon.proto in the source tree),\n\
+         grpc.health.v1.Health and server reflection.\n\n\
+         A tested Python client written only from the protos is examples/python/ in the\n\
+         source tree; docs/client-guide.md covers Python, Java and C#. From the source tree\n\
+         (after `pip install -r examples/python/requirements.txt`, while the daemons run):\n\n\
+         \x20   python examples/python/exchange_client.py \\\n\
+         \x20       --sender {root}/clinic/app/client.toml \\\n\
+         \x20       --recipient {root}/hospital/app/client.toml --to {hospital}\n",
+        root = abs.display(),
+        hospital = HOSPITAL,
+    );
     t
 }
 
@@ -394,6 +474,16 @@ pub(crate) async fn run(dir: Option<&Path>, burst: usize) -> Result<()> {
             365,
             now,
         )?;
+        ca::issue_server_files(
+            &root.join("ca"),
+            Some(s.uri),
+            &["localhost".to_owned()],
+            &[std::net::IpAddr::from([127, 0, 0, 1])],
+            &format!("{} client listener", s.name),
+            &dir,
+            365,
+            now,
+        )?;
         println!("  {:<38} {} ({})", s.uri, s.name, s.kind);
         println!("  {:<38}   local application: {}", "", s.app);
     }
@@ -413,14 +503,14 @@ pub(crate) async fn run(dir: Option<&Path>, burst: usize) -> Result<()> {
         let dir = root.join(s.dir);
         files::write_new(
             &dir.join("exchanged.toml"),
-            daemon_config(s, &ports)?.as_bytes(),
+            daemon_config(&root, s, &ports)?.as_bytes(),
             false,
         )?;
         let app = dir.join("app");
         files::write_new(
             &app.join("client.toml"),
             client_cmd::client_config_toml(
-                &format!("127.0.0.1:{}", p.client),
+                &format!("localhost:{}", p.client),
                 s.uri,
                 Path::new("../../ca/ca.pem"),
                 Some(Path::new("../../ca/crl.pem")),
@@ -428,6 +518,11 @@ pub(crate) async fn run(dir: Option<&Path>, burst: usize) -> Result<()> {
                 Path::new("client.key.pem"),
             )
             .as_bytes(),
+            false,
+        )?;
+        files::write_new(
+            &app.join("README.txt"),
+            app_readme(&root, s, p).as_bytes(),
             false,
         )?;
     }

@@ -274,6 +274,33 @@ enum CaCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Issue a TLS server certificate for a daemon's client listener
+    /// (server.pem, server.key.pem), valid for host names and addresses that
+    /// stock gRPC clients check. It cannot sign or serve as an identity.
+    IssueServer {
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Also name the facility's party URI (the `exchange` CLI then keeps
+        /// pinning `server_party`; stock gRPC clients ignore it).
+        #[arg(long, value_name = "URI")]
+        party: Option<String>,
+        /// A DNS name the applications dial (repeatable), e.g. localhost.
+        #[arg(long, value_name = "NAME")]
+        dns: Vec<String>,
+        /// An IP address the applications dial (repeatable), e.g. 127.0.0.1.
+        #[arg(long, value_name = "ADDR")]
+        ip: Vec<std::net::IpAddr>,
+        /// Display name (the certificate's CN).
+        #[arg(long, default_value = "exchanged client listener")]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Re-issue the CRL with a fresh nextUpdate.
     Crl {
         /// CA directory.
@@ -382,6 +409,17 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 days,
             } => ca::issue_client(&ca, &client, &name, &out, days, now).map(drop),
+            CaCommand::IssueServer {
+                ca,
+                party,
+                dns,
+                ip,
+                name,
+                out,
+                days,
+            } => {
+                ca::issue_server(&ca, party.as_deref(), &dns, &ip, &name, &out, days, now).map(drop)
+            }
             CaCommand::Revoke { ca, cert } => ca::revoke(&ca, &cert, now),
             CaCommand::Crl { ca } => ca::refresh_crl(&ca, now),
         },

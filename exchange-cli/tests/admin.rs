@@ -125,6 +125,7 @@ async fn inbox(client: &mut ClientClient<Channel>) -> Vec<Vec<u8>> {
     client
         .list_inbox(ListInboxRequest {
             include_acked: true,
+            ..ListInboxRequest::default()
         })
         .await
         .unwrap()

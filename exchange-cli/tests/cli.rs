@@ -945,6 +945,51 @@ fn send_status_inbox_fetch_ack_against_live_daemons() {
 }
 
 #[test]
+fn inbox_lists_every_page() {
+    let d = tempfile::tempdir().unwrap();
+    // 250 referrals stay unacknowledged in the hospital's inbox: more than
+    // the daemon's default page (100).
+    exchange(d.path(), &["demo", "--dir", "net", "--burst", "250"]).ok();
+    let net = d.path().join("net");
+    let live = LiveNet::start(&net);
+    let stored: Vec<String> = live.runtime.block_on(async {
+        live.daemons[1]
+            .node()
+            .store()
+            .inbox(false)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect()
+    });
+    assert!(stored.len() >= 250, "{} stored", stored.len());
+    let hospital = ["--client-config", "hospital/app/client.toml"];
+
+    let json = exchange(&net, &[&["inbox", "--json"], &hospital[..]].concat())
+        .ok()
+        .stdout();
+    // One JSON document, every item once, in the daemon's order.
+    let items: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let listed: Vec<String> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, stored);
+
+    let text = exchange(&net, &[&["inbox"], &hospital[..]].concat())
+        .ok()
+        .stdout();
+    assert_eq!(text.lines().count(), stored.len() + 1, "{text}");
+    for id in &stored {
+        line_with(&text, &[id]);
+    }
+    live.stop();
+}
+
+#[test]
 fn ca_issue_client_writes_a_client_certificate() {
     let net = network();
     let d = net.path();
@@ -983,6 +1028,101 @@ fn ca_issue_client_writes_a_client_certificate() {
             "urn:local:clinic:emr",
             "--out",
             "emr",
+        ],
+    )
+    .fails_with("already exists");
+}
+
+#[test]
+fn ca_issue_server_writes_a_host_name_certificate_that_is_no_identity() {
+    let net = network();
+    let d = net.path();
+    let out = exchange(
+        d,
+        &[
+            "ca",
+            "issue-server",
+            "--ca",
+            "ca",
+            "--party",
+            CLINIC,
+            "--dns",
+            "localhost",
+            "--dns",
+            "exchange.clinic.test",
+            "--ip",
+            "127.0.0.1",
+            "--out",
+            "srv",
+        ],
+    )
+    .ok()
+    .stdout();
+    assert!(
+        out.contains("valid for: localhost, exchange.clinic.test, 127.0.0.1"),
+        "{out}"
+    );
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.join("srv/server.key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+    // Host names for stock clients (checked by openssl where it exists).
+    if let Ok(o) = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName,extendedKeyUsage",
+            "-in",
+        ])
+        .arg(d.join("srv/server.pem"))
+        .output()
+    {
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("DNS:localhost"), "{text}");
+        assert!(text.contains("DNS:exchange.clinic.test"), "{text}");
+        assert!(text.contains("IP Address:127.0.0.1"), "{text}");
+        assert!(text.contains(&format!("URI:{CLINIC}")), "{text}");
+        assert!(text.contains("TLS Web Server Authentication"), "{text}");
+        assert!(!text.contains("Client Authentication"), "{text}");
+    }
+    // It is not an identity: it can sign nothing and serve no peer.
+    exchange(
+        d,
+        &["cert", "verify", "--trust", "ca/ca.pem", "srv/server.pem"],
+    )
+    .fails_with("wrong key usage");
+    // Bad requests: one clear line, nothing written.
+    exchange(d, &["ca", "issue-server", "--ca", "ca", "--out", "none"])
+        .fails_with("at least one DNS name or IP address");
+    exchange(
+        d,
+        &[
+            "ca",
+            "issue-server",
+            "--ca",
+            "ca",
+            "--dns",
+            "not a host",
+            "--out",
+            "bad",
+        ],
+    )
+    .fails_with("is not a valid DNS name");
+    assert!(!d.join("none").exists() && !d.join("bad").exists());
+    exchange(
+        d,
+        &[
+            "ca",
+            "issue-server",
+            "--ca",
+            "ca",
+            "--dns",
+            "localhost",
+            "--out",
+            "srv",
         ],
     )
     .fails_with("already exists");

@@ -6,7 +6,12 @@
 //! * CA: basicConstraints CA, keyCertSign + cRLSign;
 //! * identity: P-256, keyUsage digitalSignature, EKU clientAuth + serverAuth,
 //!   one URI SubjectAltName (the party);
-//! * encryption: P-256, keyUsage keyAgreement only, no EKU, the same URI.
+//! * encryption: P-256, keyUsage keyAgreement only, no EKU, the same URI;
+//! * TLS server (a daemon's client listener, for stock gRPC clients that
+//!   check host names): P-256, keyUsage digitalSignature, EKU serverAuth
+//!   only, DNS and IP SubjectAltNames, optionally the facility's party URI
+//!   (for clients that pin it). Without clientAuth it fails the identity
+//!   profile, so its key can never sign for a party.
 //!
 //! Serial numbers are derived from the public key's hash by rcgen, so two
 //! certificates never share one.
@@ -217,6 +222,54 @@ impl CertificateAuthority {
         }
         params.not_before = OffsetDateTime::from(spec.validity.not_before);
         params.not_after = OffsetDateTime::from(spec.validity.not_after);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+
+    /// Issues a TLS server certificate valid for the host names `dns` and
+    /// the addresses `ips`, naming `party` too if given (see the module
+    /// profile). It cannot pass as an identity.
+    pub fn issue_tls_server(
+        &self,
+        name: &str,
+        party: Option<&PartyUri>,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        validity: Validity,
+    ) -> Result<IssuedCert, Error> {
+        if dns.is_empty() && ips.is_empty() {
+            return Err(Error::Issue(
+                "a server certificate needs at least one DNS name or IP address".into(),
+            ));
+        }
+        let key = new_key()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        for d in dns {
+            rustls_pki_types::DnsName::try_from(d.as_str())
+                .map_err(|_| Error::Issue(format!("{d:?} is not a valid DNS name")))?;
+            params.subject_alt_names.push(SanType::DnsName(
+                d.as_str()
+                    .try_into()
+                    .map_err(|e| Error::Issue(format!("DNS name {d:?}: {e}")))?,
+            ));
+        }
+        for ip in ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        if let Some(party) = party {
+            params
+                .subject_alt_names
+                .push(SanType::URI(party.as_str().try_into().map_err(issue_err)?));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = OffsetDateTime::from(validity.not_before);
+        params.not_after = OffsetDateTime::from(validity.not_after);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
         Ok(IssuedCert {

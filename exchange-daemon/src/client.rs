@@ -1,6 +1,8 @@
 //! A client of a daemon's client service, for local applications and the
 //! `exchange` CLI: mutual TLS with a local client certificate, the daemon's
-//! certificate validated and pinned to its facility's party URI.
+//! certificate validated and pinned to its facility's party URI, or (when
+//! the client listener presents a TLS server certificate) checked for the
+//! host name dialled, as stock gRPC clients check it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,8 @@ use crate::tls::{self, TlsIdentity};
 pub struct ClientSettings {
     /// `host:port` of the daemon's client listener.
     pub address: String,
-    /// The facility party URI the daemon's certificate must name.
+    /// The facility party URI the daemon's certificate must name (when it
+    /// presents its identity certificate rather than a server certificate).
     pub server_party: PartyUri,
     /// Trust anchors (PEM) for the daemon's certificate.
     pub anchors_pem: Vec<u8>,
@@ -37,10 +40,12 @@ pub fn connect(settings: &ClientSettings) -> Result<ClientClient<Channel>, Error
     if let Some(crls) = &settings.crls_pem {
         trust = trust.crls_pem(crls)?;
     }
-    let config = tls::client_config(
+    let config = tls::local_client_config(
         Arc::new(trust.build()?),
+        &settings.anchors_pem,
+        settings.crls_pem.as_deref(),
         settings.server_party.clone(),
-        Some(&settings.identity),
+        &settings.identity,
         tls::versions(settings.allow_tls12),
     )?;
     let channel = tls::channel(&settings.address, config, Duration::from_secs(10))?;

@@ -34,12 +34,50 @@ use crate::proto::{
 };
 use crate::sink::Sink;
 use crate::store::{
-    Accepted, DeliveryKind, DeliveryState, MessageKind, MessageRecord, NewDelivery, NewEnvelope,
-    SendKey, SendKeyRecord,
+    Accepted, DeliveryKind, DeliveryState, MessageKey, MessageKind, MessageRecord, NewDelivery,
+    NewEnvelope, SendKey, SendKeyRecord,
 };
 
 /// Plaintext slice per streamed message.
 const SLICE: usize = 256 * 1024;
+/// Inbox items per ListInbox page when the request names no page size.
+pub const DEFAULT_INBOX_PAGE: usize = 100;
+/// Most inbox items per ListInbox page (a larger page size is lowered).
+pub const MAX_INBOX_PAGE: usize = 1000;
+/// First byte of a page token: its format, so that a later one can differ.
+const PAGE_TOKEN_VERSION: u8 = 1;
+
+/// A page token: the position of the last item of the page (time
+/// received, local key), hex-encoded behind a format byte. Opaque to clients.
+fn encode_page_token((received_ms, key): (u64, MessageKey)) -> String {
+    let mut b = Vec::with_capacity(25);
+    b.push(PAGE_TOKEN_VERSION);
+    b.extend_from_slice(&received_ms.to_be_bytes());
+    b.extend_from_slice(key.as_bytes());
+    hex::encode(b)
+}
+
+/// The position a page token names; `None` for the empty token (the first
+/// page).
+fn decode_page_token(token: &str) -> Result<Option<(u64, MessageKey)>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let b = hex::decode(token).map_err(|_| Error::BadPageToken)?;
+    match b.as_slice() {
+        [PAGE_TOKEN_VERSION, rest @ ..] if rest.len() == 24 => {
+            let (ms, key) = rest.split_at(8);
+            let ms = u64::from_be_bytes(<[u8; 8]>::try_from(ms).map_err(|_| Error::BadPageToken)?);
+            let key = <[u8; 16]>::try_from(key).map_err(|_| Error::BadPageToken)?;
+            // Positions beyond what the store can hold name no item.
+            if i64::try_from(ms).is_err() {
+                return Err(Error::BadPageToken);
+            }
+            Ok(Some((ms, MessageKey::from_bytes(key))))
+        }
+        _ => Err(Error::BadPageToken),
+    }
+}
 
 /// The client gRPC service.
 #[derive(Debug, Clone)]
@@ -909,23 +947,62 @@ impl Client for ClientService {
         req: Request<ListInboxRequest>,
     ) -> Result<Response<ListInboxResponse>, Status> {
         let client = self.client(&req, AuditAction::List).await?;
-        let all = match self.node.store.inbox(req.get_ref().include_acked).await {
-            Ok(all) => all,
-            Err(e) => return Err(self.deny(client, AuditAction::List, None, e.into()).await),
+        let req = req.into_inner();
+        let page_size = match req.page_size {
+            0 => DEFAULT_INBOX_PAGE,
+            n => usize::try_from(n)
+                .unwrap_or(MAX_INBOX_PAGE)
+                .min(MAX_INBOX_PAGE),
         };
-        let items: Vec<InboxItem> = all
-            .into_iter()
-            .filter(|r| client.may_read(&r.purpose))
-            .map(|r| InboxItem {
-                message_id: r.id.as_bytes().to_vec(),
-                sender: r.sender.to_string(),
-                content_type: r.content_type,
-                purpose: r.purpose,
-                received_ms: r.received_ms,
-                payload_length: r.ciphertext_len,
-                acked: r.acked_ms.is_some(),
-            })
-            .collect();
+        let mut after = match decode_page_token(&req.page_token) {
+            Ok(after) => after,
+            Err(e) => return Err(self.deny(client, AuditAction::List, None, e).await),
+        };
+        // Rows the client may not read are skipped, so a page is read in
+        // scans until it is full (one item more tells whether another
+        // page follows) or the inbox ends.
+        let mut items: Vec<InboxItem> = Vec::new();
+        let mut last = None;
+        let mut more = false;
+        'scan: loop {
+            let rows = match self
+                .node
+                .store
+                .inbox_page(req.include_acked, after, page_size + 1)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return Err(self.deny(client, AuditAction::List, None, e.into()).await),
+            };
+            let end = rows.len() <= page_size;
+            for r in rows {
+                after = Some((r.received_ms, r.key));
+                if !client.may_read(&r.purpose) {
+                    continue;
+                }
+                if items.len() == page_size {
+                    more = true;
+                    break 'scan;
+                }
+                last = Some((r.received_ms, r.key));
+                items.push(InboxItem {
+                    message_id: r.id.as_bytes().to_vec(),
+                    sender: r.sender.to_string(),
+                    content_type: r.content_type,
+                    purpose: r.purpose,
+                    received_ms: r.received_ms,
+                    payload_length: r.ciphertext_len,
+                    acked: r.acked_ms.is_some(),
+                });
+            }
+            if end {
+                break;
+            }
+        }
+        let next_page_token = match (more, last) {
+            (true, Some(position)) => encode_page_token(position),
+            _ => String::new(),
+        };
         self.record(
             client,
             AuditAction::List,
@@ -933,7 +1010,10 @@ impl Client for ClientService {
             format!("{} inbox item(s) listed", items.len()),
         )
         .await?;
-        Ok(Response::new(ListInboxResponse { items }))
+        Ok(Response::new(ListInboxResponse {
+            items,
+            next_page_token,
+        }))
     }
 
     type FetchStream = BoxStream<FetchResponse>;

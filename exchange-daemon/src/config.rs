@@ -199,6 +199,41 @@ pub struct ListenConfig {
     pub peer: String,
     /// Client service (local applications), e.g. `127.0.0.1:7444`.
     pub client: String,
+    /// TLS server certificate chain (PEM, leaf first) the client listener
+    /// presents instead of the identity certificate: one valid for the DNS
+    /// names and addresses applications dial (`exchange ca issue-server`),
+    /// which stock gRPC clients check. Set with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PKCS#8 PEM) of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Also serve the client service on this Unix domain socket (TLS with
+    /// client certificates, as on TCP). A stale socket left by an earlier
+    /// run is replaced; any other file there is refused.
+    #[serde(default)]
+    pub client_socket: Option<PathBuf>,
+    /// Mode of `client_socket`: `"0600"` (the daemon's user only, the
+    /// default) or `"0660"` (its group too).
+    #[serde(default = "default_socket_mode")]
+    pub client_socket_mode: String,
+}
+
+fn default_socket_mode() -> String {
+    "0600".into()
+}
+
+impl ListenConfig {
+    /// The permission bits of [`ListenConfig::client_socket`].
+    pub fn socket_mode(&self) -> Result<u32, Error> {
+        match self.client_socket_mode.as_str() {
+            "0600" => Ok(0o600),
+            "0660" => Ok(0o660),
+            other => Err(Error::Config(format!(
+                "listen.client_socket_mode = {other:?}: use \"0600\" (the daemon's user) or \"0660\" (and its group)"
+            ))),
+        }
+    }
 }
 
 /// Size limits.
@@ -319,6 +354,11 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The shortest `delivery.lease_ms`: claims are renewed every third of
+/// the lease, and a renewal must not be due more often than the claim loop
+/// looks at it.
+pub const MIN_LEASE_MS: u64 = 600;
+
 /// Delivery workers and retry policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,6 +400,11 @@ pub struct DeliveryConfig {
     /// Name of this daemon when claiming work in a shared store.
     #[serde(default = "default_node")]
     pub node_name: String,
+    /// How long a claim on a delivery lasts (ms) before another worker may
+    /// take it. A running attempt renews its claim every third of this, so
+    /// only a crashed or stuck worker's claims lapse.
+    #[serde(default = "default_lease")]
+    pub lease_ms: u64,
 }
 
 fn default_concurrency() -> usize {
@@ -392,6 +437,9 @@ fn default_connect_timeout() -> u64 {
 fn default_node() -> String {
     "local".into()
 }
+fn default_lease() -> u64 {
+    120_000
+}
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -406,11 +454,17 @@ impl Default for DeliveryConfig {
             max_lifetime_seconds: default_max_lifetime(),
             connect_timeout_ms: default_connect_timeout(),
             node_name: default_node(),
+            lease_ms: default_lease(),
         }
     }
 }
 
 impl DeliveryConfig {
+    /// How long a claim on a delivery lasts.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
     /// The connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
@@ -536,6 +590,12 @@ impl Config {
                 relaxed.join(", ")
             )));
         }
+        if self.listen.client_cert.is_some() != self.listen.client_key.is_some() {
+            return Err(Error::Config(
+                "listen.client_cert and listen.client_key go together: set both or neither".into(),
+            ));
+        }
+        self.listen.socket_mode()?;
         if self.trust.anchors.is_empty() {
             return Err(Error::Config("trust.anchors is empty".into()));
         }
@@ -582,6 +642,12 @@ impl Config {
             return Err(Error::Config(format!(
                 "delivery.default_lifetime_seconds ({}) must be at most delivery.max_lifetime_seconds ({}), which must be positive",
                 d.default_lifetime_seconds, d.max_lifetime_seconds
+            )));
+        }
+        if d.lease_ms < MIN_LEASE_MS {
+            return Err(Error::Config(format!(
+                "delivery.lease_ms ({}) must be at least {MIN_LEASE_MS}",
+                d.lease_ms
             )));
         }
         if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {

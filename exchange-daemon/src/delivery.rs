@@ -18,14 +18,12 @@ use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Status};
 
 use crate::accountability::{self, peer_actor};
-use crate::error::{Error, MAX_STATUS_MESSAGE, RECEIPT_METADATA, status_reason};
+use crate::error::{Error, MAX_STATUS_MESSAGE, RECEIPT_METADATA, StoreError, status_reason};
 use crate::node::{Node, from_unix_ms, position, unix_ms};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
-use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt};
+use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt, Store};
 
-/// How long a claim lasts before another worker may take the item.
-const LEASE: Duration = Duration::from_secs(120);
 /// How long running attempts may finish at shutdown before they are stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often the queue is polled when nothing wakes the loop.
@@ -55,49 +53,54 @@ pub(crate) fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
 /// Runs until `shutdown` turns true.
 pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let owner = node.config.delivery.node_name.clone();
+    let lease = node.config.delivery.lease();
     let permits = Arc::new(Semaphore::new(node.config.delivery.concurrency));
     let in_flight = Arc::new(InFlight::default());
     let mut attempts = tokio::task::JoinSet::new();
+    let mut renewed = tokio::time::Instant::now();
     loop {
-        while attempts.try_join_next().is_some() {}
+        while let Some(done) = attempts.try_join_next() {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                tracing::error!("a delivery attempt panicked; it is retried once its claim lapses");
+            }
+        }
         if *shutdown.borrow() {
             break;
+        }
+        if renewed.elapsed() >= lease / 3 {
+            renewed = tokio::time::Instant::now();
+            renew(&node, &owner, lease, &in_flight).await;
         }
         let free = permits.available_permits();
         let mut full = false;
         if free > 0 {
-            let now = unix_ms(SystemTime::now());
-            match node
-                .store
-                .claim_fair(
-                    &owner,
-                    now,
-                    now + unix_ms_of(LEASE),
-                    free,
-                    node.config.delivery.per_peer_concurrency,
-                    in_flight.per_target(),
-                )
-                .await
+            match claim(
+                node.store.as_ref(),
+                &owner,
+                lease,
+                free,
+                node.config.delivery.per_peer_concurrency,
+                &in_flight,
+            )
+            .await
             {
-                Ok(items) => {
-                    full = items.len() == free;
-                    for item in items {
-                        // A transfer outlasting its lease comes back claimable:
-                        // it is still running here, so leave it be.
-                        if !in_flight.start(item.id, &item.target) {
-                            continue;
-                        }
+                Ok((started, claimed)) => {
+                    full = claimed == free;
+                    for (item, guard) in started {
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             return;
                         };
                         let node = node.clone();
-                        let in_flight = in_flight.clone();
                         attempts.spawn(async move {
-                            let (id, target) = (item.id, item.target.clone());
+                            // Released when the attempt ends, panics or is
+                            // cancelled at shutdown, in reverse order: the
+                            // entry, the permit, then the loop is woken.
+                            let _wake = Wake(node.clone());
+                            let _permit = permit;
+                            let _running = guard;
                             node.attempt(item).await;
-                            in_flight.end(id, &target);
-                            drop(permit);
-                            node.work.notify_one();
                         });
                     }
                 }
@@ -105,9 +108,11 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             }
         }
         if full {
-            // More may be due: claim again once a worker frees up.
+            // More may be due: claim again once a worker frees up (or
+            // look at the claims to renew).
             tokio::select! {
                 () = node.work.notified() => {}
+                () = tokio::time::sleep(lease / 3) => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -131,6 +136,66 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Claims up to `free` due deliveries and marks them running; returns
+/// them with their guards, and how many the store handed out (some may be
+/// running here already and are not started again).
+///
+/// The running set is read before the claim: an attempt that ends after
+/// that point has recorded its outcome before it leaves the set, so an id
+/// missing from it was either never started or is seen by the claim as it
+/// now stands; an id in it is skipped even if its claim lapsed. Only this
+/// loop starts attempts, so nothing starts between the claim and `start`.
+async fn claim(
+    store: &dyn Store,
+    owner: &str,
+    lease: Duration,
+    free: usize,
+    per_peer: usize,
+    in_flight: &Arc<InFlight>,
+) -> Result<(Vec<(DeliveryRecord, InFlightGuard)>, usize), StoreError> {
+    let (running, busy) = in_flight.snapshot();
+    let now = unix_ms(SystemTime::now());
+    let items = store
+        .claim_fair(owner, now, now + unix_ms_of(lease), free, per_peer, busy)
+        .await?;
+    let claimed = items.len();
+    let started = items
+        .into_iter()
+        .filter(|item| !running.contains(&item.id))
+        .filter_map(|item| {
+            let guard = in_flight.start(item.id, &item.target)?;
+            Some((item, guard))
+        })
+        .collect();
+    Ok((started, claimed))
+}
+
+/// Extends the claims of the attempts running here, so that a transfer
+/// outlasting the lease is not taken by another worker.
+async fn renew(node: &Node, owner: &str, lease: Duration, in_flight: &InFlight) {
+    let (running, _) = in_flight.snapshot();
+    if running.is_empty() {
+        return;
+    }
+    let until = unix_ms(SystemTime::now()) + unix_ms_of(lease);
+    if let Err(e) = node
+        .store
+        .renew_claims(owner, running.into_iter().collect(), until)
+        .await
+    {
+        tracing::error!(error = %e, "cannot renew the claims of running deliveries");
+    }
+}
+
+/// Wakes the claim loop when dropped: a worker is free.
+struct Wake(Arc<Node>);
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.0.work.notify_one();
+    }
+}
+
 /// Deliveries being attempted by this process, and how many per target.
 #[derive(Debug, Default)]
 struct InFlight(std::sync::Mutex<Running>);
@@ -141,6 +206,21 @@ struct Running {
     per_target: HashMap<PartyUri, usize>,
 }
 
+/// One running attempt's place in [`InFlight`]: released when dropped,
+/// whether the attempt returned, panicked or was cancelled.
+#[derive(Debug)]
+struct InFlightGuard {
+    registry: Arc<InFlight>,
+    id: i64,
+    target: PartyUri,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.registry.end(self.id, &self.target);
+    }
+}
+
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
         self.0
@@ -148,14 +228,19 @@ impl InFlight {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Marks `id` (to `target`) running; false if it already was.
-    fn start(&self, id: i64, target: &PartyUri) -> bool {
+    /// Marks `id` (to `target`) running until the guard is dropped; `None`
+    /// if it already was.
+    fn start(self: &Arc<Self>, id: i64, target: &PartyUri) -> Option<InFlightGuard> {
         let mut r = self.lock();
         if !r.ids.insert(id) {
-            return false;
+            return None;
         }
         *r.per_target.entry(target.clone()).or_insert(0) += 1;
-        true
+        Some(InFlightGuard {
+            registry: Arc::clone(self),
+            id,
+            target: target.clone(),
+        })
     }
 
     fn end(&self, id: i64, target: &PartyUri) {
@@ -170,9 +255,10 @@ impl InFlight {
         }
     }
 
-    /// Attempts running per target.
-    fn per_target(&self) -> HashMap<PartyUri, usize> {
-        self.lock().per_target.clone()
+    /// The running ids and the attempts running per target, read together.
+    fn snapshot(&self) -> (HashSet<i64>, HashMap<PartyUri, usize>) {
+        let r = self.lock();
+        (r.ids.clone(), r.per_target.clone())
     }
 }
 
@@ -578,5 +664,105 @@ impl Node {
         .map_err(|_| fail(no_answer(&item.target, deadline)))?
         .map_err(|status| fail(peer_error(&item.target, &status)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_empty(registry: &InFlight) -> bool {
+        let (ids, per_target) = registry.snapshot();
+        ids.is_empty() && per_target.is_empty()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_or_cancelled_attempt_leaves_no_in_flight_entry() {
+        let registry = Arc::new(InFlight::default());
+        let target = PartyUri::new("urn:test:next").unwrap();
+
+        let guard = registry.start(1, &target).unwrap();
+        assert!(registry.start(1, &target).is_none(), "started twice");
+        assert_eq!(registry.snapshot().1.get(&target), Some(&1));
+        let attempt = tokio::spawn(async move {
+            let _running = guard;
+            panic!("an attempt fails unexpectedly");
+        });
+        assert!(attempt.await.unwrap_err().is_panic());
+        assert!(is_empty(&registry), "{:?}", registry.snapshot());
+
+        // Cancelled while running (a shutdown stopping attempts).
+        let guard = registry.start(2, &target).unwrap();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let attempt = tokio::spawn(async move {
+            let _running = guard;
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+        });
+        started.await.unwrap();
+        attempt.abort();
+        assert!(attempt.await.unwrap_err().is_cancelled());
+        assert!(is_empty(&registry), "{:?}", registry.snapshot());
+
+        // Both may run again.
+        let again = (registry.start(1, &target), registry.start(2, &target));
+        assert!(again.0.is_some() && again.1.is_some());
+        assert_eq!(registry.snapshot().1.get(&target), Some(&2));
+        drop(again);
+        assert!(is_empty(&registry));
+    }
+
+    /// The claim loop's race: an attempt whose lease lapsed is still
+    /// running when the loop claims; its outcome is recorded in the same
+    /// writer batch right after the claim, and it leaves the running set
+    /// before the loop looks at what it claimed. It must not start again.
+    #[tokio::test]
+    async fn an_attempt_ending_during_a_claim_is_not_started_again() {
+        use crate::store::sqlite::SqliteStore;
+        use crate::store::sqlite::tests::{hold_writer, inline, mid, wait_submitted};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        store
+            .accept(inline(mid(1), MessageKind::Relay))
+            .await
+            .unwrap();
+        let registry = Arc::new(InFlight::default());
+        let lease = Duration::from_millis(50);
+        let (started, _) = claim(store.as_ref(), "local", lease, 4, 4, &registry)
+            .await
+            .unwrap();
+        let [(item, guard)] = <[_; 1]>::try_from(started).unwrap();
+        // The lease lapses while the attempt runs.
+        tokio::time::sleep(lease * 3).await;
+
+        let before = store.writer_stats().ops_submitted;
+        let (release, blocker) = hold_writer(&store).await;
+        let mut again = std::pin::pin!(claim(store.as_ref(), "local", lease, 4, 4, &registry));
+        tokio::select! {
+            biased;
+            _ = &mut again => panic!("the claim finished while the writer was held"),
+            () = wait_submitted(&store, before + 2) => {}
+        }
+        // The attempt records its outcome, queued behind the claim.
+        let s = Arc::clone(&store);
+        let finish = tokio::spawn(async move {
+            s.finish_attempt(item.id, AttemptOutcome::Done, Vec::new(), Vec::new())
+                .await
+        });
+        wait_submitted(&store, before + 3).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        finish.await.unwrap().unwrap();
+        // ... and then leaves the running set, before the claim goes on.
+        drop(guard);
+        let (started, claimed) = again.await.unwrap();
+        assert_eq!(claimed, 1, "the lapsed claim was not handed out again");
+        assert!(
+            started.is_empty(),
+            "a delivery already done was started again: {:?}",
+            started.iter().map(|(d, _)| d.id).collect::<Vec<_>>()
+        );
+        assert!(is_empty(&registry));
     }
 }

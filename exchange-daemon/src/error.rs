@@ -159,6 +159,9 @@ pub enum Error {
     /// A Send reused an idempotency key for a different request.
     #[error("idempotency key {0:?} was used for a different request")]
     IdempotencyConflict(String),
+    /// A ListInbox page token that this daemon did not issue.
+    #[error("page_token is not a token from a previous ListInbox response")]
+    BadPageToken,
     /// The daemon is shutting down.
     #[error("shutting down")]
     Shutdown,
@@ -242,6 +245,13 @@ pub enum StoreError {
     /// The store's writer has stopped.
     #[error("store closed")]
     Closed,
+    /// A write operation panicked: it alone was undone (its savepoint
+    /// rolled back) and the store goes on serving the others.
+    #[error("store operation failed unexpectedly and was undone: {0}")]
+    Panicked(String),
+    /// The store's writer thread died: nothing can be written any more.
+    #[error("{0}")]
+    WriterDied(String),
     /// The message or delivery an operation names is not stored.
     #[error("not found: {0}")]
     NotFound(String),
@@ -309,6 +319,7 @@ impl Error {
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
             Self::IdempotencyConflict(_) => "idempotency-conflict",
+            Self::BadPageToken => "bad-page-token",
             Self::Stalled { .. } => "stalled",
             Self::NotFetched(_) => "not-fetched",
             Self::LifetimeTooLong { .. } => "lifetime-too-long",
@@ -365,7 +376,9 @@ impl Error {
             | Self::Refused { .. }
             | Self::NotFetched(_)
             | Self::AmbiguousId { .. } => Code::FailedPrecondition,
-            Self::LifetimeTooLong { .. } | Self::PieceTooLarge { .. } => Code::InvalidArgument,
+            Self::LifetimeTooLong { .. } | Self::PieceTooLarge { .. } | Self::BadPageToken => {
+                Code::InvalidArgument
+            }
             Self::Transport(_)
             | Self::Shutdown
             | Self::PeerInternal { .. }

@@ -1,17 +1,19 @@
 //! Starting and stopping a daemon: store, listeners, services, workers.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use crate::client_service::ClientService;
 use crate::config::{Config, Profile};
-use crate::error::Error;
+use crate::error::{Error, StoreError};
 use crate::node::Node;
 use crate::peer::PeerService;
 use crate::proto::client_server::ClientServer;
@@ -27,9 +29,12 @@ pub struct Daemon {
     node: Arc<Node>,
     peer_addr: SocketAddr,
     client_addr: SocketAddr,
+    client_socket: Option<SocketFile>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
+    /// Set, with the reason, once the daemon can no longer work.
+    fatal: watch::Receiver<Option<String>>,
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, Error> {
@@ -39,6 +44,70 @@ async fn bind(addr: &str) -> Result<TcpListener, Error> {
             addr: addr.to_owned(),
             source,
         })
+}
+
+/// The client socket's file, removed when the daemon stops (or fails to
+/// start after binding it).
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the client service's Unix socket at `path` with `mode`.
+///
+/// The socket is bound under a temporary name beside `path`, given its mode,
+/// then renamed into place, so that it is never reachable at `path` with
+/// the looser mode the process's umask would give. A socket already at
+/// `path` that nothing answers on (left by a daemon that did not stop
+/// cleanly) is replaced; a live one, or any other kind of file, is refused.
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let fail = |source: std::io::Error| Error::Listen {
+        addr: path.display().to_string(),
+        source,
+    };
+    let stale_socket = |p: &Path| -> Result<(), Error> {
+        match std::fs::symlink_metadata(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fail(e)),
+            Ok(m) if !m.file_type().is_socket() => Err(fail(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket: not replaced", p.display()),
+            ))),
+            Ok(_) if std::os::unix::net::UnixStream::connect(p).is_ok() => {
+                Err(fail(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                )))
+            }
+            Ok(_) => std::fs::remove_file(p).map_err(fail),
+        }
+    };
+    stale_socket(path)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            fail(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no file name",
+            ))
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    stale_socket(&tmp)?;
+    let listener = UnixListener::bind(&tmp).map_err(fail)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(e));
+    }
+    Ok(listener)
 }
 
 fn log_profile(config: &Config) {
@@ -114,6 +183,27 @@ async fn reload_trust(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Waits for the store to fail for good; then reports NOT_SERVING on both
+/// listeners and sets `fatal` (see [`Daemon::failed`]).
+async fn watch_store(
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+    fatal: watch::Sender<Option<String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        why = node.store.failure() => {
+            tracing::error!(error = %why, "the store can no longer write: reporting NOT_SERVING and stopping");
+            health.set_not_serving::<PeerServer<PeerService>>().await;
+            health.set_not_serving::<ClientServer<ClientService>>().await;
+            fatal.send_replace(Some(why));
+        }
+        () = async {
+            let _ = stop.wait_for(|s| *s).await;
+        } => {}
+    }
+}
+
 impl Daemon {
     /// Opens the SQLite store in `config.data_dir` and starts.
     pub async fn start(config: Config) -> Result<Self, Error> {
@@ -138,6 +228,14 @@ impl Daemon {
         };
         let peer_addr = local(&peer_listener, &config.listen.peer)?;
         let client_addr = local(&client_listener, &config.listen.client)?;
+        let (client_socket, socket_listener) = match &config.listen.client_socket {
+            Some(p) => {
+                let path = config.path(p);
+                let listener = bind_unix(&path, config.listen.socket_mode()?)?;
+                (Some(SocketFile(path)), Some(listener))
+            }
+            None => (None, None),
+        };
         let released = store.release_claims(&config.delivery.node_name).await?;
         if released > 0 {
             tracing::info!(released, "resuming deliveries claimed before a restart");
@@ -148,8 +246,21 @@ impl Daemon {
         node.check_audit_history().await?;
         let versions = node.versions();
         let peer_tls = tls::server_config(node.trust_source.clone(), &node.tls_identity, versions)?;
-        let client_tls =
-            tls::server_config(node.client_trust.clone(), &node.tls_identity, versions)?;
+        // The client listener presents its own server certificate when one
+        // is configured (host names for stock gRPC clients), else the identity.
+        let listen = &node.config.listen;
+        let client_identity = match (&listen.client_cert, &listen.client_key) {
+            (Some(cert), Some(key)) => Some(tls::TlsIdentity::from_pem(
+                &node.config.read(cert)?,
+                &node.config.read(key)?,
+            )?),
+            _ => None,
+        };
+        let client_tls = tls::server_config(
+            node.client_trust.clone(),
+            client_identity.as_ref().unwrap_or(&node.tls_identity),
+            versions,
+        )?;
 
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -206,33 +317,66 @@ impl Daemon {
                 ClientServer::new(ClientService::new(node.clone()))
                     .max_decoding_message_size(limits.max_message_bytes),
             );
-        for (name, router, listener, config, trust) in [
-            (
-                "peer",
-                peer_router,
-                peer_listener,
-                peer_tls,
-                node.trust_source.clone(),
-            ),
-            (
-                "client",
-                client_router,
-                client_listener,
+        let peer_incoming = tls::incoming(
+            tls::Listener::Tcp(peer_listener),
+            peer_tls,
+            node.trust_source.clone(),
+            "peer",
+            connection_limits,
+        );
+        let client_incoming = tls::incoming(
+            tls::Listener::Tcp(client_listener),
+            client_tls.clone(),
+            node.client_trust.clone(),
+            "client",
+            connection_limits,
+        );
+        // The socket's connections join the TCP listener's: one client
+        // service, the same TLS and client certificates, caps of its own.
+        type Incoming = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<tls::TlsConn, std::io::Error>> + Send>,
+        >;
+        let client_incoming: Incoming = match socket_listener {
+            Some(l) => Box::pin(client_incoming.merge(tls::incoming(
+                tls::Listener::Unix(l),
                 client_tls,
                 node.client_trust.clone(),
-            ),
-        ] {
-            let mut stop = rx.clone();
-            let incoming = tls::incoming(listener, config, trust, name, connection_limits);
-            tasks.push(tokio::spawn(async move {
-                let signal = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
-                    tracing::error!(service = name, error = %e, "server stopped");
-                }
-            }));
-        }
+                "client-socket",
+                connection_limits,
+            ))),
+            None => Box::pin(client_incoming),
+        };
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = peer_router
+                .serve_with_incoming_shutdown(peer_incoming, signal)
+                .await
+            {
+                tracing::error!(service = "peer", error = %e, "server stopped");
+            }
+        }));
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = client_router
+                .serve_with_incoming_shutdown(client_incoming, signal)
+                .await
+            {
+                tracing::error!(service = "client", error = %e, "server stopped");
+            }
+        }));
+        let (fatal_tx, fatal) = watch::channel(None);
+        tasks.push(tokio::spawn(watch_store(
+            node.clone(),
+            reporter.clone(),
+            fatal_tx,
+            rx.clone(),
+        )));
         tasks.push(tokio::spawn(delivery::run(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(reload_trust(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(accountability::run(node.clone(), rx)));
@@ -245,14 +389,23 @@ impl Daemon {
             Some(format!("peer {peer_addr}, client {client_addr}")),
         )])
         .await?;
-        tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started");
+        match &client_socket {
+            Some(SocketFile(path)) => {
+                tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, socket = %path.display(), "exchanged started")
+            }
+            None => {
+                tracing::info!(party = %node.party(), peer = %peer_addr, client = %client_addr, "exchanged started")
+            }
+        }
         Ok(Self {
             node,
             peer_addr,
             client_addr,
+            client_socket,
             shutdown,
             tasks,
             health: reporter,
+            fatal,
         })
     }
 
@@ -266,6 +419,11 @@ impl Daemon {
         self.client_addr
     }
 
+    /// The client service's Unix socket, if configured.
+    pub fn client_socket(&self) -> Option<&Path> {
+        self.client_socket.as_ref().map(|s| s.0.as_path())
+    }
+
     /// Re-reads trust anchors and CRLs now (SIGHUP); on error the ones in
     /// force stay.
     pub fn reload_trust(&self) -> Result<(), Error> {
@@ -275,6 +433,21 @@ impl Daemon {
     /// The daemon's state (party, store).
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// Resolves if the daemon can no longer work (its store's writer
+    /// died): health already says NOT_SERVING. The caller shuts the daemon
+    /// down and exits non-zero so that its supervisor restarts it.
+    pub async fn failed(&self) -> Error {
+        let mut fatal = self.fatal.clone();
+        let why = fatal
+            .wait_for(Option::is_some)
+            .await
+            .map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => Error::Store(StoreError::WriterDied(why)),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops accepting, lets running requests finish, stops the workers.
@@ -290,6 +463,7 @@ impl Daemon {
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
+        drop(self.client_socket);
         // The last entry, then a checkpoint that covers everything.
         let stop = self.node.entry(
             accountability::DAEMON,

@@ -51,7 +51,7 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
@@ -208,7 +208,7 @@ struct LiveConnection {
     /// The chain the peer presented, leaf first.
     chain: Vec<Certificate>,
     party: PartyUri,
-    remote: SocketAddr,
+    remote: Remote,
     service: &'static str,
     closer: Arc<Closer>,
 }
@@ -323,7 +323,7 @@ impl SharedTrust {
         self: &Arc<Self>,
         chain: Vec<Certificate>,
         party: PartyUri,
-        remote: SocketAddr,
+        remote: Remote,
         service: &'static str,
     ) -> Result<(Registration, Arc<Closer>), exchange_core::Error> {
         let mut live = self.live();
@@ -477,6 +477,137 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Client side of a daemon's client listener: the server certificate is
+/// either the daemon's identity certificate naming `pinned.expected`, or a
+/// TLS server certificate (see `exchange ca issue-server`) that `by_name`,
+/// a standard web-PKI verifier over the same anchors and CRLs, accepts for
+/// the host name or address dialled and that, if it names a party at all,
+/// names `pinned.expected`.
+#[derive(Debug)]
+struct LocalServerVerifier {
+    pinned: PinnedServerVerifier,
+    by_name: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for LocalServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let pinned = match self.pinned.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let leaf = Certificate::from_der(end_entity.as_ref().to_vec()).ok();
+        let party = leaf.as_ref().and_then(|c| c.party().ok().cloned());
+        let identity = leaf
+            .as_ref()
+            .is_some_and(|c| c.key_role() == Some(exchange_core::identity::KeyRole::Identity));
+        match self.by_name.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            // A server certificate that names a party must name ours.
+            Ok(_) if party.as_ref().is_some_and(|p| p != &self.pinned.expected) => Err(
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            ),
+            Ok(v) => Ok(v),
+            // An identity certificate is judged by its pin.
+            Err(_) if identity => Err(pinned),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.pinned.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.pinned.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        SCHEMES.to_vec()
+    }
+}
+
+/// A client configuration for a daemon's client listener: presents
+/// `identity` and accepts the daemon's identity certificate naming
+/// `expected`, or a TLS server certificate valid for the name dialled,
+/// issued under `anchors_pem` and checked against `crls_pem` (every CRL
+/// given must cover the chain).
+pub fn local_client_config(
+    trust: Arc<TrustStore>,
+    anchors_pem: &[u8],
+    crls_pem: Option<&[u8]>,
+    expected: PartyUri,
+    identity: &TlsIdentity,
+    versions: &[&'static SupportedProtocolVersion],
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(anchors_pem) {
+        let der = der.map_err(|_| Error::Tls("trust anchor PEM unreadable".into()))?;
+        roots
+            .add(der)
+            .map_err(|e| Error::Tls(format!("trust anchor: {e}")))?;
+    }
+    let mut builder =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider());
+    if let Some(crls) = crls_pem {
+        let crls = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(crls)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Error::Tls("CRL PEM unreadable".into()))?;
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
+    }
+    let by_name = builder
+        .build()
+        .map_err(|e| Error::Tls(format!("server verifier: {e}")))?;
+    let verifier = Arc::new(LocalServerVerifier {
+        pinned: PinnedServerVerifier {
+            trust: Arc::new(SharedTrust {
+                current: RwLock::new(trust),
+                live: Mutex::new(LiveConnections::default()),
+            }),
+            expected,
+            algorithms: algorithms(),
+        },
+        by_name,
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        // Not a relaxation: a party pin or the standard host-name check.
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(identity.resolver());
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client configuration that presents `identity` (if any) and accepts only
 /// a server whose certificate validates and names `expected`.
 pub fn client_config(
@@ -550,8 +681,135 @@ pub fn client_config_shared(
 pub struct PeerInfo {
     /// The party URI of its validated certificate.
     pub party: PartyUri,
-    /// Its TCP address.
-    pub remote: SocketAddr,
+    /// Where it connected from.
+    pub remote: Remote,
+}
+
+/// Where a connection comes from: a TCP address, or the credentials of the
+/// process on the other end of a Unix domain socket (for logs only: the
+/// party is proven by its certificate on both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remote {
+    /// A TCP peer.
+    Tcp(SocketAddr),
+    /// A Unix socket peer: its user and process, when the kernel told.
+    Unix {
+        /// The peer process's user id.
+        uid: Option<u32>,
+        /// The peer process's id.
+        pid: Option<i32>,
+    },
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => a.fmt(f),
+            Self::Unix { uid, pid } => {
+                f.write_str("unix")?;
+                if let Some(uid) = uid {
+                    write!(f, " uid {uid}")?;
+                }
+                if let Some(pid) = pid {
+                    write!(f, " pid {pid}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A listening socket the client or peer service accepts on.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A Unix domain socket (the client service only).
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<(Stream, Remote)> {
+        match self {
+            Self::Tcp(l) => {
+                let (tcp, addr) = l.accept().await?;
+                let _ = tcp.set_nodelay(true);
+                Ok((Stream::Tcp(tcp), Remote::Tcp(addr)))
+            }
+            Self::Unix(l) => {
+                let (unix, _) = l.accept().await?;
+                let cred = unix.peer_cred().ok();
+                let remote = Remote::Unix {
+                    uid: cred.map(|c| c.uid()),
+                    pid: cred.and_then(|c| c.pid()),
+                };
+                Ok((Stream::Unix(unix), remote))
+            }
+        }
+    }
+}
+
+/// An accepted byte stream, before TLS.
+#[derive(Debug)]
+pub enum Stream {
+    /// Over TCP.
+    Tcp(TcpStream),
+    /// Over a Unix domain socket.
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Unix(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 /// A TLS stream registered with the trust that admitted its peer: once a
@@ -684,7 +942,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 /// finds that its peer's chain no longer validates.
 #[derive(Debug)]
 pub struct TlsConn {
-    stream: Watched<tokio_rustls::server::TlsStream<TcpStream>>,
+    stream: Watched<tokio_rustls::server::TlsStream<Stream>>,
     info: PeerInfo,
 }
 
@@ -746,14 +1004,14 @@ fn peer_party(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Par
     peer_chain(stream.get_ref().1.peer_certificates()).map(|(_, party)| party)
 }
 
-/// Accepts TCP connections on `listener`, handshakes each in its own task and
+/// Accepts connections (TCP or Unix socket) on `listener`, handshakes each in its own task and
 /// yields those that completed, registered with `trust` (which must be the
 /// store `config` verifies clients with) so that a reload closes those
 /// whose peer no longer validates. `service` names the listener in logs.
 /// Connections over `limits` (in all, or from one party) are closed at once
 /// and logged with reason `connection-limit`.
 pub fn incoming(
-    listener: TcpListener,
+    listener: Listener,
     config: Arc<rustls::ServerConfig>,
     trust: Arc<SharedTrust>,
     service: &'static str,
@@ -784,7 +1042,6 @@ pub fn incoming(
             let tx = tx.clone();
             let trust = trust.clone();
             tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => match peer_chain(stream.get_ref().1.peer_certificates()) {
                         Some((_, party)) if !slot.claim(&party, limits) => {
@@ -828,7 +1085,9 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// A lazily connecting gRPC channel to `address` (`host:port`) over `config`.
+/// A lazily connecting gRPC channel to `address` (`host:port`, or
+/// `unix:PATH` for a daemon's client socket, whose certificate is then
+/// checked for the name `localhost`) over `config`.
 /// With a replaceable trust ([`client_config_shared`]) each connection is
 /// registered with it and closed by a reload that its server no longer passes.
 pub fn channel(
@@ -837,7 +1096,12 @@ pub fn channel(
     connect_timeout: Duration,
 ) -> Result<Channel, Error> {
     let ClientTls { config, trust } = config.into();
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    let socket = address.strip_prefix("unix:").map(std::path::PathBuf::from);
+    let uri = match socket {
+        Some(_) => "http://localhost".to_owned(),
+        None => format!("http://{address}"),
+    };
+    let endpoint = Endpoint::from_shared(uri)
         .map_err(|e| Error::Config(format!("peer address {address:?}: {e}")))?
         .connect_timeout(connect_timeout)
         // A peer that stops answering mid-transfer is noticed and the
@@ -852,18 +1116,31 @@ pub fn channel(
     let service = tower::service_fn(move |uri: Uri| {
         let connector = connector.clone();
         let trust = trust.clone();
+        let socket = socket.clone();
         async move {
             let host = uri.host().unwrap_or_default().to_owned();
             let port = uri.port_u16().unwrap_or(443);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            let _ = tcp.set_nodelay(true);
-            let remote = tcp.peer_addr()?;
+            let (stream, remote) = match socket {
+                Some(path) => (
+                    Stream::Unix(UnixStream::connect(path).await?),
+                    Remote::Unix {
+                        uid: None,
+                        pid: None,
+                    },
+                ),
+                None => {
+                    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                    let _ = tcp.set_nodelay(true);
+                    let remote = Remote::Tcp(tcp.peer_addr()?);
+                    (Stream::Tcp(tcp), remote)
+                }
+            };
             let name = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
                 Ok(ip) => ServerName::IpAddress(ip.into()),
                 Err(_) => ServerName::try_from(host)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             };
-            let tls = connector.connect(name, tcp).await?;
+            let tls = connector.connect(name, stream).await?;
             // Registered under the trust that checked the server, if replaceable.
             let (closer, registration) = match &trust {
                 None => (Arc::new(Closer::default()), None),

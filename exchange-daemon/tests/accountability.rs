@@ -149,6 +149,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     reader
         .list_inbox(ListInboxRequest {
             include_acked: false,
+            ..ListInboxRequest::default()
         })
         .await
         .unwrap();

@@ -6,20 +6,23 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::*;
+use exchange_daemon::proto::peer_client::PeerClient;
 use exchange_daemon::proto::peer_server::{Peer, PeerServer};
 use exchange_daemon::proto::{
-    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse,
+    DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse, deliver_request,
 };
 use exchange_daemon::tls;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::Channel;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -86,6 +89,14 @@ impl AsyncWrite for Io {
 /// Serves [`Stall`] on `party`'s peer address with its identity
 /// certificate; returns the count of calls it took.
 async fn stalling_peer(party: &Party) -> Arc<AtomicUsize> {
+    let stall = Stall::default();
+    let calls = stall.calls.clone();
+    serve_peer(party, stall).await;
+    calls
+}
+
+/// Serves `service` on `party`'s peer address with its identity certificate.
+async fn serve_peer<P: Peer>(party: &Party, service: P) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     tls::install_provider();
@@ -118,14 +129,11 @@ async fn stalling_peer(party: &Party) -> Arc<AtomicUsize> {
             });
         }
     });
-    let stall = Stall::default();
-    let calls = stall.calls.clone();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(PeerServer::new(stall))
+            .add_service(PeerServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
     );
-    calls
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,4 +227,139 @@ async fn an_attempt_that_gets_no_answer_ends_at_its_deadline_and_is_retried() {
     );
     assert!(calls.load(Ordering::SeqCst) >= 2);
     c.shutdown().await;
+}
+
+/// Deliver calls of one envelope: running now, most at once, in all.
+#[derive(Debug, Default, Clone, Copy)]
+struct Calls {
+    running: usize,
+    most: usize,
+    total: usize,
+}
+
+/// A peer slower than the sender's claim lease: it reads each Deliver
+/// call, holds it for `delay`, then passes it on to the real daemon behind
+/// it (as the sender) and answers with what that one answered. It counts
+/// the calls of each envelope (by its head).
+#[derive(Clone)]
+struct Slow {
+    delay: Duration,
+    behind: PeerClient<Channel>,
+    calls: Arc<Mutex<HashMap<Vec<u8>, Calls>>>,
+}
+
+/// Counts a call as ended when dropped (also if the caller goes away).
+struct Ended(Arc<Mutex<HashMap<Vec<u8>, Calls>>>, Vec<u8>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.lock().unwrap().get_mut(&self.1) {
+            c.running -= 1;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for Slow {
+    async fn deliver(
+        &self,
+        req: Request<Streaming<DeliverRequest>>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no head"))?;
+        let Some(deliver_request::Part::Head(head)) = &first.part else {
+            return Err(Status::invalid_argument("head first"));
+        };
+        let key = head.clone();
+        {
+            let mut calls = self.calls.lock().unwrap();
+            let c = calls.entry(key.clone()).or_default();
+            c.running += 1;
+            c.total += 1;
+            c.most = c.most.max(c.running);
+        }
+        let _ended = Ended(self.calls.clone(), key);
+        let mut parts = vec![first];
+        while let Some(part) = stream.message().await? {
+            parts.push(part);
+        }
+        tokio::time::sleep(self.delay).await;
+        self.behind.clone().deliver(tokio_stream::iter(parts)).await
+    }
+
+    async fn return_receipts(
+        &self,
+        req: Request<ReturnReceiptsRequest>,
+    ) -> Result<Response<ReturnReceiptsResponse>, Status> {
+        self.behind.clone().return_receipts(req.into_inner()).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_outlasting_its_lease_is_attempted_once() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    // The address the clinic knows is the slow peer's; the hospital's
+    // daemon listens behind it.
+    let hospital = net.party("hospital", HOSPITAL);
+    let mut behind = hospital.clone();
+    behind.peer_port = free_port();
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    // A lease far shorter than the peer takes to answer.
+    net.configure(&clinic, &[&hospital], &[&emr], "lease_ms = 600\n");
+    net.configure(&behind, &[&clinic], &[], "");
+    let h = start(&behind).await;
+    let slow = Slow {
+        delay: Duration::from_millis(2_500),
+        behind: peer_client(&net, &behind, &clinic.tls_identity()),
+        calls: Arc::default(),
+    };
+    let calls = slow.calls.clone();
+    serve_peer(&hospital, slow).await;
+    let c = start(&clinic).await;
+    let mut app = client_of(&net, &clinic, &emr);
+
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let id = send(
+            &mut app,
+            referral_start(&[&hospital], &[], "treatment"),
+            format!("referral {i}").as_bytes(),
+        )
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    for id in &ids {
+        let status = wait_status(&mut app, id, |s| {
+            s.state() == exchange_daemon::proto::MessageState::Delivered
+        })
+        .await;
+        assert_eq!(status.hops[0].attempts, 1, "{status:#?}");
+    }
+    // Time for a second attempt to show, were one started.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), ids.len(), "{calls:?}");
+    for c in calls.values() {
+        assert_eq!(c.most, 1, "attempts of one delivery at once: {calls:?}");
+        assert_eq!(c.total, 1, "attempts of one delivery in all: {calls:?}");
+    }
+    assert_eq!(h.node().store().inbox(true).await.unwrap().len(), ids.len());
+    for id in &ids {
+        let s = app
+            .status(exchange_daemon::proto::StatusRequest {
+                message_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.hops.len(), 1);
+        assert_eq!(s.hops[0].attempts, 1, "{s:#?}");
+    }
+    c.shutdown().await;
+    h.shutdown().await;
 }

@@ -790,8 +790,14 @@ async fn inbox_items_outside_read_purposes_are_invisible() {
     let mut claims_app = client_of(&net, &hospital, &claims);
     let all = ListInboxRequest {
         include_acked: true,
+        ..ListInboxRequest::default()
     };
-    let seen = ids(ward_app.list_inbox(all).await.unwrap().into_inner().items);
+    let seen = ids(ward_app
+        .list_inbox(all.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .items);
     assert_eq!(seen, vec![treatment.clone(), claim.clone()]);
     let seen = ids(claims_app.list_inbox(all).await.unwrap().into_inner().items);
     assert_eq!(seen, vec![claim.clone()]);

@@ -153,6 +153,7 @@ async fn redelivery_after_a_purge_returns_the_original_receipt_and_stores_nothin
     let inbox = app
         .list_inbox(ListInboxRequest {
             include_acked: true,
+            ..ListInboxRequest::default()
         })
         .await
         .unwrap()

@@ -80,6 +80,7 @@ async fn inbox_ids(client: &mut ClientClient<Channel>) -> Vec<Vec<u8>> {
     let mut ids: Vec<Vec<u8>> = client
         .list_inbox(ListInboxRequest {
             include_acked: true,
+            ..ListInboxRequest::default()
         })
         .await
         .unwrap()

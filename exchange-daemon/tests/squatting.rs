@@ -146,6 +146,7 @@ async fn first_attempt_failed(app: &mut ClientClient<Channel>, id: &[u8]) {
 async fn inbox(app: &mut ClientClient<Channel>) -> Vec<(Vec<u8>, String)> {
     app.list_inbox(ListInboxRequest {
         include_acked: true,
+        ..ListInboxRequest::default()
     })
     .await
     .unwrap()

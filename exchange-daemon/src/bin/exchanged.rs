@@ -34,26 +34,32 @@ fn init_logging(level: &str) {
 
 async fn run(config: Config) -> Result<(), exchange_daemon::Error> {
     let daemon = Daemon::start(config).await?;
-    wait_for_signal(&daemon).await;
+    let failed = wait_for_signal(&daemon).await;
     daemon.shutdown().await;
-    Ok(())
+    // A daemon that can no longer work exits non-zero: its supervisor
+    // restarts it.
+    failed.map_or(Ok(()), Err)
 }
 
-/// Waits for SIGINT or SIGTERM; SIGHUP re-reads trust anchors and CRLs.
+/// Waits for SIGINT or SIGTERM (`None`) or for the daemon to fail for good
+/// (`Some`); SIGHUP re-reads trust anchors and CRLs.
 #[cfg(unix)]
-async fn wait_for_signal(daemon: &Daemon) {
+async fn wait_for_signal(daemon: &Daemon) -> Option<exchange_daemon::Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::hangup()),
     ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
+        return tokio::select! {
+            _ = tokio::signal::ctrl_c() => None,
+            e = daemon.failed() => Some(e),
+        };
     };
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return None,
+            _ = term.recv() => return None,
+            e = daemon.failed() => return Some(e),
             _ = hup.recv() => match daemon.reload_trust() {
                 Ok(()) => tracing::info!("SIGHUP: trust anchors and CRLs reloaded"),
                 Err(e) => tracing::error!(error = %e, "SIGHUP: cannot reload trust; the previous ones stay in force"),
@@ -63,8 +69,11 @@ async fn wait_for_signal(daemon: &Daemon) {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal(_daemon: &Daemon) {
-    let _ = tokio::signal::ctrl_c().await;
+async fn wait_for_signal(daemon: &Daemon) -> Option<exchange_daemon::Error> {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        e = daemon.failed() => Some(e),
+    }
 }
 
 fn main() -> ExitCode {

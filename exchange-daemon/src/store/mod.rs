@@ -678,6 +678,11 @@ pub trait Store: Send + Sync + 'static {
         busy: HashMap<PartyUri, usize>,
     ) -> StoreFuture<'_, Vec<DeliveryRecord>>;
 
+    /// Extends `owner`'s claims on the pending deliveries `ids` (attempts
+    /// still running) until `lease_until_ms`; returns how many it extended.
+    fn renew_claims(&self, owner: &str, ids: Vec<i64>, lease_until_ms: u64)
+    -> StoreFuture<'_, u64>;
+
     /// Releases every claim `owner` holds (a single-node daemon at start).
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;
 
@@ -705,6 +710,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inbound messages, newest last; acknowledged ones only if asked.
     fn inbox(&self, include_acked: bool) -> StoreFuture<'_, Vec<MessageRecord>>;
+
+    /// One page of [`Store::inbox`]: at most `limit` messages that come
+    /// after `after` (a `(received_ms, key)` position, exclusive; `None`:
+    /// from the start) in `(received_ms, key)` order.
+    fn inbox_page(
+        &self,
+        include_acked: bool,
+        after: Option<(u64, MessageKey)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<MessageRecord>>;
+
+    /// Resolves, with the reason, if the store stops working for good (its
+    /// writer is gone): the daemon then reports NOT_SERVING and exits so
+    /// that its supervisor restarts it. Never resolves by default.
+    fn failure(&self) -> Pin<Box<dyn Future<Output = String> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
 
     /// Marks an inbound message acknowledged at `now_ms`, keeping our
     /// PROCESSED receipt (and its way back upstream). False if already acked.

@@ -142,8 +142,14 @@
 //! failing operation rolls back only itself and gets its own error),
 //! commits once (one fsync for the batch) and only then answers every
 //! operation. If the transaction cannot be committed, every operation of
-//! the batch gets the error. Reads use a second, read-only connection (WAL
-//! readers do not block the writer) on the blocking thread pool.
+//! the batch gets the error. An operation that panics fails alone, like
+//! one that returns an error (its savepoint is rolled back; its caller
+//! gets [`StoreError::Panicked`]). Should the writer thread die all the
+//! same, every write fails with [`StoreError::Closed`] and
+//! [`Store::failure`] resolves. The queue in front of the writer holds at
+//! most [`WRITER_QUEUE`] operations; further callers wait for a place.
+//! Reads use a second, read-only connection (WAL readers do not block the
+//! writer) on the blocking thread pool.
 //!
 //! One process per store directory (enforced by `store.lock`).
 
@@ -152,7 +158,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -174,7 +179,7 @@ use super::{
 use crate::error::StoreError;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Schema migrations: entry `i` takes `PRAGMA user_version` from `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
@@ -395,6 +400,15 @@ pub const PURGE_BATCH: i64 = 500;
 /// Most operations the writer commits in one transaction.
 pub const MAX_BATCH: usize = 256;
 
+/// Write operations that may wait for the writer beyond the batch it is
+/// running. A caller finding the queue full waits (asynchronously, in
+/// order) for a place, so a burst of writes holds at most this many
+/// operations, each with its row (an inline ciphertext is at most
+/// `limits.inline_ciphertext_bytes`), in memory. One full batch: when the
+/// writer commits, the next batch is ready, so the bound costs no
+/// throughput (a transaction takes at most [`MAX_BATCH`] anyway).
+pub const WRITER_QUEUE: usize = MAX_BATCH;
+
 /// How long a connection waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -427,8 +441,10 @@ pub struct SqliteStore {
     blobs: PathBuf,
     spool: PathBuf,
     /// `None` only while dropping.
-    writer_tx: Option<mpsc::Sender<Box<dyn Job>>>,
+    writer_tx: Option<tokio::sync::mpsc::Sender<Box<dyn Job>>>,
     writer: Option<JoinHandle<()>>,
+    /// Set, with the reason, if the writer thread died.
+    writer_failed: tokio::sync::watch::Receiver<Option<String>>,
     reader: Arc<Mutex<Connection>>,
     submitted: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
@@ -490,12 +506,13 @@ impl SqliteStore {
         )?;
         configure(&reader)?;
 
-        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Box<dyn Job>>(WRITER_QUEUE);
+        let (failed_tx, writer_failed) = tokio::sync::watch::channel(None);
         let committed = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&committed);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&conn, &rx, &counter))
+            .spawn(move || writer_thread(conn, rx, &counter, &failed_tx))
             .map_err(|e| io_err("spawn writer for", dir, e))?;
 
         Ok(Self {
@@ -503,6 +520,7 @@ impl SqliteStore {
             spool,
             writer_tx: Some(tx),
             writer: Some(writer),
+            writer_failed,
             reader: Arc::new(Mutex::new(reader)),
             submitted: Arc::new(AtomicU64::new(0)),
             committed,
@@ -828,6 +846,30 @@ impl Store for SqliteStore {
         })
     }
 
+    fn renew_claims(
+        &self,
+        owner: &str,
+        ids: Vec<i64>,
+        lease_until_ms: u64,
+    ) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let until = to_i64(lease_until_ms, "lease_until_ms")?;
+            self.write(move |conn| {
+                let mut renew = conn.prepare_cached(
+                    "UPDATE deliveries SET claim_until_ms = ?3 \
+                     WHERE id = ?2 AND claimed_by = ?1 AND state = 'pending'",
+                )?;
+                let mut n = 0u64;
+                for id in ids {
+                    n += u64::try_from(renew.execute(params![owner, id, until])?).unwrap_or(0);
+                }
+                Ok(n)
+            })
+            .await
+        })
+    }
+
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
         let owner = owner.to_owned();
         Box::pin(self.write(move |conn| {
@@ -975,6 +1017,53 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn inbox_page(
+        &self,
+        include_acked: bool,
+        after: Option<(u64, MessageKey)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<MessageRecord>> {
+        Box::pin(async move {
+            // Keyset pagination over the inbox index: the page after the
+            // last position seen, however many rows came or went before it.
+            let (after_ms, after_id) = match after {
+                Some((ms, id)) => (to_i64(ms, "page position")?, id.as_bytes().to_vec()),
+                None => (-1, Vec::new()),
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            self.read(move |conn| {
+                conn.prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE kind = 'inbound' \
+                     AND (?1 OR acked_ms IS NULL) AND (received_ms, id) > (?2, ?3) \
+                     ORDER BY received_ms, id LIMIT ?4"
+                ))?
+                .query_map(
+                    params![include_acked, after_ms, after_id, limit],
+                    message_from_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .collect()
+            })
+            .await
+        })
+    }
+
+    fn failure(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
+        let mut failed = self.writer_failed.clone();
+        Box::pin(async move {
+            let why = failed
+                .wait_for(Option::is_some)
+                .await
+                .map(|why| why.clone().unwrap_or_default());
+            match why {
+                Ok(why) => why,
+                // The store was closed normally.
+                Err(_) => std::future::pending().await,
+            }
+        })
+    }
+
     fn acknowledge(
         &self,
         id: MessageKey,
@@ -1102,9 +1191,19 @@ impl Store for SqliteStore {
             let (summary, files) = self
                 .write(move |conn| purge(conn, &policy, audit, suspended))
                 .await?;
-            // After the commit: no row names these files any more.
-            for name in files {
-                remove_quietly(&blobs.join(name));
+            // After the commit: no row names these files any more. Deleting
+            // a large file can take long: not on a runtime thread.
+            if !files.is_empty() {
+                let removed = tokio::task::spawn_blocking(move || {
+                    for name in files {
+                        remove_quietly(&blobs.join(name));
+                    }
+                })
+                .await;
+                if removed.is_err() {
+                    // The files stay until the next open's orphan sweep.
+                    tracing::warn!("purged blob files not removed; the next start removes them");
+                }
             }
             Ok(summary)
         })
@@ -1491,7 +1590,18 @@ struct Pending<T> {
 impl<T: Send> Job for Pending<T> {
     fn run(&mut self, conn: &Connection) -> bool {
         let out = match self.work.take() {
-            Some(work) => work(conn),
+            // A panicking operation fails alone: its savepoint is rolled
+            // back like any failing operation's, and the writer goes on.
+            Some(work) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))) {
+                    Ok(out) => out,
+                    Err(panic) => {
+                        let why = panic_text(panic.as_ref());
+                        tracing::error!(panic = %why, "a store write operation panicked; it alone is undone");
+                        Err(StoreError::Panicked(why))
+                    }
+                }
+            }
             None => Err(StoreError::Corrupt("write operation run twice".into())),
         };
         let ok = out.is_ok();
@@ -1514,8 +1624,45 @@ impl<T: Send> Job for Pending<T> {
     }
 }
 
-fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Box<dyn Job>>, committed: &AtomicU64) {
-    while let Ok(first) = rx.recv() {
+/// What a panic said, for the log and the caller's error.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    };
+    exchange_core::audit::log_text(&text, 512)
+}
+
+/// The writer thread: runs [`writer_loop`] until the store is dropped. If
+/// it dies instead (a panic outside any one operation), the queue is
+/// closed, so every caller gets [`StoreError::Closed`], and `failed` says
+/// why (the daemon then reports NOT_SERVING and exits).
+fn writer_thread(
+    conn: Connection,
+    mut rx: tokio::sync::mpsc::Receiver<Box<dyn Job>>,
+    committed: &AtomicU64,
+    failed: &tokio::sync::watch::Sender<Option<String>>,
+) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        writer_loop(&conn, &mut rx, committed);
+    }));
+    if let Err(panic) = outcome {
+        drop(rx);
+        let why = format!("the store writer stopped: {}", panic_text(panic.as_ref()));
+        tracing::error!(error = %why, "store writer died; no write can be made");
+        failed.send_replace(Some(why));
+    }
+}
+
+fn writer_loop(
+    conn: &Connection,
+    rx: &mut tokio::sync::mpsc::Receiver<Box<dyn Job>>,
+    committed: &AtomicU64,
+) {
+    while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -2243,7 +2390,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// Hands `work` to the writer through `tx` (see [`SqliteStore::submit`]).
 /// Once sent, the job runs and commits whether or not its answer is awaited.
 async fn submit_to<T, F>(
-    tx: &mpsc::Sender<Box<dyn Job>>,
+    tx: &tokio::sync::mpsc::Sender<Box<dyn Job>>,
     submitted: &AtomicU64,
     work: F,
 ) -> Result<Result<T, StoreError>, StoreError>
@@ -2257,7 +2404,8 @@ where
         out: None,
         reply: Some(reply),
     });
-    tx.send(job).map_err(|_| StoreError::Closed)?;
+    // Waits for a place when the queue is full (backpressure).
+    tx.send(job).await.map_err(|_| StoreError::Closed)?;
     submitted.fetch_add(1, Ordering::Relaxed);
     rx.await.map_err(|_| StoreError::Closed)?
 }

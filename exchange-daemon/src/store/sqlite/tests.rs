@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use super::*;
@@ -16,7 +17,7 @@ fn uri(s: &str) -> PartyUri {
     PartyUri::new(s).unwrap()
 }
 
-fn mid(n: u32) -> MessageId {
+pub(crate) fn mid(n: u32) -> MessageId {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&n.to_be_bytes());
     b[15] = 0x5a;
@@ -57,7 +58,7 @@ fn envelope(id: MessageId, kind: MessageKind, ciphertext: Ciphertext, len: u64) 
     }
 }
 
-fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
+pub(crate) fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
     let ct = format!("ciphertext of {id}").into_bytes();
     let len = ct.len() as u64;
     envelope(id, kind, Ciphertext::Inline(ct), len)
@@ -114,7 +115,7 @@ fn read_all(c: &StoredCiphertext) -> Vec<u8> {
 }
 
 /// Blocks the writer thread until the returned sender is dropped or sent to.
-async fn hold_writer(
+pub(crate) async fn hold_writer(
     store: &Arc<SqliteStore>,
 ) -> (
     mpsc::Sender<()>,
@@ -135,7 +136,7 @@ async fn hold_writer(
     (release_tx, h)
 }
 
-async fn wait_submitted(store: &SqliteStore, n: u64) {
+pub(crate) async fn wait_submitted(store: &SqliteStore, n: u64) {
     for _ in 0..10_000 {
         if store.writer_stats().ops_submitted >= n {
             return;
@@ -1096,4 +1097,241 @@ async fn two_senders_envelopes_under_one_id_are_two_messages() {
     }
     assert_eq!(store.messages_by_id(id).await.unwrap().len(), 2);
     assert_eq!(store.messages_by_id(mid(41)).await.unwrap(), Vec::new());
+}
+
+#[tokio::test]
+async fn a_full_writer_queue_makes_writers_wait_then_serves_them_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let before = store.writer_stats();
+    let (release, blocker) = hold_writer(&store).await;
+
+    // A current-thread runtime polls the tasks in the order spawned, so
+    // they reach the queue (or its wait list) in that order.
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let n = WRITER_QUEUE + 40;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let s = Arc::clone(&store);
+        let order = Arc::clone(&order);
+        tasks.push(tokio::spawn(async move {
+            s.write(move |_| {
+                order.lock().unwrap().push(i);
+                Ok(i)
+            })
+            .await
+        }));
+    }
+    wait_submitted(&store, before.ops_submitted + 1 + WRITER_QUEUE as u64).await;
+    // The queue is full: the others wait for a place instead of piling up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        store.writer_stats().ops_submitted,
+        before.ops_submitted + 1 + WRITER_QUEUE as u64,
+        "writers beyond the queue's capacity did not wait"
+    );
+    assert!(order.lock().unwrap().is_empty());
+
+    release.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap(), i);
+    }
+    assert_eq!(*order.lock().unwrap(), (0..n).collect::<Vec<_>>());
+    assert_eq!(
+        store.writer_stats().ops_submitted,
+        before.ops_submitted + 1 + n as u64
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let m = mid(100);
+    store.accept(inline(m, MessageKind::Relay)).await.unwrap();
+    let before = store.writer_stats();
+    let (release, blocker) = hold_writer(&store).await;
+
+    let s = Arc::clone(&store);
+    let a = tokio::spawn(async move { s.accept(inline(mid(1), MessageKind::Relay)).await });
+    // Writes a receipt, then panics: its savepoint must undo the receipt.
+    let s = Arc::clone(&store);
+    let boom = tokio::spawn(async move {
+        let r = ReceiptRow::new(receipt(b"undone", None)).unwrap();
+        s.write(move |conn| -> Result<(), StoreError> {
+            assert_eq!(insert_receipts(conn, &key(m), &[r])?, 1);
+            panic!("a bug in one write operation");
+        })
+        .await
+    });
+    let s = Arc::clone(&store);
+    let b = tokio::spawn(async move { s.accept(inline(mid(2), MessageKind::Relay)).await });
+    wait_submitted(&store, before.ops_submitted + 4).await;
+    release.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+
+    assert_eq!(a.await.unwrap().unwrap(), Accepted::Stored);
+    match boom.await.unwrap() {
+        Err(StoreError::Panicked(why)) => {
+            assert!(why.contains("a bug in one write operation"), "{why}");
+        }
+        other => panic!("expected a Panicked error, got {other:?}"),
+    }
+    assert_eq!(b.await.unwrap().unwrap(), Accepted::Stored);
+    assert!(store.receipts(key(m)).await.unwrap().is_empty());
+    assert!(store.message(key(mid(1))).await.unwrap().is_some());
+    assert!(store.message(key(mid(2))).await.unwrap().is_some());
+    // The writer still serves.
+    assert_eq!(
+        store
+            .accept(inline(mid(3), MessageKind::Relay))
+            .await
+            .unwrap(),
+        Accepted::Stored
+    );
+    let after = store.writer_stats();
+    // The blocker's, the batch with the panic, the last accept.
+    assert_eq!(
+        after.transactions_committed - before.transactions_committed,
+        3
+    );
+    // Nothing says the store failed.
+    let failed = tokio::time::timeout(Duration::from_millis(100), store.failure()).await;
+    assert!(failed.is_err(), "store reported a failure: {failed:?}");
+}
+
+/// A job that kills the writer thread: it panics outside any one
+/// operation (in its reply).
+struct KillWriter;
+
+impl Job for KillWriter {
+    fn run(&mut self, _conn: &Connection) -> bool {
+        true
+    }
+    fn reply(self: Box<Self>, _batch: Option<&rusqlite::Error>) {
+        panic!("the writer thread is killed");
+    }
+}
+
+#[tokio::test]
+async fn a_dead_writer_closes_the_store_and_reports_its_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    store
+        .accept(inline(mid(1), MessageKind::Relay))
+        .await
+        .unwrap();
+    store
+        .writer_tx
+        .as_ref()
+        .unwrap()
+        .send(Box::new(KillWriter))
+        .await
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), store.failure())
+        .await
+        .expect("the writer's death was not reported");
+    assert!(why.contains("the writer thread is killed"), "{why}");
+    assert!(matches!(
+        store.accept(inline(mid(2), MessageKind::Relay)).await,
+        Err(StoreError::Closed)
+    ));
+    // Reads still work.
+    assert!(store.message(key(mid(1))).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn inbox_pages_follow_received_time_then_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    // Five at the same time (the id decides), one earlier, one acked.
+    for n in [5, 3, 1, 4, 2] {
+        store
+            .accept(inline(mid(n), MessageKind::Inbound))
+            .await
+            .unwrap();
+    }
+    let mut early = inline(mid(9), MessageKind::Inbound);
+    early.received_ms = 1_500;
+    store.accept(early).await.unwrap();
+    store
+        .accept(inline(mid(7), MessageKind::Relay))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .acknowledge(key(mid(3)), 7_000, receipt(b"processed", None))
+            .await
+            .unwrap()
+    );
+
+    let all = |acked: bool| {
+        let store = &store;
+        async move {
+            let mut pages = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store.inbox_page(acked, after, 2).await.unwrap();
+                if page.is_empty() {
+                    return pages;
+                }
+                after = page.last().map(|m| (m.received_ms, m.key));
+                pages.push(page.iter().map(|m| m.id).collect::<Vec<_>>());
+            }
+        }
+    };
+    assert_eq!(
+        all(true).await,
+        vec![
+            vec![mid(9), mid(1)],
+            vec![mid(2), mid(3)],
+            vec![mid(4), mid(5)]
+        ]
+    );
+    assert_eq!(
+        all(false).await,
+        vec![vec![mid(9), mid(1)], vec![mid(2), mid(4)], vec![mid(5)]]
+    );
+    // A position between items: the page starts after it.
+    let page = store
+        .inbox_page(true, Some((2_000, key(mid(3)))), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![mid(4), mid(5)]
+    );
+}
+
+#[tokio::test]
+async fn renewed_claims_are_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    store
+        .accept(inline(mid(1), MessageKind::Relay))
+        .await
+        .unwrap();
+    let d = store.claim_due("a", 10, 600, 10).await.unwrap();
+    assert_eq!(d.len(), 1);
+    // Only the owner's claim is renewed.
+    assert_eq!(
+        store.renew_claims("b", vec![d[0].id], 5_000).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store.renew_claims("a", vec![d[0].id], 2_000).await.unwrap(),
+        1
+    );
+    assert!(
+        store
+            .claim_due("c", 1_000, 3_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.claim_due("c", 2_001, 3_000, 10).await.unwrap().len(),
+        1
+    );
 }
