@@ -238,11 +238,7 @@ impl SignedReceipt {
     /// Verifies the signature (before parsing the body), the issuer binding and
     /// the issuer's chain, validated at the receipt's own issue time.
     pub fn verify(&self, trust: &TrustStore) -> Result<VerifiedReceipt, Error> {
-        let chain = self
-            .chain
-            .iter()
-            .map(|d| Certificate::from_der(d.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let chain = self.issuer_chain()?;
         let leaf = &chain[0];
         suite::verify(
             &(*leaf.public_key()?).into(),
@@ -250,16 +246,46 @@ impl SignedReceipt {
             &self.body,
             &self.signature,
         )?;
+        self.bind(|issued| trust.verify_identity(&chain, issued))
+    }
+
+    /// Reads back a receipt that [`SignedReceipt::verify`] accepted when its
+    /// holder stored it, and whose verdict the holder recorded with it: the
+    /// body and chain are parsed and the issuer binding (party and leaf
+    /// fingerprint) is checked, but neither the signature nor the chain is
+    /// checked again. Only for bytes from the holder's own store, never for
+    /// anything received; a store audit re-runs [`SignedReceipt::verify`].
+    pub fn read_back_verified(&self) -> Result<VerifiedReceipt, Error> {
+        let chain = self.issuer_chain()?;
+        let leaf = chain[0].clone();
+        self.bind(|_| Ok(VerifiedParty::recorded(leaf.party()?.clone(), leaf)))
+    }
+
+    /// The issuer's certificate chain as carried (leaf first), parsed but
+    /// not validated.
+    pub fn issuer_chain(&self) -> Result<Vec<Certificate>, Error> {
+        self.chain
+            .iter()
+            .map(|d| Certificate::from_der(d.clone()))
+            .collect()
+    }
+
+    /// Parses the body and binds it to the issuer `issuer` vouches for at
+    /// the receipt's issue time.
+    fn bind(
+        &self,
+        issuer: impl FnOnce(SystemTime) -> Result<VerifiedParty, Error>,
+    ) -> Result<VerifiedReceipt, Error> {
         let b = proto::ReceiptBody::decode(self.body.as_slice())
             .map_err(|_| FormatError::Decode("receipt body"))?;
         if b.version != suite::FORMAT_VERSION {
             return Err(FormatError::UnsupportedVersion(b.version).into());
         }
-        let issuer = PartyUri::new(b.issuer)?;
+        let party = PartyUri::new(b.issuer)?;
         let fp = Fingerprint::from_slice(&b.issuer_fingerprint, "issuer_fingerprint")?;
         let issued = from_ms(b.issued_ms);
-        let verified_issuer = trust.verify_identity(&chain, issued)?;
-        if verified_issuer.party() != &issuer || leaf.fingerprint() != fp {
+        let verified_issuer = issuer(issued)?;
+        if verified_issuer.party() != &party || verified_issuer.certificate().fingerprint() != fp {
             return Err(Error::SenderMismatch);
         }
         Ok(VerifiedReceipt {
@@ -407,6 +433,91 @@ mod tests {
             chain: vec![mallory.certificate().der().to_vec()],
         };
         assert!(matches!(forged.verify(&trust), Err(Error::SenderMismatch)));
+    }
+
+    #[test]
+    fn read_back_binds_the_issuer_and_revocation_is_a_crl_lookup() {
+        use crate::ca::{CrlState, RevokedSerial};
+        let now = UNIX_EPOCH + Duration::from_secs(1_780_272_000);
+        let validity = Validity::days_from(now, 30);
+        let ca = CertificateAuthority::generate("CA", validity).unwrap();
+        let issue = |uri: &str| {
+            let c = ca
+                .issue_party(&PartyUri::new(uri).unwrap(), "p", validity)
+                .unwrap();
+            Identity::from_pem(
+                c.identity.cert_pem.as_bytes(),
+                c.identity.key_pem.as_bytes(),
+            )
+            .unwrap()
+        };
+        let payer = issue("urn:t:payer");
+        let other = issue("urn:t:other");
+        let trust_with = |revoked: Vec<RevokedSerial>| {
+            let crl = ca
+                .crl(
+                    &CrlState {
+                        number: revoked.len() as u64 + 1,
+                        revoked,
+                    },
+                    now - Duration::from_secs(60),
+                    now + Duration::from_secs(86_400),
+                )
+                .unwrap();
+            TrustStore::builder()
+                .anchors_pem(ca.certificate_pem().as_bytes())
+                .unwrap()
+                .crls_pem(crl.as_bytes())
+                .unwrap()
+                .allow_stale_crls()
+                .build()
+                .unwrap()
+        };
+        let body = |issuer: &Identity, claimed: &str| {
+            proto::ReceiptBody {
+                version: 1,
+                message_id: vec![1; 16],
+                header_sha256: vec![2; 32],
+                issuer: claimed.into(),
+                issuer_fingerprint: issuer.certificate().fingerprint().as_bytes().to_vec(),
+                role: HopRole::ThirdParty.to_wire(),
+                disposition: proto::Disposition::Delivered as i32,
+                reason: String::new(),
+                issued_ms: 1_780_272_000_000,
+            }
+            .encode_to_vec()
+        };
+        let signed = |issuer: &Identity, body: Vec<u8>| SignedReceipt {
+            signature: suite::sign(issuer.key().signing_key(), suite::RECEIPT_CONTEXT, &body)
+                .to_vec(),
+            body,
+            chain: vec![issuer.certificate().der().to_vec()],
+        };
+        let genuine = signed(&payer, body(&payer, "urn:t:payer"));
+        let verified = genuine.verify(&trust_with(Vec::new())).unwrap();
+        let read = genuine.read_back_verified().unwrap();
+        assert_eq!(read.issuer(), verified.issuer());
+        assert_eq!(read.disposition(), verified.disposition());
+        assert_eq!(read.issued(), verified.issued());
+        assert_eq!(read.message_id(), verified.message_id());
+        // Reading back still binds the issuer to the carried leaf.
+        let misbound = signed(&other, body(&other, "urn:t:payer"));
+        assert!(matches!(
+            misbound.read_back_verified(),
+            Err(Error::SenderMismatch)
+        ));
+        // Revocation after the fact shows as a CRL listing of the issuer only.
+        let revoked = trust_with(vec![RevokedSerial {
+            serial: hex::decode(payer.certificate().serial_hex()).unwrap(),
+            revoked_at: now,
+        }]);
+        assert!(revoked.lists_revoked(payer.certificate()));
+        assert!(!revoked.lists_revoked(other.certificate()));
+        assert!(!trust_with(Vec::new()).lists_revoked(payer.certificate()));
+        assert!(matches!(
+            genuine.verify(&revoked),
+            Err(Error::Trust(crate::error::TrustError::Revoked))
+        ));
     }
 
     #[test]

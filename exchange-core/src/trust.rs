@@ -189,6 +189,12 @@ pub struct VerifiedParty {
 }
 
 impl VerifiedParty {
+    /// A party whose chain validated earlier, as its holder recorded
+    /// ([`crate::receipt::SignedReceipt::read_back_verified`]).
+    pub(crate) fn recorded(party: PartyUri, certificate: Certificate) -> Self {
+        Self { party, certificate }
+    }
+
     /// The validated party URI.
     pub fn party(&self) -> &PartyUri {
         &self.party
@@ -365,6 +371,21 @@ impl TrustStore {
             party,
             public_key: *cert.public_key()?,
             certificate: cert.clone(),
+        })
+    }
+
+    /// Whether a CRL in force lists `cert` as revoked: one from its issuer
+    /// names its serial number. A lookup only, with no path validation and
+    /// no signature check: for showing that the issuer of evidence verified
+    /// earlier (a stored receipt) has been revoked since. Never a trust
+    /// decision about anything new ([`TrustStore::verify_identity`] is).
+    pub fn lists_revoked(&self, cert: &Certificate) -> bool {
+        let Ok(parsed) = EndEntityCert::try_from(cert.der()) else {
+            return false;
+        };
+        self.crls.iter().any(|crl| {
+            crl.issuer() == parsed.issuer()
+                && matches!(crl.find_serial(parsed.serial()), Ok(Some(_)))
         })
     }
 

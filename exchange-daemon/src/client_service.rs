@@ -298,6 +298,9 @@ impl Node {
             .start(now, &mut rng)?;
         let id = sealer.message_id();
 
+        // Nothing new is taken while the disk is below its reserve (a
+        // repeat of an earlier Send, above, stores nothing and is answered).
+        self.check_disk_reserve(0)?;
         let limit = self.config.limits.max_envelope_bytes;
         let mut sink = Sink::new(
             self.store.clone(),
@@ -339,6 +342,8 @@ impl Node {
         }
         sink.write(out).await?;
         let ciphertext = sink.finish().await?;
+        // What this Send wrote is counted as used by now.
+        self.check_disk_reserve(0)?;
         // Our own head must pass what every hop will check (a revoked or
         // expired identity fails here, not at each peer).
         let verified = head.verify(&self.trust(), now)?;

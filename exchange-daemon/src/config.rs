@@ -269,6 +269,15 @@ pub struct LimitsConfig {
     /// How long a keepalive PING may go unanswered (seconds).
     #[serde(default = "default_keepalive_timeout")]
     pub keepalive_timeout_seconds: u64,
+    /// Receipts one ReturnReceipts call may carry; a call with more is
+    /// refused whole (`too-many-receipts`) before any is verified.
+    #[serde(default = "default_max_receipts_per_call")]
+    pub max_receipts_per_call: usize,
+    /// Free space (bytes) kept on the store's filesystem: a Deliver whose
+    /// envelope would leave less, and any Send while less is free, is
+    /// refused with `disk-reserve`. 0 turns the check off.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk_bytes: u64,
     /// Largest single gRPC message either listener decodes (bytes): one
     /// Send or Deliver piece, or one whole unary request. A larger piece is
     /// refused with INVALID_ARGUMENT, reason `piece-too-large`.
@@ -302,6 +311,13 @@ fn default_keepalive_timeout() -> u64 {
     20
 }
 
+fn default_max_receipts_per_call() -> usize {
+    64
+}
+fn default_min_free_disk() -> u64 {
+    1 << 30
+}
+
 /// The default of [`LimitsConfig::max_message_bytes`]: 4 MiB, gRPC's
 /// customary limit, sixteen times the 256 KiB pieces the CLI and daemons send.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
@@ -331,6 +347,8 @@ impl Default for LimitsConfig {
             max_connections_per_party: default_max_connections_per_party(),
             keepalive_interval_seconds: default_keepalive_interval(),
             keepalive_timeout_seconds: default_keepalive_timeout(),
+            max_receipts_per_call: default_max_receipts_per_call(),
+            min_free_disk_bytes: default_min_free_disk(),
             max_message_bytes: default_max_message(),
         }
     }
@@ -651,11 +669,12 @@ impl Config {
             || l.max_streams_per_connection == 0
             || l.keepalive_interval_seconds == 0
             || l.keepalive_timeout_seconds == 0
+            || l.max_receipts_per_call == 0
         {
             return Err(Error::Config(
                 "limits.progress_timeout_seconds, max_connections, max_connections_per_party, \
-                 max_streams_per_connection, \
-                 keepalive_interval_seconds and keepalive_timeout_seconds must be positive"
+                 max_streams_per_connection, keepalive_interval_seconds, \
+                 keepalive_timeout_seconds and max_receipts_per_call must be positive"
                     .into(),
             ));
         }

@@ -513,12 +513,20 @@ impl Node {
                 .unwrap_or_default(),
             Err(status) => return Err(fail(peer_error(&item.target, &status))),
         };
-        let verified = self.check_receipt(&head, &receipt).map_err(|e| {
-            fail(Error::Transport(format!(
-                "{} returned an unacceptable receipt: {e}",
-                item.target
-            )))
-        })?;
+        // Verified on the blocking pool, off the runtime threads.
+        let verified = self
+            .check_receipts(&head, vec![receipt])
+            .await
+            .and_then(|mut v| {
+                v.pop()
+                    .ok_or_else(|| Error::Protocol("no receipt in the answer".into()))
+            })
+            .map_err(|e| {
+                fail(Error::Transport(format!(
+                    "{} returned an unacceptable receipt: {e}",
+                    item.target
+                )))
+            })?;
         if verified.issuer() != &item.target {
             return Err(fail(Error::Transport(format!(
                 "receipt issued by {}, not {}",

@@ -176,6 +176,28 @@ pub enum Error {
         /// The configured maximum (seconds).
         max: u64,
     },
+    /// The store's filesystem would keep less free space than the
+    /// configured reserve: new envelopes are refused until space is freed
+    /// (reads, acknowledgements and receipts still work).
+    #[error(
+        "free disk space {free} bytes is below the reserve of {reserve} bytes (plus {incoming} incoming); new envelopes are refused"
+    )]
+    DiskReserve {
+        /// Free bytes on the store's filesystem.
+        free: u64,
+        /// `limits.min_free_disk_bytes`.
+        reserve: u64,
+        /// The declared size of the refused envelope (0 if not yet known).
+        incoming: u64,
+    },
+    /// A call returned more receipts than one call may carry.
+    #[error("{count} receipts in one call; at most {limit} are taken")]
+    TooManyReceipts {
+        /// How many the call carried.
+        count: usize,
+        /// `limits.max_receipts_per_call`.
+        limit: usize,
+    },
     /// One message of a request stream (a Send or Deliver piece) is larger
     /// than the configured `limits.max_message_bytes`: the request is
     /// refused, not retried.
@@ -301,6 +323,8 @@ impl Error {
             Self::Stalled { .. } => "stalled",
             Self::NotFetched(_) => "not-fetched",
             Self::LifetimeTooLong { .. } => "lifetime-too-long",
+            Self::DiskReserve { .. } => "disk-reserve",
+            Self::TooManyReceipts { .. } => "too-many-receipts",
             Self::PieceTooLarge { .. } => "piece-too-large",
         }
     }
@@ -342,7 +366,9 @@ impl Error {
                 Code::InvalidArgument
             }
             Self::Forbidden(_) | Self::RoleMismatch { .. } => Code::PermissionDenied,
-            Self::TooLarge { .. } => Code::ResourceExhausted,
+            Self::TooLarge { .. } | Self::DiskReserve { .. } | Self::TooManyReceipts { .. } => {
+                Code::ResourceExhausted
+            }
             Self::Replay(_) | Self::IdempotencyConflict(_) => Code::AlreadyExists,
             Self::Stalled { .. } => Code::DeadlineExceeded,
             Self::NotFound(_) | Self::Store(StoreError::NotFound(_)) => Code::NotFound,

@@ -42,5 +42,5 @@ pub mod tls;
 
 pub use config::Config;
 pub use error::{Error, StoreError};
-pub use node::{Node, from_unix_ms, unix_ms};
+pub use node::{Node, free_disk_bytes, from_unix_ms, unix_ms};
 pub use server::Daemon;

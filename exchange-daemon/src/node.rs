@@ -66,6 +66,13 @@ pub(crate) fn receive_error(status: &tonic::Status, what: &'static str, limit: u
     }
 }
 
+/// Bytes available to the daemon (not root's reserved blocks) on the
+/// filesystem that holds `path`.
+pub fn free_disk_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// From Unix milliseconds.
 pub fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
@@ -355,60 +362,143 @@ impl Node {
         )
     }
 
-    /// Verifies a receipt and ties it to `head`.
-    pub(crate) fn check_receipt(
-        &self,
-        head: &VerifiedHead,
-        bytes: &[u8],
-    ) -> Result<VerifiedReceipt, Error> {
-        let receipt = SignedReceipt::from_bytes(bytes)?.verify(&self.trust())?;
-        receipt.check_for(head)?;
-        Ok(receipt)
-    }
-
     /// The stored receipts of `record`, read back and tied to `head`. Each
-    /// was verified with the full policy (chain and revocation at its issue
-    /// time) when it arrived, and only then stored; it is read back with the
-    /// chain but without revocation, so a later revocation of its issuer
-    /// does not unmake that verdict (see [`Node::issuer_revoked_since`]).
-    /// One that no longer reads back (a damaged row) is logged and left
-    /// out: it must not cost the others.
+    /// was verified with the full policy (signature, chain and revocation at
+    /// its issue time) when it arrived, and only then stored with the time
+    /// of that verdict; it is read back without checking the signature or
+    /// the chain again, so a status poll costs no signature check per
+    /// receipt, and a later revocation of its issuer does not unmake the
+    /// verdict (see [`Node::issuer_revoked_since`]). A row stored before the
+    /// verdict was recorded is verified as it is read, with the chain but
+    /// without revocation. The reading runs on the blocking pool, off the
+    /// runtime threads. One that no longer reads back (a damaged row) is
+    /// logged and left out: it must not cost the others.
     pub(crate) async fn stored_receipts(
         &self,
         record: &MessageRecord,
         head: &VerifiedHead,
     ) -> Result<Vec<VerifiedReceipt>, Error> {
         let stored = self.store.receipts(record.key).await?;
-        let trust = self.trust().without_revocation();
-        let read_back = |bytes: &[u8]| -> Result<VerifiedReceipt, Error> {
-            let receipt = SignedReceipt::from_bytes(bytes)?.verify(&trust)?;
-            receipt.check_for(head)?;
-            Ok(receipt)
-        };
-        let mut out = Vec::with_capacity(stored.len());
-        for r in &stored {
-            match read_back(&r.signed) {
-                Ok(v) => out.push(v),
-                Err(e) => tracing::error!(
-                    message = %record.id,
-                    issuer = %r.issuer,
-                    error = %e,
-                    "a stored receipt no longer reads back; run admin verify-store"
-                ),
-            }
+        if stored.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let trust = self.trust();
+        let head = head.clone();
+        let id = record.id;
+        tokio::task::spawn_blocking(move || {
+            let mut unrecorded: Option<TrustStore> = None;
+            let mut out = Vec::with_capacity(stored.len());
+            for r in &stored {
+                let read_back = SignedReceipt::from_bytes(&r.signed)
+                    .and_then(|signed| match r.verified_ms {
+                        Some(_) => signed.read_back_verified(),
+                        None => signed
+                            .verify(unrecorded.get_or_insert_with(|| trust.without_revocation())),
+                    })
+                    .and_then(|receipt| receipt.check_for(&head).map(|()| receipt));
+                match read_back {
+                    Ok(v) => out.push(v),
+                    Err(e) => tracing::error!(
+                        message = %id,
+                        issuer = %r.issuer,
+                        error = %e,
+                        "a stored receipt no longer reads back; run admin verify-store"
+                    ),
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|_| Error::Shutdown)
     }
 
     /// Whether the issuer of a stored receipt has been revoked since it
-    /// arrived (shown beside the receipt; it stays evidence).
+    /// arrived (shown beside the receipt; it stays evidence): a CRL in
+    /// force lists a certificate of the chain it carries. A lookup in the
+    /// CRLs, not a new verification.
     pub(crate) fn issuer_revoked_since(&self, receipt: &VerifiedReceipt) -> bool {
-        matches!(
-            receipt.signed().verify(&self.trust()),
-            Err(exchange_core::Error::Trust(
-                exchange_core::error::TrustError::Revoked
-            ))
-        )
+        let trust = self.trust();
+        receipt
+            .signed()
+            .issuer_chain()
+            .is_ok_and(|chain| chain.iter().any(|c| trust.lists_revoked(c)))
+    }
+
+    /// Verifies receipts a peer returned and ties each to `head`, on the
+    /// blocking pool (signature and chain checks are CPU-bound; a call
+    /// carries at most `limits.max_receipts_per_call`).
+    pub(crate) async fn check_receipts(
+        &self,
+        head: &VerifiedHead,
+        receipts: Vec<Vec<u8>>,
+    ) -> Result<Vec<VerifiedReceipt>, Error> {
+        let trust = self.trust();
+        let head = head.clone();
+        tokio::task::spawn_blocking(move || {
+            receipts
+                .iter()
+                .map(|bytes| {
+                    let receipt = SignedReceipt::from_bytes(bytes)?.verify(&trust)?;
+                    receipt.check_for(&head)?;
+                    Ok(receipt)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|_| Error::Shutdown)?
+    }
+
+    /// Verifies receipts a peer returned (signature, issuer chain and
+    /// revocation at their issue time) on the blocking pool: the checks are
+    /// CPU-bound, and a call carries at most `limits.max_receipts_per_call`.
+    /// Each must still be tied to its envelope ([`VerifiedReceipt::check_for`]).
+    pub(crate) async fn verify_receipts(
+        &self,
+        receipts: Vec<Vec<u8>>,
+    ) -> Result<Vec<VerifiedReceipt>, Error> {
+        let trust = self.trust();
+        tokio::task::spawn_blocking(move || {
+            receipts
+                .iter()
+                .map(|bytes| Ok(SignedReceipt::from_bytes(bytes)?.verify(&trust)?))
+                .collect()
+        })
+        .await
+        .map_err(|_| Error::Shutdown)?
+    }
+
+    /// Refuses a new envelope (`incoming` ciphertext bytes, 0 if not yet
+    /// known) when the store's filesystem would keep less free space than
+    /// `limits.min_free_disk_bytes`. Reads, acknowledgements, receipts, the
+    /// purge and the audit log are not held to the reserve.
+    pub(crate) fn check_disk_reserve(&self, incoming: u64) -> Result<(), Error> {
+        let reserve = self.config.limits.min_free_disk_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let dir = self.config.path(&self.config.data_dir);
+        let free = free_disk_bytes(&dir).map_err(|source| {
+            Error::Store(crate::error::StoreError::Io {
+                op: "statvfs",
+                path: dir.clone(),
+                source,
+            })
+        })?;
+        let needed = reserve.saturating_add(incoming);
+        if free < needed {
+            tracing::warn!(
+                free_bytes = free,
+                reserve_bytes = reserve,
+                incoming_bytes = incoming,
+                "free disk space below the reserve: new envelope refused"
+            );
+            return Err(Error::DiskReserve {
+                free,
+                reserve,
+                incoming,
+            });
+        }
+        Ok(())
     }
 
     /// A receipt to keep, passed on upstream when we are a relay, with the
@@ -447,6 +537,7 @@ impl Node {
             issuer: receipt.issuer().clone(),
             disposition: receipt.disposition().as_str().to_owned(),
             issued_ms: unix_ms(receipt.issued()),
+            verified_ms: unix_ms(SystemTime::now()),
             forward,
             provisions: Vec::new(),
             audit: Some(audit),

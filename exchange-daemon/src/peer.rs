@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
 use exchange_core::envelope::{CiphertextVerifier, EnvelopeHead, PayloadOpener, VerifiedHead};
-use exchange_core::receipt::{Disposition, SignedReceipt};
+use exchange_core::receipt::{Disposition, VerifiedReceipt};
 use exchange_core::{MessageId, PartyUri};
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::{Zeroize, Zeroizing};
@@ -186,6 +186,8 @@ impl Node {
         if let Some(original) = self.original_receipt(peer, &head).await? {
             return Ok(original);
         }
+        // Our own state, not the envelope's: no receipt, the sender retries.
+        self.check_disk_reserve(head.header().ciphertext_length())?;
         match self.receive_verified(peer, &head, &pos, now, stream).await {
             Ok(receipt) => Ok(receipt),
             Err(error) if deserves_receipt(&error) => {
@@ -350,6 +352,9 @@ impl Node {
         check.finish()?;
         // Written (a spool file fsynced) before the custody time is taken.
         let ciphertext = sink.finish().await?;
+        // Other transfers may have used the space meanwhile; what this one
+        // wrote is already counted as used.
+        self.check_disk_reserve(0)?;
         // The custody time: the whole envelope received, verified and
         // written; the store commits it with our receipt next.
         let custody = SystemTime::now();
@@ -487,13 +492,25 @@ impl Node {
     /// Keeps receipts that `peer` (a hop after us) returns for message `id`.
     /// Several senders' envelopes may carry that id: each receipt names the
     /// header it is about, and is kept with the message we sent or relay
-    /// under that very header (never matched by the id alone).
+    /// under that very header (never matched by the id alone). At most one
+    /// per issuer and disposition is kept; later ones (whatever their bytes
+    /// or times) are answered as already held, not stored, not forwarded,
+    /// and audited once per call. A call carries at most
+    /// `limits.max_receipts_per_call`; they are verified on the blocking
+    /// pool. Returns how many were stored and how many were already held.
     pub(crate) async fn take_receipts(
         &self,
         peer: &PartyUri,
         id: MessageId,
-        receipts: &[Vec<u8>],
-    ) -> Result<usize, Error> {
+        receipts: Vec<Vec<u8>>,
+    ) -> Result<(usize, usize), Error> {
+        let limit = self.config.limits.max_receipts_per_call;
+        if receipts.len() > limit {
+            return Err(Error::TooManyReceipts {
+                count: receipts.len(),
+                limit,
+            });
+        }
         let candidates: Vec<MessageRecord> = self
             .store
             .messages_by_id(id)
@@ -504,10 +521,9 @@ impl Node {
         if candidates.is_empty() {
             return Err(Error::NotFound(id.to_string()));
         }
-        let trust = self.trust();
-        let mut groups: Vec<(usize, Vec<Vec<u8>>)> = Vec::new();
-        for r in receipts {
-            let verified = SignedReceipt::from_bytes(r)?.verify(&trust)?;
+        let verified = self.verify_receipts(receipts).await?;
+        let mut groups: Vec<(usize, Vec<VerifiedReceipt>)> = Vec::new();
+        for verified in verified {
             let Some(i) = candidates
                 .iter()
                 .position(|c| &c.header_sha256 == verified.header_sha256())
@@ -521,24 +537,25 @@ impl Node {
                 .into());
             };
             match groups.iter_mut().find(|(j, _)| *j == i) {
-                Some((_, rs)) => rs.push(r.clone()),
-                None => groups.push((i, vec![r.clone()])),
+                Some((_, rs)) => rs.push(verified),
+                None => groups.push((i, vec![verified])),
             }
         }
-        let mut stored = 0;
+        let (mut stored, mut held) = (0, 0);
         for (i, rs) in groups {
-            stored += self.take_receipts_for(peer, &candidates[i], &rs).await?;
+            let (s, h) = self.take_receipts_for(peer, &candidates[i], rs).await?;
+            stored += s;
+            held += h;
         }
-        Ok(stored)
+        Ok((stored, held))
     }
 
-    /// [`Node::take_receipts`] for one stored message.
     async fn take_receipts_for(
         &self,
         peer: &PartyUri,
         record: &MessageRecord,
-        receipts: &[Vec<u8>],
-    ) -> Result<usize, Error> {
+        verified: Vec<VerifiedReceipt>,
+    ) -> Result<(usize, usize), Error> {
         let head = self.verify_stored(record)?;
         let next = match record.kind {
             MessageKind::Outbound => crate::node::first_hops(&head),
@@ -554,10 +571,10 @@ impl Node {
                     .join(" or "),
             });
         }
-        let verified = receipts
-            .iter()
-            .map(|r| self.check_receipt(&head, r))
-            .collect::<Result<Vec<_>, _>>()?;
+        for r in &verified {
+            r.check_for(&head)?;
+        }
+        let count = verified.len();
         let actor = peer_actor(peer);
         let mut new: Vec<NewReceipt> = verified
             .iter()
@@ -570,13 +587,35 @@ impl Node {
             }
         }
         let stored = self.store.add_receipts(record.key, new).await?;
+        let held = count.saturating_sub(stored);
+        if held > 0 {
+            tracing::info!(
+                message = %record.id,
+                from = %peer,
+                stored,
+                held,
+                "receipts already held: not stored or forwarded again"
+            );
+            self.audit(vec![self.entry(
+                &actor,
+                AuditAction::Receipt,
+                Some(record.id),
+                AuditOutcome::Ok,
+                None,
+                Some(format!(
+                    "{held} of {count} receipts already held (the same issuer and disposition): \
+                     not stored or forwarded again"
+                )),
+            )])
+            .await?;
+        }
         if stored > 0 {
             if record.kind != MessageKind::Outbound {
                 self.work.notify_one();
             }
             let _ = self.events.send(record.key);
         }
-        Ok(stored)
+        Ok((stored, held))
     }
 }
 
@@ -656,11 +695,12 @@ impl Peer for PeerService {
         let peer = peer_of(&req)?;
         let req = req.into_inner();
         let id = MessageId::from_slice(&req.message_id).map_err(Error::from)?;
-        match self.node.take_receipts(&peer, id, &req.receipts).await {
-            Ok(n) => {
+        match self.node.take_receipts(&peer, id, req.receipts).await {
+            Ok((stored, held)) => {
                 crash_point!("peer::receipts-reply");
                 Ok(Response::new(ReturnReceiptsResponse {
-                    stored: u32::try_from(n).unwrap_or(u32::MAX),
+                    stored: u32::try_from(stored).unwrap_or(u32::MAX),
+                    already_held: u32::try_from(held).unwrap_or(u32::MAX),
                 }))
             }
             Err(e) => {

@@ -388,6 +388,36 @@ async fn a_receipt_whose_issuer_is_revoked_later_stays_evidence_and_others_still
     assert!(records.iter().all(|r| r.message_id == mid));
 }
 
+/// A `policy-violation` refusal of message `id` signed by `hospital` at `at_ms`.
+async fn refusal(
+    c: &exchange_daemon::Daemon,
+    net: &Net,
+    hospital: &Party,
+    id: Vec<u8>,
+    at_ms: u64,
+) -> SignedReceipt {
+    let record = c
+        .node()
+        .store()
+        .messages_by_id(MessageId::from_slice(&id).unwrap())
+        .await
+        .unwrap()
+        .remove(0);
+    let head = EnvelopeHead::decode(&record.head)
+        .unwrap()
+        .verify_ignoring_expiry(&net_trust(net), SystemTime::now())
+        .unwrap();
+    SignedReceipt::issue(
+        &hospital.identity(),
+        &ReceiptContent::for_head(
+            &head,
+            HopRole::ThirdParty,
+            Disposition::Rejected("policy-violation".into()),
+            std::time::UNIX_EPOCH + Duration::from_millis(at_ms),
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_follows_the_latest_signed_state_of_each_hop() {
     let net = Net::new();
@@ -451,23 +481,61 @@ async fn status_follows_the_latest_signed_state_of_each_hop() {
         exchange_daemon::proto::MessageState::Delivered,
         "{status:#?}"
     );
-    // A refusal signed after the custody receipt is the hop's latest state.
-    let later = SignedReceipt::issue(
-        &hospital.identity(),
-        &ReceiptContent::for_head(
-            &head,
-            HopRole::ThirdParty,
-            Disposition::Rejected("policy-violation".into()),
-            std::time::UNIX_EPOCH + Duration::from_millis(custody_ms + 1_000),
-        ),
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
     );
+    // A message keeps one receipt per issuer and disposition: a second
+    // refusal from the same hop is already held, whatever it says.
+    let held = peer
+        .return_receipts(ReturnReceiptsRequest {
+            message_id: id.clone(),
+            receipts: vec![
+                refusal(&c, &net, &hospital, id.clone(), custody_ms + 1_000)
+                    .await
+                    .to_bytes(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((held.stored, held.already_held), (0, 1));
+    let status = wait_status(&mut app, &id, |s| s.receipts.len() == 2).await;
+    assert_eq!(
+        status.state(),
+        exchange_daemon::proto::MessageState::Delivered,
+        "{status:#?}"
+    );
+    // A refusal signed after the custody receipt is the hop's latest state.
+    let id = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"y",
+    )
+    .await
+    .unwrap();
+    let delivered = wait_status(&mut app, &id, |s| {
+        s.state() == exchange_daemon::proto::MessageState::Delivered
+    })
+    .await;
     peer.return_receipts(ReturnReceiptsRequest {
         message_id: id.clone(),
-        receipts: vec![later.to_bytes()],
+        receipts: vec![
+            refusal(
+                &c,
+                &net,
+                &hospital,
+                id.clone(),
+                delivered.receipts[0].issued_ms + 1_000,
+            )
+            .await
+            .to_bytes(),
+        ],
     })
     .await
     .unwrap();
-    let status = wait_status(&mut app, &id, |s| s.receipts.len() == 3).await;
+    let status = wait_status(&mut app, &id, |s| s.receipts.len() == 2).await;
     assert_eq!(
         status.state(),
         exchange_daemon::proto::MessageState::Failed,

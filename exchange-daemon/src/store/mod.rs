@@ -566,6 +566,9 @@ pub struct NewReceipt {
     pub disposition: String,
     /// Issued (Unix ms).
     pub issued_ms: u64,
+    /// When its signature and issuer chain verified (Unix ms): it is read
+    /// back without checking them again.
+    pub verified_ms: u64,
     /// Created only if the receipt is new to the store.
     pub forward: Option<NewDelivery>,
     /// Kept only if the receipt is new: the provision records it proves
@@ -587,6 +590,9 @@ pub struct ReceiptRecord {
     pub disposition: String,
     /// Issued (Unix ms).
     pub issued_ms: u64,
+    /// When its signature and issuer chain verified, before it was stored
+    /// (Unix ms); `None` for a receipt stored before that was recorded.
+    pub verified_ms: Option<u64>,
 }
 
 /// Ciphertext to read back.
@@ -690,7 +696,10 @@ pub trait Store: Send + Sync + 'static {
         audit: Vec<AuditEntry>,
     ) -> StoreFuture<'_, ()>;
 
-    /// Keeps receipts for a message; returns how many were new.
+    /// Keeps receipts for a message; returns how many were new. One whose
+    /// bytes, or whose issuer and disposition, the message already has is
+    /// not stored, and nothing it brings (forward delivery, provision
+    /// records, audit entry) is kept.
     fn add_receipts(&self, key: MessageKey, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize>;
 
     /// Every receipt for a message, in the order received.

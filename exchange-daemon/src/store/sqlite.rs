@@ -103,6 +103,15 @@
 //!   (`message_id` holds its key); NULL in records from before, whose key
 //!   is their message id.
 //!
+//! Version 7: `receipts` holds at most one receipt per (`message_id`,
+//! `issuer`, `disposition`) (unique index `receipts_issuer_disposition`;
+//! the migration keeps the first of any duplicates stored before it): a
+//! later one, whatever its bytes or time, is not stored, forwarded or
+//! audited again. `receipts.verified_ms`: when the receipt's signature and
+//! issuer chain verified with the full policy, before it was stored; it is
+//! read back without checking them again (NULL in rows from before version
+//! 7, which are verified when read).
+//!
 //! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
 //! above `i64::MAX` is refused on the way in, a negative value read back is
 //! reported as [`StoreError::Corrupt`].
@@ -373,6 +382,15 @@ CREATE INDEX purged_messages_expiry ON purged_messages (expires_ms);
 
 ALTER TABLE provisions ADD COLUMN wire_id BLOB
     CHECK (wire_id IS NULL OR length(wire_id) = 16);
+",
+    // 7: at most one receipt per issuer and disposition per message (the
+    // first kept), and when each receipt's signature and chain verified.
+    r"
+DELETE FROM receipts WHERE seq NOT IN (
+    SELECT MIN(seq) FROM receipts GROUP BY message_id, issuer, disposition
+);
+CREATE UNIQUE INDEX receipts_issuer_disposition ON receipts (message_id, issuer, disposition);
+ALTER TABLE receipts ADD COLUMN verified_ms INTEGER;
 ",
 ];
 
@@ -948,7 +966,7 @@ impl Store for SqliteStore {
     fn receipts(&self, id: MessageKey) -> StoreFuture<'_, Vec<ReceiptRecord>> {
         Box::pin(self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT signed, issuer, disposition, issued_ms FROM receipts \
+                "SELECT signed, issuer, disposition, issued_ms, verified_ms FROM receipts \
                  WHERE message_id = ?1 ORDER BY seq",
             )?
             .query_map([id.as_bytes()], |r| {
@@ -957,15 +975,17 @@ impl Store for SqliteStore {
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
                 ))
             })?
             .map(|row| -> Result<ReceiptRecord, StoreError> {
-                let (signed, issuer, disposition, issued_ms) = row?;
+                let (signed, issuer, disposition, issued_ms, verified_ms) = row?;
                 Ok(ReceiptRecord {
                     signed,
                     issuer: party(issuer, "receipt issuer")?,
                     disposition,
                     issued_ms: to_u64(issued_ms, "issued_ms")?,
+                    verified_ms: verified_ms.map(|v| to_u64(v, "verified_ms")).transpose()?,
                 })
             })
             .collect()
@@ -1794,6 +1814,7 @@ struct ReceiptRow {
     issuer: PartyUri,
     disposition: String,
     issued_ms: i64,
+    verified_ms: i64,
     forward: Option<DeliveryRow>,
     provisions: Vec<ProvisionRow>,
     audit: Option<AuditEntry>,
@@ -1804,6 +1825,7 @@ impl ReceiptRow {
         Ok(Self {
             digest: sha256(&r.signed),
             issued_ms: to_i64(r.issued_ms, "receipt issued_ms")?,
+            verified_ms: to_i64(r.verified_ms, "receipt verified_ms")?,
             forward: r.forward.map(DeliveryRow::new).transpose()?,
             provisions: r
                 .provisions
@@ -2116,7 +2138,9 @@ fn insert_delivery(conn: &Connection, message: &[u8], d: &DeliveryRow) -> Result
 }
 
 /// Keeps the receipts not yet stored for `message` (and creates their
-/// forward deliveries); returns how many were new.
+/// forward deliveries, provision records and audit entries); returns how
+/// many were new. A receipt whose bytes, or whose issuer and disposition,
+/// are already held for the message is ignored with all it brings.
 fn insert_receipts(
     conn: &Connection,
     key: &MessageKey,
@@ -2127,8 +2151,9 @@ fn insert_receipts(
     for r in receipts {
         let inserted = conn
             .prepare_cached(
-                "INSERT INTO receipts (message_id, digest, issuer, disposition, issued_ms, signed) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (message_id, digest) DO NOTHING",
+                "INSERT INTO receipts \
+                 (message_id, digest, issuer, disposition, issued_ms, signed, verified_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
             )?
             .execute(params![
                 message,
@@ -2136,7 +2161,8 @@ fn insert_receipts(
                 r.issuer.as_str(),
                 r.disposition,
                 r.issued_ms,
-                r.signed
+                r.signed,
+                r.verified_ms
             ])?;
         if inserted == 1 {
             new += 1;

@@ -64,12 +64,29 @@ pub(crate) fn inline(id: MessageId, kind: MessageKind) -> NewEnvelope {
     envelope(id, kind, Ciphertext::Inline(ct), len)
 }
 
+/// A receipt whose issuer is named after its bytes (one issuer, one
+/// receipt): `b"r1"` is issued by `urn:test:7231`.
 fn receipt(signed: &[u8], fwd: Option<NewDelivery>) -> NewReceipt {
+    receipt_by(
+        &format!("urn:test:{}", hex::encode(signed)),
+        "DELIVERED",
+        signed,
+        fwd,
+    )
+}
+
+fn receipt_by(
+    issuer: &str,
+    disposition: &str,
+    signed: &[u8],
+    fwd: Option<NewDelivery>,
+) -> NewReceipt {
     NewReceipt {
         signed: signed.to_vec(),
-        issuer: uri("urn:test:issuer"),
-        disposition: "DELIVERED".into(),
+        issuer: uri(issuer),
+        disposition: disposition.into(),
         issued_ms: 3_000,
+        verified_ms: 2_500,
         forward: fwd,
         provisions: Vec::new(),
         audit: None,
@@ -545,9 +562,10 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
         rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
         vec![&b"r1"[..], b"r2", b"r3"]
     );
-    assert_eq!(rs[0].issuer, uri("urn:test:issuer"));
+    assert_eq!(rs[0].issuer, uri("urn:test:7231"));
     assert_eq!(rs[0].disposition, "DELIVERED");
     assert_eq!(rs[0].issued_ms, 3_000);
+    assert_eq!(rs[0].verified_ms, Some(2_500));
 
     let ds = store.deliveries(key(id)).await.unwrap();
     let kinds: Vec<DeliveryKind> = ds.iter().map(|d| d.kind.clone()).collect();
@@ -570,6 +588,143 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
         Err(StoreError::NotFound(_))
     ));
     assert!(store.receipts(key(mid(99))).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn one_receipt_per_issuer_and_disposition_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = mid(1);
+    store.accept(inline(id, MessageKind::Relay)).await.unwrap();
+    let fwd = |bytes: &[u8]| {
+        Some(forward(
+            "urn:test:upstream",
+            DeliveryKind::Receipt(bytes.to_vec()),
+        ))
+    };
+    let audited = |issuer: &str, disposition: &str, bytes: &[u8]| {
+        let mut r = receipt_by(issuer, disposition, bytes, fwd(bytes));
+        r.audit = Some(AuditEntry {
+            seq: 0,
+            time_ms: 0,
+            party: "urn:test:us".into(),
+            actor: "peer:urn:test:c".into(),
+            action: exchange_core::audit::AuditAction::Receipt,
+            message_id: Some(id.to_string()),
+            subjects: Vec::new(),
+            outcome: exchange_core::audit::AuditOutcome::Ok,
+            reason: None,
+            detail: None,
+            subject_set: None,
+        });
+        r
+    };
+    // Two variants of one DELIVERED in one call, a REJECTED of the same
+    // issuer and a DELIVERED of another: three are new.
+    let n = store
+        .add_receipts(
+            key(id),
+            vec![
+                audited("urn:test:c", "DELIVERED", b"d1"),
+                audited("urn:test:c", "DELIVERED", b"d2"),
+                audited("urn:test:c", "REJECTED", b"x1"),
+                audited("urn:test:d", "DELIVERED", b"e1"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    // Later variants with other bytes, in other calls and through an
+    // attempt's outcome: none is new.
+    for i in 0..20u8 {
+        let n = store
+            .add_receipts(
+                key(id),
+                vec![audited("urn:test:c", "DELIVERED", &[b'v', i])],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+    let envelope_delivery = store.deliveries(key(id)).await.unwrap()[0].id;
+    store
+        .finish_attempt(
+            envelope_delivery,
+            AttemptOutcome::Done,
+            vec![audited("urn:test:d", "DELIVERED", b"e2")],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let rs = store.receipts(key(id)).await.unwrap();
+    assert_eq!(
+        rs.iter().map(|r| r.signed.as_slice()).collect::<Vec<_>>(),
+        vec![&b"d1"[..], b"x1", b"e1"]
+    );
+    // Forwarded once each, audited once each.
+    let forwarded = store
+        .deliveries(key(id))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| matches!(d.kind, DeliveryKind::Receipt(_)))
+        .count();
+    assert_eq!(forwarded, 3);
+    assert_eq!(store.audit_tail().await.unwrap().entries.len(), 3);
+}
+
+#[tokio::test]
+async fn migration_7_keeps_the_first_of_duplicate_receipts() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = Connection::open(dir.path().join("store.sqlite3")).unwrap();
+    for m in &MIGRATIONS[..6] {
+        conn.execute_batch(m).unwrap();
+    }
+    conn.execute_batch("PRAGMA user_version = 6").unwrap();
+    conn.execute(
+        "INSERT INTO messages (id, header_sha256, kind, head, ciphertext, ciphertext_len, sender, \
+         content_type, purpose, created_ms, expires_ms, received_ms) \
+         VALUES (?1, ?2, 'relay', x'01', x'02', 1, 'urn:test:s', 'c', 'p', 1, 2, 3)",
+        rusqlite::params![[9u8; 16], [0u8; 32]],
+    )
+    .unwrap();
+    for (i, (issuer, disposition)) in [
+        ("urn:test:c", "DELIVERED"),
+        ("urn:test:c", "DELIVERED"),
+        ("urn:test:c", "PROCESSED"),
+        ("urn:test:c", "DELIVERED"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let signed = vec![u8::try_from(i).unwrap()];
+        conn.execute(
+            "INSERT INTO receipts (message_id, digest, issuer, disposition, issued_ms, signed) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![[9u8; 16], sha256(&signed), issuer, disposition, 5, signed],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let id = MessageId::from_slice(&[9u8; 16]).unwrap();
+    let rs = store.receipts(key(id)).await.unwrap();
+    assert_eq!(
+        rs.iter()
+            .map(|r| (r.signed.clone(), r.disposition.as_str(), r.verified_ms))
+            .collect::<Vec<_>>(),
+        vec![(vec![0], "DELIVERED", None), (vec![2], "PROCESSED", None)]
+    );
+    assert_eq!(
+        store
+            .add_receipts(
+                key(id),
+                vec![receipt_by("urn:test:c", "DELIVERED", b"n", None)]
+            )
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]
