@@ -9,6 +9,7 @@
 //! and sends again through a new connection. Its own process is a real
 //! `exchange` binary; the daemons are real, in this process (the crash
 //! point is configured here, so this test has its own binary).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::Path;
