@@ -43,7 +43,18 @@ async fn run(messages: usize, concurrency: usize, bytes: usize) {
     let clinic = net.party("clinic", CLINIC);
     let hospital = net.party("hospital", HOSPITAL);
     let emr = net.client("emr", "urn:local:clinic:emr");
-    net.configure(&clinic, &[&hospital], &[&emr], "");
+    // Each concurrent sender has a connection of its own (as separate
+    // application processes would), all with one client certificate: allow
+    // that many, above the per-party default.
+    net.configure(
+        &clinic,
+        &[&hospital],
+        &[&emr],
+        &format!(
+            "\n[limits]\nmax_connections_per_party = {}\n",
+            concurrency + 1
+        ),
+    );
     net.configure(&hospital, &[&clinic], &[], "");
     let c = start(&clinic).await;
     let h = start(&hospital).await;
