@@ -1,6 +1,10 @@
 //! The `exchange` binary as a user runs it: real files, real processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/live_net.rs"]
+mod live_net;
+use live_net::LiveNet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -673,36 +677,6 @@ fn demo_without_dir_leaves_nothing_behind() {
     line_with(&text, &["5 messages in ", " msg/s"]);
     assert!(text.contains("now removed"), "{text}");
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
-}
-
-/// The demo network's daemons, run in this test process from the demo's configs.
-struct LiveNet {
-    runtime: tokio::runtime::Runtime,
-    daemons: Vec<exchange_daemon::Daemon>,
-}
-
-impl LiveNet {
-    fn start(net: &Path) -> Self {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let daemons = runtime.block_on(async {
-            let mut v = Vec::new();
-            for site in ["clinic", "hospital", "agent", "payer"] {
-                let config =
-                    exchange_daemon::Config::load(&net.join(site).join("exchanged.toml")).unwrap();
-                v.push(exchange_daemon::Daemon::start(config).await.unwrap());
-            }
-            v
-        });
-        Self { runtime, daemons }
-    }
-
-    fn stop(self) {
-        self.runtime.block_on(async {
-            for d in self.daemons {
-                d.shutdown().await;
-            }
-        });
-    }
 }
 
 fn status_json(dir: &Path, id: &str) -> serde_json::Value {

@@ -3,6 +3,10 @@
 //! ends quietly when the reader of its standard output has gone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/live_net.rs"]
+mod live_net;
+use live_net::LiveNet;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -103,36 +107,6 @@ fn check(v: &Value, fields: &[(&str, Ty)], what: &str) {
 fn one_of(v: &Value, field: &str, names: &[&str]) {
     let s = v[field].as_str().unwrap_or_default();
     assert!(names.contains(&s), "{field} = {s:?}, not one of {names:?}");
-}
-
-/// The demo network's daemons, run in this test process from the demo's configs.
-struct LiveNet {
-    runtime: tokio::runtime::Runtime,
-    daemons: Vec<exchange_daemon::Daemon>,
-}
-
-impl LiveNet {
-    fn start(net: &Path) -> Self {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let daemons = runtime.block_on(async {
-            let mut v = Vec::new();
-            for site in ["clinic", "hospital", "agent", "payer"] {
-                let config =
-                    exchange_daemon::Config::load(&net.join(site).join("exchanged.toml")).unwrap();
-                v.push(exchange_daemon::Daemon::start(config).await.unwrap());
-            }
-            v
-        });
-        Self { runtime, daemons }
-    }
-
-    fn stop(self) {
-        self.runtime.block_on(async {
-            for d in self.daemons {
-                d.shutdown().await;
-            }
-        });
-    }
 }
 
 #[test]

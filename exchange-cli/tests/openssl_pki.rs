@@ -4,8 +4,11 @@
 //! `openssl ca -gencrl`), and `openssl verify` on what `exchange ca` issues.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/live_net.rs"]
+mod live_net;
 #[path = "../../exchange-daemon/tests/common/openssl_pki.rs"]
 mod openssl_pki;
+use live_net::LiveNet;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -226,16 +229,8 @@ fn every_command_works_over_an_openssl_pki_and_refuses_the_revoked_party() {
         )
         .unwrap();
     }
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let daemons = runtime.block_on(async {
-        let mut v = Vec::new();
-        for (name, ..) in &sites {
-            let config =
-                exchange_daemon::Config::load(&d.join(name).join("exchanged.toml")).unwrap();
-            v.push(exchange_daemon::Daemon::start(config).await.unwrap());
-        }
-        v
-    });
+    let names: Vec<&str> = sites.iter().map(|(name, ..)| *name).collect();
+    let live = LiveNet::start_sites(&d, &names);
     let clinic = ["--client-config", "clinic-app/client.toml"];
     let hospital = ["--client-config", "hospital-app/client.toml"];
     let sent = exchange(
@@ -323,11 +318,7 @@ fn every_command_works_over_an_openssl_pki_and_refuses_the_revoked_party() {
         .concat(),
     )
     .fails_with(REVOKED);
-    runtime.block_on(async {
-        for daemon in daemons {
-            daemon.shutdown().await;
-        }
-    });
+    live.stop();
 }
 
 /// `openssl verify` accepts what `exchange ca` issues: a root's parties, a

@@ -9,6 +9,10 @@
 //! otherwise fails it, with the commands that create it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/live_net.rs"]
+mod live_net;
+use live_net::LiveNet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -87,16 +91,8 @@ fn python_example_client_against_live_daemons() {
     let readme = std::fs::read_to_string(net.join("clinic/app/README.txt")).unwrap();
     assert!(readme.contains("localhost:"), "{readme}");
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let daemons = runtime.block_on(async {
-        let mut v = Vec::new();
-        for site in ["clinic", "hospital"] {
-            let config =
-                exchange_daemon::Config::load(&net.join(site).join("exchanged.toml")).unwrap();
-            v.push(exchange_daemon::Daemon::start(config).await.unwrap());
-        }
-        v
-    });
+    let live = LiveNet::start_sites(&net, &["clinic", "hospital"]);
+    let daemons = &live.daemons;
     let socket = daemons[0]
         .client_socket()
         .expect("the demo configures a client socket")
@@ -147,9 +143,5 @@ fn python_example_client_against_live_daemons() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("FAILED: UNAVAILABLE"), "{stderr}");
 
-    runtime.block_on(async {
-        for d in daemons {
-            d.shutdown().await;
-        }
-    });
+    live.stop();
 }
