@@ -7,23 +7,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::*;
 use exchange_daemon::proto::peer_client::PeerClient;
-use exchange_daemon::proto::peer_server::{Peer, PeerServer};
+use exchange_daemon::proto::peer_server::Peer;
 use exchange_daemon::proto::{
     DeliverRequest, DeliverResponse, ReturnReceiptsRequest, ReturnReceiptsResponse, deliver_request,
 };
-use exchange_daemon::tls;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
 /// A peer service that accepts every call and never answers.
@@ -52,40 +46,6 @@ impl Peer for Stall {
     }
 }
 
-/// A TLS connection as the gRPC server sees it.
-struct Io(tokio_rustls::server::TlsStream<TcpStream>);
-
-impl Connected for Io {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
 /// Serves [`Stall`] on `party`'s peer address with its identity
 /// certificate; returns the count of calls it took.
 async fn stalling_peer(party: &Party) -> Arc<AtomicUsize> {
@@ -93,47 +53,6 @@ async fn stalling_peer(party: &Party) -> Arc<AtomicUsize> {
     let calls = stall.calls.clone();
     serve_peer(party, stall).await;
     calls
-}
-
-/// Serves `service` on `party`'s peer address with its identity certificate.
-async fn serve_peer<P: Peer>(party: &Party, service: P) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    tls::install_provider();
-    let chain = CertificateDer::pem_file_iter(party.file("identity.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(party.file("identity.key.pem")).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(tls::versions(false))
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind(party.peer_addr()).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Io, std::io::Error>>(16);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    let _ = tx.send(Ok(Io(tls))).await;
-                }
-            });
-        }
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(PeerServer::new(service))
-            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
