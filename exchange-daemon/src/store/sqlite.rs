@@ -392,6 +392,12 @@ DELETE FROM receipts WHERE seq NOT IN (
 CREATE UNIQUE INDEX receipts_issuer_disposition ON receipts (message_id, issuer, disposition);
 ALTER TABLE receipts ADD COLUMN verified_ms INTEGER;
 ",
+    // 8: pending deliveries by next hop, so that claiming work fairly
+    // across next hops reads only the items it takes.
+    r"
+CREATE INDEX deliveries_target_due ON deliveries (target, next_attempt_ms, id)
+    WHERE state = 'pending';
+",
 ];
 
 /// Most messages one [`Store::purge`] call removes (its audit entry lists them).
@@ -426,6 +432,22 @@ const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphertext_len, se
 const DELIVERY_COLUMNS: &str = "id, message_id, target, kind, payload, state, failure, attempts, \
      next_attempt_ms, last_error, expires_ms, \
      (SELECT m.wire_id FROM messages m WHERE m.id = message_id)";
+
+/// The first target after `?1` (in text order) with pending deliveries: a
+/// step of the skip scan over `deliveries_target_due`.
+const NEXT_PENDING_TARGET: &str = "SELECT target FROM deliveries \
+     WHERE state = 'pending' AND target > ?1 ORDER BY target LIMIT 1";
+
+/// Up to `?3` deliveries to target `?1` due at `?2` and not claimed, oldest
+/// first, from `deliveries_target_due`.
+fn due_for_target_sql() -> String {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries \
+         WHERE state = 'pending' AND target = ?1 AND next_attempt_ms <= ?2 \
+           AND (claim_until_ms IS NULL OR claim_until_ms < ?2) \
+         ORDER BY next_attempt_ms, id LIMIT ?3"
+    )
+}
 
 /// Counters of the writer thread (metrics, tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -804,35 +826,47 @@ impl Store for SqliteStore {
             if limit == 0 || per_target == 0 {
                 return Ok(Vec::new());
             }
-            let per_target_sql = i64::try_from(per_target).unwrap_or(i64::MAX);
             self.write(move |conn| {
-                // Each target's due items ranked oldest first; then rank 1
-                // of every target, rank 2 of every target, and so on.
-                let candidates = conn
-                    .prepare_cached(&format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM ( \
-                           SELECT *, ROW_NUMBER() OVER \
-                             (PARTITION BY target ORDER BY next_attempt_ms, id) AS turn \
-                           FROM deliveries \
-                           WHERE state = 'pending' AND next_attempt_ms <= ?1 \
-                             AND (claim_until_ms IS NULL OR claim_until_ms < ?1)) \
-                         WHERE turn <= ?2 ORDER BY turn, next_attempt_ms, id"
-                    ))?
-                    .query_map(params![now, per_target_sql], delivery_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?
-                    .into_iter()
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut taken: HashMap<PartyUri, usize> = busy;
+                // Each target's due items, oldest first, read from the
+                // (target, next_attempt_ms, id) index: the cost of a claim
+                // grows with the number of targets and of items taken, not
+                // with the backlog.
+                let mut next_target = conn.prepare_cached(NEXT_PENDING_TARGET)?;
+                let mut due_of = conn.prepare_cached(&due_for_target_sql())?;
+                let mut queues = Vec::new();
+                let mut after = String::new();
+                while let Some(target) = next_target
+                    .query_row(params![after], |r| r.get::<_, String>(0))
+                    .optional()?
+                {
+                    let running = busy
+                        .iter()
+                        .find(|(t, _)| t.as_str() == target)
+                        .map_or(0, |(_, n)| *n);
+                    let room = per_target.saturating_sub(running).min(limit);
+                    if room > 0 {
+                        let room = i64::try_from(room).unwrap_or(i64::MAX);
+                        let queue = due_of
+                            .query_map(params![target, now, room], delivery_from_row)?
+                            .collect::<Result<Vec<_>, _>>()?
+                            .into_iter()
+                            .collect::<Result<Vec<_>, _>>()?;
+                        if !queue.is_empty() {
+                            queues.push(queue.into_iter());
+                        }
+                    }
+                    after = target;
+                }
+                // Targets take turns: every target's first item (oldest
+                // first), then every target's second, and so on.
                 let mut due = Vec::new();
-                for d in candidates {
-                    if due.len() == limit {
-                        break;
-                    }
-                    let n = taken.entry(d.target.clone()).or_insert(0);
-                    if *n < per_target {
-                        *n += 1;
-                        due.push(d);
-                    }
+                while due.len() < limit && !queues.is_empty() {
+                    let mut turn: Vec<DeliveryRecord> =
+                        queues.iter_mut().filter_map(Iterator::next).collect();
+                    queues.retain(|q| !q.as_slice().is_empty());
+                    turn.sort_by_key(|d| (d.next_attempt_ms, d.id));
+                    turn.truncate(limit - due.len());
+                    due.extend(turn);
                 }
                 let mut claim = conn.prepare_cached(
                     "UPDATE deliveries SET claimed_by = ?1, claim_until_ms = ?2 WHERE id = ?3",

@@ -416,6 +416,31 @@ async fn claim_fair_takes_targets_in_turn_and_caps_each() {
     );
 }
 
+/// Claiming runs after every finished attempt: it must read each next hop's
+/// oldest due items from an index, never scan and sort the whole backlog.
+#[test]
+fn claiming_reads_each_targets_due_items_from_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).unwrap());
+    let conn = Connection::open(dir.path().join("store.sqlite3")).unwrap();
+    let plan = |sql: &str| {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        stmt.query_map(rusqlite::params_from_iter(vec![0; n]), |r| {
+            r.get::<_, String>(3)
+        })
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .join("; ")
+    };
+    for sql in [super::NEXT_PENDING_TARGET.to_owned(), super::due_for_target_sql()] {
+        let p = plan(&sql);
+        assert!(p.contains("INDEX deliveries_target_due"), "{sql}: {p}");
+        assert!(!p.contains("TEMP B-TREE"), "{sql}: {p}");
+    }
+}
+
 #[tokio::test]
 async fn release_claims_frees_only_that_owner() {
     let dir = tempfile::tempdir().unwrap();
