@@ -23,7 +23,7 @@ use exchange_core::audit::{AuditAction, AuditOutcome};
 use crate::accountability::client_actor;
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::node::{Node, first_hops, next_message, position, receive_error, unix_ms};
+use crate::node::{Node, first_hops, from_unix_ms, next_message, position, receive_error, unix_ms};
 use crate::peer::peer_of;
 use crate::proto::client_server::Client;
 use crate::proto::{
@@ -176,7 +176,9 @@ impl Node {
         start: proto::SendStart,
         mut stream: Streaming<SendRequest>,
     ) -> Result<SendResponse, Error> {
-        let now = SystemTime::now();
+        // To the millisecond, as the arrival time is stored: the head is
+        // verified below at the time a delivery attempt would verify it.
+        let now = from_unix_ms(unix_ms(SystemTime::now()));
         if !client.may_send_for(&start.purpose) {
             return Err(Error::Forbidden(format!(
                 "client {} may not send for purpose {:?}",
@@ -346,9 +348,11 @@ impl Node {
         self.check_disk_reserve(0)?;
         // Our own head must pass what every hop will check (a revoked or
         // expired identity fails here, not at each peer).
-        let verified = head.verify(&self.trust(), now)?;
+        let trust = self.trust();
+        let verified = head.verify(&trust, now)?;
         let header = verified.header();
         let hops = first_hops(&verified);
+        let first_hop_count = hops.len();
         for hop in &hops {
             if self
                 .peers
@@ -428,6 +432,7 @@ impl Node {
             return Err(Error::Replay(id.to_string()));
         }
         tracing::info!(message = %id, client = %client.name, bytes = total, "envelope sealed and stored");
+        self.keep_sealed_head(trust, verified, first_hop_count);
         self.work.notify_one();
         crash_point!("client::send-reply");
         Ok(SendResponse {

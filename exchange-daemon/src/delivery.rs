@@ -434,7 +434,7 @@ impl Node {
             .await
             .map_err(|e| fail(e.into()))?
             .ok_or_else(|| fail(Error::NotFound(item.message_id.to_string())))?;
-        let head = self.verify_stored(&record).map_err(fail)?;
+        let head = self.verify_for_delivery(&record).map_err(fail)?;
         let now = SystemTime::now();
         if now > head.header().expires {
             return Err(fail(Error::Core(exchange_core::Error::Expired {

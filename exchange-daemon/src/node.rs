@@ -163,6 +163,102 @@ pub struct Node {
     pub(crate) work: Notify,
     /// Message ids whose status changed.
     pub(crate) events: broadcast::Sender<MessageKey>,
+    /// Heads sealed and verified here, until their first delivery attempts.
+    sealed: SealedHeads,
+}
+
+/// Heads of envelopes this daemon sealed and verified at Send, kept until
+/// their first delivery attempt so that the attempt does not check the same
+/// signature and chain again. A verdict is reused only under the trust store
+/// it was given under (a reload makes a new one) and was given at the
+/// envelope's stored arrival time, which is where [`Node::verify_stored`]
+/// checks: reusing it is that same check, already done. Bounded in entries
+/// and bytes; when full, new heads are not kept (the ones held are the
+/// oldest, the next to be delivered) and their attempts verify as before.
+struct SealedHeads {
+    heads: Mutex<HashMap<[u8; 32], SealedHead>>,
+    /// Most heads held.
+    max: usize,
+}
+
+impl Default for SealedHeads {
+    fn default() -> Self {
+        Self::with_room(SEALED_HEADS)
+    }
+}
+
+struct SealedHead {
+    trust: Arc<TrustStore>,
+    head: VerifiedHead,
+    /// Delivery attempts still to take it (one per first hop).
+    uses: usize,
+    kept: std::time::Instant,
+}
+
+/// Most heads [`SealedHeads`] holds, and most bytes of heads.
+const SEALED_HEADS: usize = 4096;
+const SEALED_HEAD_BYTES: usize = 16 << 20;
+/// A head not taken within this time (its message purged or failed before
+/// an attempt) is dropped when room is needed.
+const SEALED_HEAD_AGE: Duration = Duration::from_secs(600);
+
+impl SealedHeads {
+    fn with_room(max: usize) -> Self {
+        Self {
+            heads: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], SealedHead>> {
+        self.heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn keep(&self, trust: Arc<TrustStore>, head: VerifiedHead, uses: usize) {
+        let mut heads = self.lock();
+        let bytes = |h: &HashMap<[u8; 32], SealedHead>| {
+            h.values()
+                .map(|s| s.head.head().as_bytes().len())
+                .sum::<usize>()
+        };
+        let size = head.head().as_bytes().len();
+        if heads.len() >= self.max || bytes(&heads) + size > SEALED_HEAD_BYTES {
+            heads.retain(|_, s| s.kept.elapsed() < SEALED_HEAD_AGE);
+            if heads.len() >= self.max || bytes(&heads) + size > SEALED_HEAD_BYTES {
+                return;
+            }
+        }
+        heads.insert(
+            head.head().header_sha256(),
+            SealedHead {
+                trust,
+                head,
+                uses,
+                kept: std::time::Instant::now(),
+            },
+        );
+    }
+
+    /// The head kept under `header_sha256`, if it is `head` (the stored
+    /// bytes) and was verified under `trust`.
+    fn take(
+        &self,
+        header_sha256: &[u8; 32],
+        head: &[u8],
+        trust: &Arc<TrustStore>,
+    ) -> Option<VerifiedHead> {
+        let mut heads = self.lock();
+        let sealed = heads.get_mut(header_sha256)?;
+        let found = (Arc::ptr_eq(&sealed.trust, trust) && sealed.head.head().as_bytes() == head)
+            .then(|| sealed.head.clone());
+        sealed.uses = sealed.uses.saturating_sub(1);
+        if sealed.uses == 0 || found.is_none() {
+            heads.remove(header_sha256);
+        }
+        found
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -271,6 +367,7 @@ impl Node {
             channels: Mutex::new(HashMap::new()),
             work: Notify::new(),
             events,
+            sealed: SealedHeads::default(),
         })
     }
 
@@ -346,6 +443,36 @@ impl Node {
     pub(crate) fn verify_stored(&self, record: &MessageRecord) -> Result<VerifiedHead, Error> {
         let head = EnvelopeHead::decode(&record.head)?;
         Ok(head.verify_ignoring_expiry(&self.trust(), from_unix_ms(record.received_ms))?)
+    }
+
+    /// Keeps the head of an envelope sealed here, verified under `trust`
+    /// at its stored arrival time, for the first attempt to each of its
+    /// `first_hops` next hops.
+    pub(crate) fn keep_sealed_head(
+        &self,
+        trust: Arc<TrustStore>,
+        head: VerifiedHead,
+        first_hops: usize,
+    ) {
+        self.sealed.keep(trust, head, first_hops);
+    }
+
+    /// [`Node::verify_stored`] for a delivery attempt: a head sealed and
+    /// verified here under the trust store still in force is not verified
+    /// again.
+    pub(crate) fn verify_for_delivery(
+        &self,
+        record: &MessageRecord,
+    ) -> Result<VerifiedHead, Error> {
+        let trust = self.trust();
+        match self
+            .sealed
+            .take(&record.header_sha256, &record.head, &trust)
+        {
+            Some(head) => Ok(head),
+            None => Ok(EnvelopeHead::decode(&record.head)?
+                .verify_ignoring_expiry(&trust, from_unix_ms(record.received_ms))?),
+        }
     }
 
     /// Signs a receipt about `head`.
@@ -574,5 +701,119 @@ impl Node {
             }),
             _ => Ok(contracted),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exchange_core::ca::{CertificateAuthority, Validity};
+    use exchange_core::envelope::SealerBuilder;
+
+    /// A trust store and `n` heads sealed by one sender and verified under it.
+    fn sealed_heads(n: usize) -> (Arc<TrustStore>, Vec<VerifiedHead>, Vec<u8>) {
+        let now = SystemTime::now();
+        let validity = Validity::days_from(now - Duration::from_secs(60), 30);
+        let ca = CertificateAuthority::generate("CA", validity).unwrap();
+        let anchors = ca.certificate_pem().as_bytes().to_vec();
+        let trust = Arc::new(
+            TrustStore::builder()
+                .anchors_pem(&anchors)
+                .unwrap()
+                .build()
+                .unwrap(),
+        );
+        let issue = |uri: &str| {
+            ca.issue_party(&PartyUri::new(uri).unwrap(), uri, validity)
+                .unwrap()
+        };
+        let (sender, to) = (issue("urn:t:clinic"), issue("urn:t:hospital"));
+        let identity = Identity::from_pem(
+            sender.identity.cert_pem.as_bytes(),
+            sender.identity.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let to = Certificate::from_pem(to.encryption.cert_pem.as_bytes())
+            .unwrap()
+            .remove(0);
+        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+        let heads = (0..n)
+            .map(|_| {
+                let key = trust.verify_encryption(&to, now).unwrap();
+                let mut out = Vec::new();
+                SealerBuilder::new(&identity, "text/plain")
+                    .recipient(key, HopRole::ThirdParty)
+                    .purpose("treatment")
+                    .start(now, &mut rng)
+                    .unwrap()
+                    .finish(&mut out)
+                    .verify(&trust, now)
+                    .unwrap()
+            })
+            .collect();
+        (trust, heads, anchors)
+    }
+
+    fn take(cache: &SealedHeads, head: &VerifiedHead, trust: &Arc<TrustStore>) -> bool {
+        let bytes = head.head().as_bytes();
+        cache
+            .take(&head.head().header_sha256(), bytes, trust)
+            .is_some_and(|h| h.head().as_bytes() == bytes)
+    }
+
+    #[test]
+    fn a_sealed_head_serves_one_attempt_per_first_hop_then_is_gone() {
+        let (trust, heads, _) = sealed_heads(2);
+        let cache = SealedHeads::default();
+        cache.keep(trust.clone(), heads[0].clone(), 2);
+        assert!(!take(&cache, &heads[1], &trust), "a head never kept");
+        assert!(take(&cache, &heads[0], &trust));
+        assert!(take(&cache, &heads[0], &trust));
+        assert!(!take(&cache, &heads[0], &trust), "kept for two hops only");
+        assert!(cache.lock().is_empty());
+    }
+
+    #[test]
+    fn a_head_verified_under_another_trust_store_is_not_reused() {
+        let (trust, heads, anchors) = sealed_heads(1);
+        let cache = SealedHeads::default();
+        cache.keep(trust.clone(), heads[0].clone(), 2);
+        // A reload builds a new store, even from the same files: its CRLs
+        // may revoke the sender, so the verdict must be given again.
+        let reloaded = Arc::new(
+            TrustStore::builder()
+                .anchors_pem(&anchors)
+                .unwrap()
+                .build()
+                .unwrap(),
+        );
+        assert!(!take(&cache, &heads[0], &reloaded));
+        assert!(
+            !take(&cache, &heads[0], &trust),
+            "dropped, not kept for later"
+        );
+        // Other bytes under the same digest are never answered from it.
+        cache.keep(trust.clone(), heads[0].clone(), 1);
+        let mut other = heads[0].head().as_bytes().to_vec();
+        other.push(0);
+        assert!(
+            cache
+                .take(&heads[0].head().header_sha256(), &other, &trust)
+                .is_none()
+        );
+        assert!(cache.lock().is_empty());
+    }
+
+    #[test]
+    fn when_full_new_heads_are_not_kept_and_the_held_ones_stay() {
+        let (trust, heads, _) = sealed_heads(3);
+        let cache = SealedHeads::with_room(2);
+        for h in &heads {
+            cache.keep(trust.clone(), h.clone(), 1);
+        }
+        assert_eq!(cache.lock().len(), 2);
+        assert!(take(&cache, &heads[0], &trust));
+        assert!(take(&cache, &heads[1], &trust));
+        assert!(!take(&cache, &heads[2], &trust), "kept past its room");
     }
 }

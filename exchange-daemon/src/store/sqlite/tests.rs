@@ -429,12 +429,15 @@ fn claiming_reads_each_targets_due_items_from_an_index() {
         stmt.query_map(rusqlite::params_from_iter(vec![0; n]), |r| {
             r.get::<_, String>(3)
         })
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
-            .join("; ")
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .join("; ")
     };
-    for sql in [super::NEXT_PENDING_TARGET.to_owned(), super::due_for_target_sql()] {
+    for sql in [
+        super::NEXT_PENDING_TARGET.to_owned(),
+        super::due_for_target_sql(),
+    ] {
         let p = plan(&sql);
         assert!(p.contains("INDEX deliveries_target_due"), "{sql}: {p}");
         assert!(!p.contains("TEMP B-TREE"), "{sql}: {p}");
