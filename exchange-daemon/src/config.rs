@@ -411,7 +411,7 @@ fn default_concurrency() -> usize {
     32
 }
 fn default_per_peer_concurrency() -> usize {
-    8
+    16
 }
 fn default_attempt_timeout() -> u64 {
     60_000
