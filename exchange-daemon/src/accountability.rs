@@ -33,7 +33,8 @@ use exchange_core::route::Provision;
 use tokio::sync::watch;
 
 use crate::error::{Error, StoreError};
-use crate::node::{Node, unix_ms};
+use crate::clock::unix_ms;
+use crate::node::Node;
 use crate::store::{
     MessageKey, MessageMeta, MessageRecord, NewCheckpoint, NewProvision, ProvisionDirection,
 };

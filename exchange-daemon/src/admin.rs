@@ -44,10 +44,10 @@ use exchange_core::suite::{Hasher, sha256};
 use exchange_core::trust::TrustStore;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use crate::clock::{from_unix_ms, unix_ms};
 use crate::config::Config;
 use crate::error::{Error, StoreError};
 use crate::store::sqlite::{MIGRATIONS, create_private, io_err, sync_dir, valid_blob_name};
-use crate::{from_unix_ms, unix_ms};
 
 const DB_FILE: &str = "store.sqlite3";
 const BLOBS_DIR: &str = "blobs";

@@ -2042,7 +2042,7 @@ fn append_audit(
              COALESCE((SELECT time_ms FROM audit_log ORDER BY seq DESC LIMIT 1), 0) FROM audit_log",
         )?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let now = to_i64(crate::node::unix_ms(std::time::SystemTime::now()), "now")?;
+    let now = to_i64(crate::clock::unix_ms(std::time::SystemTime::now()), "now")?;
     let time_ms = now.max(last_ms);
     entry.seq = to_u64(next, "audit seq")?;
     entry.time_ms = to_u64(time_ms, "audit time")?;
