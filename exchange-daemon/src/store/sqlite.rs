@@ -181,6 +181,21 @@ use crate::error::StoreError;
 #[cfg(test)]
 pub(crate) mod tests;
 
+/// SQLite's errors as the store reports them: what SQLite said, under the
+/// backend's name (the same text for every caller of a failed batch).
+pub(crate) fn sqlite_error(e: &rusqlite::Error) -> StoreError {
+    StoreError::Backend {
+        backend: "sqlite",
+        detail: e.to_string(),
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        sqlite_error(&e)
+    }
+}
+
 /// Schema migrations: entry `i` takes `PRAGMA user_version` from `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
@@ -1615,7 +1630,7 @@ impl<T: Send> Job for Pending<T> {
                 .out
                 .take()
                 .unwrap_or_else(|| Err(StoreError::Corrupt("write operation not run".into())))),
-            Some(e) => Err(StoreError::Sqlite(copy_error(e))),
+            Some(e) => Err(sqlite_error(e)),
         };
         if let Some(reply) = self.reply.take() {
             // The caller may have gone away; its operation stands.
@@ -1719,19 +1734,6 @@ fn run_one(conn: &Connection, job: &mut dyn Job) -> Result<(), rusqlite::Error> 
         ))
     } else {
         conn.execute_batch("ROLLBACK TO op; RELEASE op")
-    }
-}
-
-/// A fresh copy of a batch error for each caller (rusqlite errors are not `Clone`).
-fn copy_error(e: &rusqlite::Error) -> rusqlite::Error {
-    match e {
-        rusqlite::Error::SqliteFailure(code, msg) => {
-            rusqlite::Error::SqliteFailure(*code, msg.clone())
-        }
-        other => rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-            Some(other.to_string()),
-        ),
     }
 }
 
@@ -2441,7 +2443,7 @@ fn lock_dir(dir: &Path) -> Result<Connection, StoreError> {
                 source: io::Error::new(io::ErrorKind::WouldBlock, "store directory in use"),
             }
         }
-        other => StoreError::Sqlite(other),
+        other => other.into(),
     })?;
     Ok(lock)
 }

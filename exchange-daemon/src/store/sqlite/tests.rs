@@ -1022,7 +1022,13 @@ async fn a_failing_operation_loses_only_itself() {
         partial.await.unwrap(),
         Err(StoreError::Invalid(_))
     ));
-    assert!(matches!(fk.await.unwrap(), Err(StoreError::Sqlite(_))));
+    // SQLite's own words, under the backend's name.
+    match fk.await.unwrap() {
+        Err(e @ StoreError::Backend { .. }) => {
+            assert_eq!(e.to_string(), "sqlite: FOREIGN KEY constraint failed");
+        }
+        other => panic!("expected a backend error, got {other:?}"),
+    }
     assert!(matches!(
         missing.await.unwrap(),
         Err(StoreError::NotFound(_))
