@@ -172,14 +172,17 @@ use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS, Pseudonym, SubjectSe
 use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, ClockJump, DeliveryKind, DeliveryRecord,
     DeliveryState, MessageKey, MessageKind, MessageMeta, MessageRecord, NewCheckpoint, NewDelivery,
-    NewEnvelope, NewProvision, NewReceipt, ProvisionDirection, ProvisionRecord, PurgePolicy,
-    PurgeSummary, PurgedRecord, ReceiptRecord, SendKey, SendKeyRecord, SpoolFile, Store,
-    StoreFuture, StoredCiphertext,
+    NewEnvelope, NewProvision, NewReceipt, ProvisionRecord, PurgePolicy, PurgeSummary,
+    PurgedRecord, ReceiptRecord, SendKey, SendKeyRecord, SpoolFile, Store, StoreFuture,
+    StoredCiphertext,
 };
 use crate::error::StoreError;
 
+mod snapshot;
 #[cfg(test)]
 pub(crate) mod tests;
+
+pub use snapshot::{SqliteSnapshot, open_read_only, open_read_only_any_version, provisions_for};
 
 /// SQLite's errors as the store reports them: what SQLite said, under the
 /// backend's name (the same text for every caller of a failed batch).
@@ -1225,57 +1228,6 @@ impl Store for SqliteStore {
     }
 }
 
-/// Opens the database of the store in `dir` read-only, without taking the
-/// store lock: for offline tools (audit export, provision reports, backup)
-/// that run beside a live daemon. Refuses a directory without a store and a
-/// schema this build does not know.
-pub fn open_read_only(dir: &Path) -> Result<Connection, StoreError> {
-    let (conn, version) = open_read_only_any_version(dir)?;
-    let known = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
-    if version < known {
-        return Err(StoreError::Invalid(format!(
-            "store schema version {version} predates this build ({known}): start the daemon once to migrate it"
-        )));
-    }
-    Ok(conn)
-}
-
-/// [`open_read_only`] for tools that can read older schemas too (backup,
-/// scrub): refuses only a directory without a store and a newer schema;
-/// returns the schema version found.
-pub fn open_read_only_any_version(dir: &Path) -> Result<(Connection, u32), StoreError> {
-    let db = dir.join(DB_FILE);
-    if !db.is_file() {
-        return Err(StoreError::NotFound(format!(
-            "no store in {} (expected {})",
-            dir.display(),
-            db.display()
-        )));
-    }
-    let conn = Connection::open_with_flags(
-        &db,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    configure(&conn)?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let version = u32::try_from(version)
-        .map_err(|_| StoreError::Corrupt(format!("schema version {version}")))?;
-    let known = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
-    if version > known {
-        return Err(StoreError::SchemaTooNew {
-            found: version,
-            supported: known,
-        });
-    }
-    if version == 0 {
-        return Err(StoreError::NotFound(format!(
-            "no store schema in {}",
-            db.display()
-        )));
-    }
-    Ok((conn, version))
-}
-
 /// See [`Store::audit_tail`]; call inside a read transaction.
 pub fn audit_tail(conn: &Connection) -> Result<AuditTail, StoreError> {
     let checkpoint: Option<(i64, Vec<u8>, Vec<u8>)> = conn
@@ -1308,77 +1260,6 @@ pub fn audit_tail(conn: &Connection) -> Result<AuditTail, StoreError> {
             .transpose()?,
         entries,
     })
-}
-
-/// Provision records naming `subject`, oldest first (see [`Store::provisions`]).
-pub fn provisions_for(
-    conn: &Connection,
-    subject: &Pseudonym,
-) -> Result<Vec<ProvisionRecord>, StoreError> {
-    let rows = conn
-        .prepare_cached(
-            "SELECT p.id, p.direction, COALESCE(p.wire_id, p.message_id), p.time_ms, p.counterparty, \
-             p.counterparty_name, p.recipient, p.role, p.document_type, p.title, p.purpose, \
-             p.content_type, p.receipt FROM provisions p \
-             JOIN provision_subjects s ON s.provision_id = p.id \
-             WHERE s.pseudonym = ?1 ORDER BY p.time_ms, p.id",
-        )?
-        .query_map([subject.as_bytes()], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-                (
-                    r.get::<_, String>(8)?,
-                    r.get::<_, String>(9)?,
-                    r.get::<_, String>(10)?,
-                    r.get::<_, String>(11)?,
-                    r.get::<_, Vec<u8>>(12)?,
-                ),
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut subjects = conn.prepare_cached(
-        "SELECT pseudonym FROM provision_subjects WHERE provision_id = ?1 ORDER BY pseudonym",
-    )?;
-    rows.into_iter()
-        .map(
-            |(id, direction, message, time_ms, counterparty, name, recipient, role, what)| {
-                let (document_type, title, purpose, content_type, receipt) = what;
-                let subjects = subjects
-                    .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
-                    .map(|p| {
-                        let p = p?;
-                        <[u8; 32]>::try_from(p.as_slice())
-                            .map(Pseudonym::from_bytes)
-                            .map_err(|_| StoreError::Corrupt("pseudonym is not 32 bytes".into()))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(ProvisionRecord {
-                    direction: ProvisionDirection::parse(&direction).ok_or_else(|| {
-                        StoreError::Corrupt(format!("provision direction {direction:?}"))
-                    })?,
-                    message_id: message_id(&message)?,
-                    time_ms: to_u64(time_ms, "provision time_ms")?,
-                    counterparty: party(counterparty, "provision counterparty")?,
-                    counterparty_name: name,
-                    recipient: party(recipient, "provision recipient")?,
-                    role,
-                    document_type,
-                    title,
-                    purpose,
-                    content_type,
-                    receipt,
-                    subjects,
-                })
-            },
-        )
-        .collect()
 }
 
 /// A redelivery is still answered from a purged message's record this long
