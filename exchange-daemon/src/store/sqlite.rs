@@ -178,10 +178,12 @@ use super::{
 };
 use crate::error::StoreError;
 
+mod backup;
 mod snapshot;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use backup::{BackupSource, open_restored};
 pub use snapshot::{SqliteSnapshot, open_read_only, open_read_only_any_version, provisions_for};
 
 /// SQLite's errors as the store reports them: what SQLite said, under the
@@ -411,6 +413,11 @@ CREATE UNIQUE INDEX receipts_issuer_disposition ON receipts (message_id, issuer,
 ALTER TABLE receipts ADD COLUMN verified_ms INTEGER;
 ",
 ];
+
+/// The newest schema version this build knows (and writes).
+pub fn supported_schema_version() -> u32 {
+    u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
+}
 
 /// Most messages one [`Store::purge`] call removes (its audit entry lists them).
 pub const PURGE_BATCH: i64 = 500;
