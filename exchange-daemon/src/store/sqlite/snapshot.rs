@@ -12,12 +12,11 @@ use exchange_core::MessageId;
 use exchange_core::audit::Pseudonym;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
-use super::valid_blob_name;
-use super::{BLOBS_DIR, DB_FILE, MIGRATIONS, configure, io_err, message_id, party, to_u64};
+use super::{BLOBS_DIR, DB_FILE, MIGRATIONS, configure, io_err, provisions_for, valid_blob_name};
 use crate::error::StoreError;
 use crate::store::{
-    NamedBlob, ProvisionDirection, ProvisionRecord, RawAuditEntry, RawCheckpoint, RawMessage,
-    RawProvision, RawReceipt, ReadOnlyStore, RowCounts, Rows, SchemaNeed,
+    NamedBlob, ProvisionRecord, RawAuditEntry, RawCheckpoint, RawMessage, RawProvision, RawReceipt,
+    ReadOnlyStore, RowCounts, Rows, SchemaNeed,
 };
 
 /// Rows one page of a walk reads.
@@ -539,75 +538,4 @@ fn count(conn: &Connection, sql: &str) -> Result<u64, StoreError> {
 /// The message id of a row, as it is shown (or hex when it is not 16 bytes).
 fn id_string(b: &[u8]) -> String {
     MessageId::from_slice(b).map_or_else(|_| hex::encode(b), |id| id.to_string())
-}
-
-/// Provision records naming `subject`, oldest first (see [`Store::provisions`]).
-pub fn provisions_for(
-    conn: &Connection,
-    subject: &Pseudonym,
-) -> Result<Vec<ProvisionRecord>, StoreError> {
-    let rows = conn
-        .prepare_cached(
-            "SELECT p.id, p.direction, COALESCE(p.wire_id, p.message_id), p.time_ms, p.counterparty, \
-             p.counterparty_name, p.recipient, p.role, p.document_type, p.title, p.purpose, \
-             p.content_type, p.receipt FROM provisions p \
-             JOIN provision_subjects s ON s.provision_id = p.id \
-             WHERE s.pseudonym = ?1 ORDER BY p.time_ms, p.id",
-        )?
-        .query_map([subject.as_bytes()], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-                (
-                    r.get::<_, String>(8)?,
-                    r.get::<_, String>(9)?,
-                    r.get::<_, String>(10)?,
-                    r.get::<_, String>(11)?,
-                    r.get::<_, Vec<u8>>(12)?,
-                ),
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut subjects = conn.prepare_cached(
-        "SELECT pseudonym FROM provision_subjects WHERE provision_id = ?1 ORDER BY pseudonym",
-    )?;
-    rows.into_iter()
-        .map(
-            |(id, direction, message, time_ms, counterparty, name, recipient, role, what)| {
-                let (document_type, title, purpose, content_type, receipt) = what;
-                let subjects = subjects
-                    .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
-                    .map(|p| {
-                        let p = p?;
-                        <[u8; 32]>::try_from(p.as_slice())
-                            .map(Pseudonym::from_bytes)
-                            .map_err(|_| StoreError::Corrupt("pseudonym is not 32 bytes".into()))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(ProvisionRecord {
-                    direction: ProvisionDirection::parse(&direction).ok_or_else(|| {
-                        StoreError::Corrupt(format!("provision direction {direction:?}"))
-                    })?,
-                    message_id: message_id(&message)?,
-                    time_ms: to_u64(time_ms, "provision time_ms")?,
-                    counterparty: party(counterparty, "provision counterparty")?,
-                    counterparty_name: name,
-                    recipient: party(recipient, "provision recipient")?,
-                    role,
-                    document_type,
-                    title,
-                    purpose,
-                    content_type,
-                    receipt,
-                    subjects,
-                })
-            },
-        )
-        .collect()
 }

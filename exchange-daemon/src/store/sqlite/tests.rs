@@ -7,7 +7,13 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::fs;
+
+use exchange_core::suite::sha256;
+use tokio::sync::oneshot;
+
 use super::*;
+use crate::store::{DeliveryKind, DeliveryState, NewDelivery};
 
 fn key(id: MessageId) -> MessageKey {
     MessageKey::of_id(id)
