@@ -32,10 +32,12 @@ use exchange_core::receipt::VerifiedReceipt;
 use exchange_core::route::Provision;
 use tokio::sync::watch;
 
+use crate::clock::unix_ms;
 use crate::error::{Error, StoreError};
-use crate::node::{Node, unix_ms};
+use crate::node::Node;
 use crate::store::{
     MessageKey, MessageMeta, MessageRecord, NewCheckpoint, NewProvision, ProvisionDirection,
+    SchemaNeed,
 };
 
 /// The facility secret's file name in the data directory.
@@ -86,10 +88,8 @@ pub fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> 
     if path.exists() {
         return load_subject_key(data_dir);
     }
-    if let Ok(conn) = crate::store::sqlite::open_read_only(data_dir) {
-        let entries: i64 = conn
-            .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
-            .map_err(StoreError::from)?;
+    if let Ok(store) = crate::store::open_read_only(data_dir, SchemaNeed::Current) {
+        let entries = store.audit_len()?.unwrap_or(0);
         if entries > 0 {
             return Err(Error::Config(format!(
                 "{} is missing but the store in {} already holds {entries} audit entries: \
@@ -622,22 +622,14 @@ fn write_kept_checkpoint(data_dir: &Path, signed: &[u8]) -> Result<(), Error> {
 /// leaf hashes recomputed from the entries' bytes; `None` if the log holds
 /// fewer entries (or they are not numbered 0, 1, 2, …).
 pub fn audit_root_at(data_dir: &Path, size: u64) -> Result<Option<[u8; 32]>, Error> {
-    let conn = crate::store::sqlite::open_read_only(data_dir)?;
-    let q = |e: rusqlite::Error| Error::Store(e.into());
-    let mut stmt = conn
-        .prepare("SELECT seq, entry FROM audit_log WHERE seq < ?1 ORDER BY seq")
-        .map_err(q)?;
-    let mut rows = stmt
-        .query([i64::try_from(size).unwrap_or(i64::MAX)])
-        .map_err(q)?;
+    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
     let mut frontier = Frontier::new();
-    while let Some(row) = rows.next().map_err(q)? {
-        let seq: i64 = row.get(0).map_err(q)?;
-        if u64::try_from(seq).ok() != Some(frontier.size()) {
+    for row in store.audit_entries(None, Some(size)) {
+        let row = row?;
+        if u64::try_from(row.seq).ok() != Some(frontier.size()) {
             return Ok(None);
         }
-        let entry: Vec<u8> = row.get(1).map_err(q)?;
-        frontier.push(exchange_core::suite::merkle_leaf_hash(&entry));
+        frontier.push(exchange_core::suite::merkle_leaf_hash(&row.entry));
     }
     Ok((frontier.size() == size).then(|| frontier.root()))
 }
@@ -674,11 +666,8 @@ pub fn provision_report(
     subject: &SubjectId,
 ) -> Result<Vec<crate::store::ProvisionRecord>, Error> {
     let key = load_subject_key(data_dir)?;
-    let conn = crate::store::sqlite::open_read_only(data_dir)?;
-    Ok(crate::store::sqlite::provisions_for(
-        &conn,
-        &pseudonym(&key, subject),
-    )?)
+    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
+    Ok(store.provisions_for(&pseudonym(&key, subject))?)
 }
 
 /// Most earlier checkpoints an export carries (the newest ones in its range).
@@ -721,7 +710,6 @@ pub fn export_audit(
     out: impl Write,
 ) -> Result<ExportSummary, Error> {
     use exchange_core::audit::{ExportRange, ExportWriter, MerkleTree};
-    use rusqlite::OptionalExtension;
 
     if let (Some(f), Some(t)) = (from_ms, to_ms)
         && f >= t
@@ -730,18 +718,8 @@ pub fn export_audit(
             "the start of the range must be before its end".into(),
         ));
     }
-    let ms = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
-    let conn = crate::store::sqlite::open_read_only(data_dir)?;
-    conn.execute_batch("BEGIN").map_err(StoreError::from)?;
-    let latest: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT signed FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(StoreError::from)?;
-    let Some(latest) = latest else {
+    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
+    let Some(latest) = store.latest_checkpoint()? else {
         return Err(Error::NotFound(format!(
             "no signed audit checkpoint in {} yet (a running daemon signs one within {} s; a stopped one signed its last at shutdown)",
             data_dir.display(),
@@ -750,20 +728,11 @@ pub fn export_audit(
     };
     let latest = SignedCheckpoint::from_bytes(&latest)?;
     let checkpoint = latest.unverified()?;
-    let n = i64::try_from(checkpoint.tree_size).unwrap_or(i64::MAX);
-    let q = |e: rusqlite::Error| Error::Store(e.into());
+    let n = checkpoint.tree_size;
 
-    let leaves = conn
-        .prepare("SELECT leaf_hash FROM audit_log WHERE seq < ?1 ORDER BY seq")
-        .map_err(q)?
-        .query_map([n], |r| r.get::<_, Vec<u8>>(0))
-        .map_err(q)?
-        .map(|h| {
-            let h = h.map_err(q)?;
-            <[u8; 32]>::try_from(h.as_slice())
-                .map_err(|_| Error::Store(StoreError::Corrupt("audit leaf hash length".into())))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let leaves = store
+        .audit_leaf_hashes(n)
+        .collect::<Result<Vec<_>, StoreError>>()?;
     if leaves.len() as u64 != checkpoint.tree_size {
         return Err(Error::Store(StoreError::Corrupt(format!(
             "the latest checkpoint covers {} entries, the log holds {}",
@@ -772,21 +741,14 @@ pub fn export_audit(
         ))));
     }
     let tree = MerkleTree::from_leaf_hashes(leaves);
-    let seq_at = |time: Option<i64>, default: i64| -> Result<u64, Error> {
-        let seq: i64 = match time {
-            None => default,
-            Some(t) => conn
-                .query_row(
-                    "SELECT COALESCE(MIN(seq), ?2) FROM audit_log WHERE time_ms >= ?1 AND seq < ?2",
-                    rusqlite::params![t, n],
-                    |r| r.get(0),
-                )
-                .map_err(q)?,
-        };
-        Ok(u64::try_from(seq).unwrap_or(0))
+    let seq_at = |time: Option<u64>, default: u64| -> Result<u64, Error> {
+        match time {
+            None => Ok(default),
+            Some(t) => Ok(store.audit_seq_from_time(t, n)?),
+        }
     };
-    let first = seq_at(ms(from_ms), 0)?;
-    let end = seq_at(ms(to_ms), n)?.max(first);
+    let first = seq_at(from_ms, 0)?;
+    let end = seq_at(to_ms, n)?.max(first);
     let range = ExportRange {
         from_ms,
         to_ms,
@@ -796,13 +758,7 @@ pub fn export_audit(
     // A witness whose stored entry cannot be exported is left out (the
     // verifier reports the range's completeness as unproven).
     let entry_at = |seq: u64| -> Result<Option<AuditEntry>, Error> {
-        let bytes: Vec<u8> = conn
-            .query_row(
-                "SELECT entry FROM audit_log WHERE seq = ?1",
-                [i64::try_from(seq).unwrap_or(i64::MAX)],
-                |r| r.get(0),
-            )
-            .map_err(q)?;
+        let bytes = store.audit_entry(seq)?;
         Ok(AuditEntry::from_json(&bytes)
             .ok()
             .filter(|e| e.to_canonical_json() == bytes))
@@ -814,35 +770,19 @@ pub fn export_audit(
             None => writer.witness_unavailable(),
         }
     }
-    {
-        let mut stmt = conn
-            .prepare("SELECT seq, entry FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")
-            .map_err(q)?;
-        let mut rows = stmt
-            .query(rusqlite::params![
-                i64::try_from(first).unwrap_or(i64::MAX),
-                i64::try_from(end).unwrap_or(i64::MAX)
-            ])
-            .map_err(q)?;
-        while let Some(row) = rows.next().map_err(q)? {
-            let seq: i64 = row.get(0).map_err(q)?;
-            let bytes: Vec<u8> = row.get(1).map_err(q)?;
-            // An entry that cannot be exported as it is (one written before
-            // entries were checked on append) is exported as its proven
-            // leaf hash: the verifier reports it and goes on.
-            match AuditEntry::from_json(&bytes) {
-                Ok(e) if e.to_canonical_json() == bytes => writer.entry(&e)?,
-                Ok(_) => writer.unreadable(
-                    u64::try_from(seq).unwrap_or(u64::MAX),
-                    &bytes,
-                    "the stored entry is not in canonical form",
-                )?,
-                Err(e) => writer.unreadable(
-                    u64::try_from(seq).unwrap_or(u64::MAX),
-                    &bytes,
-                    &e.to_string(),
-                )?,
+    for row in store.audit_entries(Some(first), Some(end)) {
+        let row = row?;
+        let seq = u64::try_from(row.seq).unwrap_or(u64::MAX);
+        let bytes = row.entry;
+        // An entry that cannot be exported as it is (one written before
+        // entries were checked on append) is exported as its proven
+        // leaf hash: the verifier reports it and goes on.
+        match AuditEntry::from_json(&bytes) {
+            Ok(e) if e.to_canonical_json() == bytes => writer.entry(&e)?,
+            Ok(_) => {
+                writer.unreadable(seq, &bytes, "the stored entry is not in canonical form")?;
             }
+            Err(e) => writer.unreadable(seq, &bytes, &e.to_string())?,
         }
     }
     if to_ms.is_some() && end < checkpoint.tree_size {
@@ -851,25 +791,8 @@ pub fn export_audit(
             None => writer.witness_unavailable(),
         }
     }
-    let mut earlier = conn
-        .prepare(
-            "SELECT signed FROM (SELECT tree_size, signed FROM audit_checkpoints \
-             WHERE tree_size < ?1 AND time_ms >= ?2 AND time_ms < ?3 \
-             ORDER BY tree_size DESC LIMIT ?4) ORDER BY tree_size",
-        )
-        .map_err(q)?
-        .query_map(
-            rusqlite::params![
-                n,
-                ms(from_ms).unwrap_or(0),
-                ms(to_ms).unwrap_or(i64::MAX),
-                i64::try_from(MAX_EXPORTED_CHECKPOINTS).unwrap_or(i64::MAX)
-            ],
-            |r| r.get::<_, Vec<u8>>(0),
-        )
-        .map_err(q)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(q)?
+    let mut earlier = store
+        .checkpoints_dated(n, from_ms, to_ms, MAX_EXPORTED_CHECKPOINTS)?
         .iter()
         .map(|b| SignedCheckpoint::from_bytes(b))
         .collect::<Result<Vec<_>, _>>()?;
@@ -905,15 +828,12 @@ pub fn export_audit(
         writer.earlier_checkpoint(signed)?;
     }
     writer.finish()?;
-    let total: i64 = conn
-        .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
-        .map_err(q)?;
-    conn.execute_batch("COMMIT").map_err(q)?;
+    let total = store.audit_len()?.unwrap_or(0);
     Ok(ExportSummary {
         checkpoint: checkpoint.clone(),
         first,
         end,
         earlier_checkpoints: earlier.len(),
-        not_yet_checkpointed: u64::try_from(total - n).unwrap_or(0),
+        not_yet_checkpointed: total.saturating_sub(n),
     })
 }

@@ -42,12 +42,18 @@ use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
 use exchange_core::receipt::SignedReceipt;
 use exchange_core::suite::{Hasher, sha256};
 use exchange_core::trust::TrustStore;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use crate::clock::{from_unix_ms, unix_ms};
 use crate::config::Config;
 use crate::error::{Error, StoreError};
-use crate::store::sqlite::{MIGRATIONS, create_private, io_err, sync_dir, valid_blob_name};
-use crate::{from_unix_ms, unix_ms};
+use crate::store::sqlite::{
+    BackupSource, create_private, io_err, open_restored, supported_schema_version, sync_dir,
+    valid_blob_name,
+};
+use crate::store::{
+    RawAuditEntry, RawCheckpoint, RawMessage, RawProvision, RawReceipt, ReadOnlyStore, RowCounts,
+    SchemaNeed,
+};
 
 const DB_FILE: &str = "store.sqlite3";
 const BLOBS_DIR: &str = "blobs";
@@ -60,7 +66,7 @@ const MAX_MANIFEST: u64 = 256 << 20;
 /// What a store (or a backup of one) holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreCounts {
-    /// `PRAGMA user_version` of the database.
+    /// The store's schema version.
     pub schema_version: u32,
     /// Stored envelopes.
     pub messages: u64,
@@ -78,6 +84,23 @@ pub struct StoreCounts {
     pub audit_entries: Option<u64>,
     /// Provision records, when the store has them (schema 2 on).
     pub provisions: Option<u64>,
+}
+
+impl From<RowCounts> for StoreCounts {
+    /// The rows' counts; the blob bytes and the key file are the caller's.
+    fn from(c: RowCounts) -> Self {
+        Self {
+            schema_version: c.schema_version,
+            messages: c.messages,
+            receipts: c.receipts,
+            deliveries: c.deliveries,
+            blobs: c.blobs,
+            blob_bytes: 0,
+            pseudonym_key: false,
+            audit_entries: c.audit_entries,
+            provisions: c.provisions,
+        }
+    }
 }
 
 impl fmt::Display for StoreCounts {
@@ -148,26 +171,20 @@ pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupSummary, Error> {
     if out.symlink_metadata().is_ok() {
         return Err(StoreError::Exists(out.to_owned()).into());
     }
-    let source = open_db_read_only(data_dir)?;
+    let source = BackupSource::open(data_dir)?;
     let out_dir = dir_of(out);
     let work = TempPath::new_dir(&out_dir, "exchange-backup")?;
     let snapshot = work.path.join(DB_FILE);
-    let snapshot_str = snapshot
-        .to_str()
-        .ok_or_else(|| StoreError::Invalid(format!("{} is not valid UTF-8", snapshot.display())))?;
-    source
-        .execute("VACUUM INTO ?1", [snapshot_str])
-        .map_err(StoreError::from)?;
-    drop(source);
-
-    let snap = Connection::open_with_flags(
-        &snapshot,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(StoreError::from)?;
-    let blobs_dir = data_dir.join(BLOBS_DIR);
-    let blob_rows = blob_rows(&snap)?;
-    let mut counts = count_rows(&snap)?;
+    let snap = source.copy_into(&snapshot)?;
+    let blob_rows = snap
+        .named_blobs()?
+        .into_iter()
+        .map(|b| {
+            let path = snap.blob_path(&b.name);
+            (b.message, b.name, path)
+        })
+        .collect::<Vec<_>>();
+    let mut counts = StoreCounts::from(snap.counts()?);
     drop(snap);
     let key = data_dir.join(PSEUDONYM_KEY);
     counts.pseudonym_key = key.is_file();
@@ -177,16 +194,11 @@ pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupSummary, Error> {
     let mut builder = tar::Builder::new(BufWriter::new(file));
     let mut members = Vec::new();
     members.push(append_file(&mut builder, DB_FILE, &snapshot, &tmp.path)?);
-    for (id, name) in &blob_rows {
-        let path = blobs_dir.join(name);
+    for (id, name, path) in blob_rows {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::BlobMissing {
-                    message: id.clone(),
-                    path,
-                }
-                .into());
+                return Err(StoreError::BlobMissing { message: id, path }.into());
             }
             Err(e) => return Err(io_err("open", &path, e).into()),
         };
@@ -239,26 +251,6 @@ pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupSummary, Error> {
         archive_bytes,
         counts,
     })
-}
-
-/// (message id, blob name) of every row with a blob file, checked names only.
-fn blob_rows(conn: &Connection) -> Result<Vec<(String, String)>, StoreError> {
-    conn.prepare("SELECT id, blob FROM messages WHERE blob IS NOT NULL ORDER BY blob")?
-        .query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
-        })?
-        .map(|row| {
-            let (id, name) = row?;
-            let id = id_string(&id);
-            if !valid_blob_name(&name) {
-                return Err(StoreError::Corrupt(format!(
-                    "message {id}: bad blob name {:?}",
-                    name.escape_debug().to_string()
-                )));
-            }
-            Ok((id, name))
-        })
-        .collect()
 }
 
 fn member_header(size: u64) -> tar::Header {
@@ -438,20 +430,12 @@ pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, Error>
     }
 
     // The database itself: intact, a schema we know, blobs as its rows say.
-    let db = work.path.join(DB_FILE);
     let counts = {
-        let conn = Connection::open_with_flags(
-            &db,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(StoreError::from)?;
-        let check: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(|e| bad(DB_FILE, format!("not a readable database: {e}")))?;
-        if check != "ok" {
-            return Err(bad(DB_FILE, format!("integrity check: {check}")).into());
-        }
-        let mut counts = count_rows(&conn).map_err(|e| bad(DB_FILE, e.to_string()))?;
+        let db = open_restored(&work.path)?.map_err(|problem| bad(DB_FILE, problem))?;
+        let mut counts = db
+            .counts()
+            .map(StoreCounts::from)
+            .map_err(|e| bad(DB_FILE, e.to_string()))?;
         counts.pseudonym_key = extracted.contains_key(PSEUDONYM_KEY);
         counts.blob_bytes = extracted
             .values()
@@ -465,10 +449,11 @@ pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, Error>
             )
             .into());
         }
-        let named: BTreeSet<String> = blob_rows(&conn)
+        let named: BTreeSet<String> = db
+            .named_blobs()
             .map_err(|e| bad(DB_FILE, e.to_string()))?
             .into_iter()
-            .map(|(_, n)| format!("{BLOBS_DIR}/{n}"))
+            .map(|b| format!("{BLOBS_DIR}/{}", b.name))
             .collect();
         for name in &named {
             if !extracted.contains_key(name) {
@@ -483,10 +468,10 @@ pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, Error>
         }
         counts
     };
-    if counts.schema_version > supported_version() {
+    if counts.schema_version > supported_schema_version() {
         return Err(StoreError::SchemaTooNew {
             found: counts.schema_version,
-            supported: supported_version(),
+            supported: supported_schema_version(),
         }
         .into());
     }
@@ -791,43 +776,23 @@ pub fn config_trust(config: &Config) -> Result<TrustStore, Error> {
 /// It does not stop at the first failure: the report lists each one.
 /// `Err` only when the store cannot be read at all.
 pub fn verify_store(data_dir: &Path, trust: &TrustStore) -> Result<VerifyStoreReport, Error> {
-    let conn = open_db_read_only(data_dir)?;
-    let blobs_dir = data_dir.join(BLOBS_DIR);
+    // Every read until `end_snapshot` sees one snapshot, taken at the
+    // first read (after the kept checkpoint below is read).
+    let mut store = crate::store::open_read_only(data_dir, SchemaNeed::AnyKnown)?;
     let mut report = VerifyStoreReport::default();
     // Read before the snapshot: a running daemon replaces the file only
     // after the checkpoint it holds is committed.
     let kept = crate::accountability::read_kept_checkpoint(data_dir)?;
-    // One read transaction: every query sees the same snapshot.
-    conn.execute_batch("BEGIN").map_err(StoreError::from)?;
-    let named = scrub(&conn, &blobs_dir, trust, kept.as_deref(), &mut report)?;
-    conn.execute_batch("COMMIT").map_err(StoreError::from)?;
+    let named = scrub(store.as_ref(), trust, kept.as_deref(), &mut report)?;
+    store.end_snapshot()?;
 
     // Blob files no row of the snapshot names. One linked just before its
     // row committed (after the snapshot) is not an orphan: look again.
-    let mut files = Vec::new();
-    match fs::read_dir(&blobs_dir) {
-        Ok(entries) => {
-            for entry in entries {
-                let entry = entry.map_err(|e| io_err("read directory", &blobs_dir, e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !named.contains(&name) {
-                    files.push(name);
-                }
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("read directory", &blobs_dir, e).into()),
-    }
+    let mut files = store.blob_files()?;
+    files.retain(|name| !named.contains(name));
     files.sort();
-    let mut named_now = conn
-        .prepare("SELECT 1 FROM messages WHERE blob = ?1")
-        .map_err(StoreError::from)?;
     for name in files {
-        let now: Option<i64> = named_now
-            .query_row([&name], |r| r.get(0))
-            .optional()
-            .map_err(StoreError::from)?;
-        if now.is_none() {
+        if !store.is_blob_named(&name)? {
             report.orphan_blobs.push(name);
         }
     }
@@ -836,39 +801,25 @@ pub fn verify_store(data_dir: &Path, trust: &TrustStore) -> Result<VerifyStoreRe
 
 /// The checks inside the read transaction; returns the blob names rows use.
 fn scrub(
-    conn: &Connection,
-    blobs_dir: &Path,
+    store: &dyn ReadOnlyStore,
     trust: &TrustStore,
     kept: Option<&[u8]>,
     report: &mut VerifyStoreReport,
 ) -> Result<BTreeSet<String>, StoreError> {
-    report.schema_version = schema_version(conn)?;
+    report.schema_version = store.schema_version()?;
     let mut named = BTreeSet::new();
-    // From schema 6 on, `id` is the row's local key and `wire_id` the
-    // message id its envelope carries; before, they were one.
-    let wire_id = if report.schema_version >= 6 {
-        "wire_id"
-    } else {
-        "id"
-    };
-    let mut messages = conn.prepare(&format!(
-        "SELECT id, header_sha256, head, blob, ciphertext_len, received_ms, our_receipt, \
-         {wire_id} FROM messages ORDER BY received_ms, id"
-    ))?;
-    let mut inline = conn.prepare("SELECT ciphertext FROM messages WHERE id = ?1")?;
-    let mut receipts = conn
-        .prepare("SELECT seq, digest, signed FROM receipts WHERE message_id = ?1 ORDER BY seq")?;
-    let mut rows = messages.query([])?;
-    while let Some(row) = rows.next()? {
+    for row in store.messages() {
+        let RawMessage {
+            key: id_bytes,
+            message_id: wire_bytes,
+            header_sha256,
+            head: head_bytes,
+            blob,
+            ciphertext_len,
+            received_ms,
+            our_receipt,
+        } = row?;
         report.messages += 1;
-        let id_bytes: Vec<u8> = row.get(0)?;
-        let header_sha256: Vec<u8> = row.get(1)?;
-        let head_bytes: Vec<u8> = row.get(2)?;
-        let blob: Option<String> = row.get(3)?;
-        let ciphertext_len: i64 = row.get(4)?;
-        let received_ms: i64 = row.get(5)?;
-        let our_receipt: Option<Vec<u8>> = row.get(6)?;
-        let wire_bytes: Vec<u8> = row.get(7)?;
         let Ok(id) = MessageId::from_slice(&wire_bytes) else {
             report.fail(
                 None,
@@ -918,7 +869,7 @@ fn scrub(
                 if !valid_blob_name(&name) {
                     report.fail(Some(id), what, "not a valid blob name");
                 } else {
-                    let path = blobs_dir.join(&name);
+                    let path = store.blob_path(&name);
                     named.insert(name);
                     match File::open(&path) {
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -939,7 +890,7 @@ fn scrub(
                 }
             }
             None => {
-                let bytes: Option<Vec<u8>> = inline.query_row([&id_bytes], |r| r.get(0))?;
+                let bytes = store.inline_ciphertext(&id_bytes)?;
                 match (bytes, &head) {
                     (None, _) => report.fail(
                         Some(id),
@@ -967,12 +918,13 @@ fn scrub(
                 Err(e) => report.fail(Some(id), "our receipt (issued on accepting it)", e),
             }
         }
-        let mut kept = receipts.query([&id_bytes])?;
-        while let Some(r) = kept.next()? {
+        for RawReceipt {
+            seq,
+            digest,
+            signed,
+        } in store.receipts_of(&id_bytes)?
+        {
             report.receipts += 1;
-            let seq: i64 = r.get(0)?;
-            let digest: Vec<u8> = r.get(1)?;
-            let signed: Vec<u8> = r.get(2)?;
             let what = format!("receipt #{seq}");
             if sha256(&signed).as_slice() != digest.as_slice() {
                 report.fail(
@@ -988,17 +940,9 @@ fn scrub(
             }
         }
     }
-    drop(rows);
 
     // Receipts whose message is not stored.
-    let orphans = conn
-        .prepare(
-            "SELECT seq, message_id FROM receipts \
-             WHERE message_id NOT IN (SELECT id FROM messages) ORDER BY seq",
-        )?
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (seq, message) in orphans {
+    for (seq, message) in store.orphan_receipts()? {
         report.receipts += 1;
         report.fail(
             MessageId::from_slice(&message).ok(),
@@ -1007,14 +951,10 @@ fn scrub(
         );
     }
 
-    verify_provisions(conn, trust, report)?;
+    verify_provisions(store, trust, report)?;
 
-    report.audit_entries = if table_exists(conn, "audit_log")? {
-        Some(count(conn, "SELECT count(*) FROM audit_log")?)
-    } else {
-        None
-    };
-    report.failures.extend(verify_audit_log(conn, trust, kept));
+    report.audit_entries = store.audit_len()?;
+    report.failures.extend(verify_audit_log(store, trust, kept));
     Ok(named)
 }
 
@@ -1043,36 +983,21 @@ fn check_receipt(
 
 /// Every provision record's receipt (schema 2 on; absent tables are skipped).
 fn verify_provisions(
-    conn: &Connection,
+    store: &dyn ReadOnlyStore,
     trust: &TrustStore,
     report: &mut VerifyStoreReport,
 ) -> Result<(), StoreError> {
-    if !table_exists(conn, "provisions")? {
+    let Some(rows) = store.provision_evidence()? else {
         return Ok(());
-    }
-    let mut n = 0;
-    let mut head_of = conn.prepare("SELECT head, received_ms FROM messages WHERE id = ?1")?;
-    // From schema 6 on, `message_id` is the message's local key and
-    // `wire_id` (NULL in older records: the key) its message id.
-    let wire_id = if schema_version(conn)? >= 6 {
-        "COALESCE(wire_id, message_id)"
-    } else {
-        "message_id"
     };
-    let rows = conn
-        .prepare(&format!(
-            "SELECT id, message_id, receipt, {wire_id} FROM provisions ORDER BY id"
-        ))?
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Option<Vec<u8>>>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (pid, message, receipt, wire) in rows {
+    let mut n = 0;
+    for row in rows {
+        let RawProvision {
+            id: pid,
+            message_key: message,
+            message_id: wire,
+            receipt,
+        } = row?;
         n += 1;
         let id = MessageId::from_slice(&wire).ok();
         let what = format!("provision record {pid}: receipt");
@@ -1096,10 +1021,7 @@ fn verify_provisions(
             continue;
         }
         // Tied to the head while the message is stored (it may be purged).
-        let stored: Option<(Vec<u8>, i64)> = head_of
-            .query_row([&message], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        if let Some((head, received_ms)) = stored {
+        if let Some((head, received_ms)) = store.message_head(&message)? {
             match verify_head(&head, received_ms, trust) {
                 Ok(h) => {
                     if let Err(e) = verified.check_for(&h) {
@@ -1136,12 +1058,12 @@ fn verify_provisions(
 /// Returns no failure when the audit tables are absent (schema 1 stores).
 /// A database error is reported as a failure too.
 pub fn verify_audit_log(
-    conn: &Connection,
+    store: &dyn ReadOnlyStore,
     trust: &TrustStore,
     kept: Option<&[u8]>,
 ) -> Vec<Failure> {
     let mut failures = Vec::new();
-    if let Err(e) = audit_checks(conn, trust, kept, &mut failures) {
+    if let Err(e) = audit_checks(store, trust, kept, &mut failures) {
         failures.push(Failure {
             message: None,
             what: "audit log".into(),
@@ -1151,18 +1073,15 @@ pub fn verify_audit_log(
     failures
 }
 
-/// An `audit_checkpoints` row: tree size, root, signed form, frontier.
-type CheckpointRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
-
 fn audit_checks(
-    conn: &Connection,
+    store: &dyn ReadOnlyStore,
     trust: &TrustStore,
     kept: Option<&[u8]>,
     failures: &mut Vec<Failure>,
 ) -> Result<(), StoreError> {
     use exchange_core::audit::{AuditEntry, Frontier};
 
-    if !table_exists(conn, "audit_log")? {
+    if store.audit_len()?.is_none() {
         return Ok(());
     }
     let mut fail = |what: String, error: String| {
@@ -1172,16 +1091,7 @@ fn audit_checks(
             error,
         });
     };
-    let checkpoints: Vec<CheckpointRow> = if table_exists(conn, "audit_checkpoints")? {
-        conn.prepare(
-            "SELECT tree_size, root, signed, frontier FROM audit_checkpoints \
-                 ORDER BY tree_size",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<Result<_, _>>()?
-    } else {
-        Vec::new()
-    };
+    let checkpoints = store.checkpoints()?;
     // The copy outside the database: checked like a row, at its size.
     let kept_what = format!(
         "audit checkpoint kept in {}",
@@ -1194,7 +1104,7 @@ fn audit_checks(
         {
             Err(e) => fail(kept_what.clone(), format!("signature: {e}")),
             Ok(cp) => {
-                let stored_max = checkpoints.last().map_or(0, |c| c.0);
+                let stored_max = checkpoints.last().map_or(0, |c| c.tree_size);
                 if i64::try_from(cp.tree_size).unwrap_or(i64::MAX) > stored_max {
                     fail(
                         kept_what.clone(),
@@ -1218,12 +1128,12 @@ fn audit_checks(
     }
     let mut pending = checkpoints.into_iter().peekable();
     let mut frontier = Frontier::new();
-    let mut stmt = conn.prepare("SELECT seq, entry, leaf_hash FROM audit_log ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        let seq: i64 = row.get(0)?;
-        let entry: Vec<u8> = row.get(1)?;
-        let stored: Vec<u8> = row.get(2)?;
+    for row in store.audit_entries(None, None) {
+        let RawAuditEntry {
+            seq,
+            entry,
+            leaf_hash: stored,
+        } = row?;
         let what = format!("audit entry {seq}");
         if u64::try_from(seq).ok() != Some(frontier.size()) {
             fail(
@@ -1262,11 +1172,17 @@ fn audit_checks(
                 );
             }
         }
-        while let Some((size, _, _, _)) = pending.peek() {
-            if u64::try_from(*size).ok() != Some(frontier.size()) {
+        while let Some(next) = pending.peek() {
+            if u64::try_from(next.tree_size).ok() != Some(frontier.size()) {
                 break;
             }
-            if let Some((size, root, signed, stored_frontier)) = pending.next() {
+            if let Some(RawCheckpoint {
+                tree_size: size,
+                root,
+                signed,
+                frontier: stored_frontier,
+            }) = pending.next()
+            {
                 check_checkpoint(size, &root, &signed, frontier.root(), trust, &mut fail);
                 if stored_frontier != frontier.to_bytes() {
                     fail(
@@ -1284,7 +1200,10 @@ fn audit_checks(
             format!("covers {size} entries, the log holds {}", frontier.size()),
         );
     }
-    for (size, _, _, _) in pending {
+    for RawCheckpoint {
+        tree_size: size, ..
+    } in pending
+    {
         fail(
             format!("audit checkpoint at {size}"),
             format!("covers {size} entries, the log holds {}", frontier.size()),
@@ -1328,66 +1247,6 @@ fn check_checkpoint(
 
 // ---------------------------------------------------------------------------
 // Shared helpers.
-
-/// The newest schema version this build knows.
-fn supported_version() -> u32 {
-    u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
-}
-
-/// Opens the store database read-only without the store lock (older
-/// schemas accepted: their missing tables are skipped).
-fn open_db_read_only(data_dir: &Path) -> Result<Connection, StoreError> {
-    crate::store::sqlite::open_read_only_any_version(data_dir).map(|(conn, _)| conn)
-}
-
-fn schema_version(conn: &Connection) -> Result<u32, StoreError> {
-    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("schema version {v}")))
-}
-
-fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [name],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
-}
-
-fn count(conn: &Connection, sql: &str) -> Result<u64, StoreError> {
-    let n: i64 = conn.query_row(sql, [], |r| r.get(0))?;
-    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative count from {sql}")))
-}
-
-/// Row counts of a database (blob bytes and the key file are the caller's).
-fn count_rows(conn: &Connection) -> Result<StoreCounts, StoreError> {
-    Ok(StoreCounts {
-        schema_version: schema_version(conn)?,
-        messages: count(conn, "SELECT count(*) FROM messages")?,
-        receipts: count(conn, "SELECT count(*) FROM receipts")?,
-        deliveries: count(conn, "SELECT count(*) FROM deliveries")?,
-        blobs: count(conn, "SELECT count(*) FROM messages WHERE blob IS NOT NULL")?,
-        blob_bytes: 0,
-        pseudonym_key: false,
-        audit_entries: if table_exists(conn, "audit_log")? {
-            Some(count(conn, "SELECT count(*) FROM audit_log")?)
-        } else {
-            None
-        },
-        provisions: if table_exists(conn, "provisions")? {
-            Some(count(conn, "SELECT count(*) FROM provisions")?)
-        } else {
-            None
-        },
-    })
-}
-
-/// The message id of a row, as it is shown (or hex when it is not 16 bytes).
-fn id_string(b: &[u8]) -> String {
-    MessageId::from_slice(b).map_or_else(|_| hex::encode(b), |id| id.to_string())
-}
 
 fn dir_of(path: &Path) -> PathBuf {
     match path.parent() {

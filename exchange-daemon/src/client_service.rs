@@ -21,9 +21,10 @@ use tonic::{Request, Response, Status, Streaming};
 use exchange_core::audit::{AuditAction, AuditOutcome};
 
 use crate::accountability::client_actor;
+use crate::clock::{from_unix_ms, unix_ms};
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::node::{Node, first_hops, from_unix_ms, next_message, position, receive_error, unix_ms};
+use crate::node::{Node, first_hops, next_message, position, receive_error};
 use crate::peer::peer_of;
 use crate::proto::client_server::Client;
 use crate::proto::{

@@ -18,8 +18,9 @@ use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Status};
 
 use crate::accountability::{self, peer_actor};
+use crate::clock::{from_unix_ms, unix_ms};
 use crate::error::{Error, MAX_STATUS_MESSAGE, RECEIPT_METADATA, StoreError, status_reason};
-use crate::node::{Node, from_unix_ms, position, unix_ms};
+use crate::node::{Node, position};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
 use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt, Store};

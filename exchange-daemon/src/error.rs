@@ -218,9 +218,15 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// SQLite reported an error.
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The database backend reported an error (a failed statement, a
+    /// violated constraint, a busy or unreadable database).
+    #[error("{backend}: {detail}")]
+    Backend {
+        /// Which backend (`sqlite`).
+        backend: &'static str,
+        /// What it reported, in its own words.
+        detail: String,
+    },
     /// A file operation failed.
     #[error("{op} {path}: {source}")]
     Io {

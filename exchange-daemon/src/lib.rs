@@ -29,6 +29,7 @@ pub mod accountability;
 pub mod admin;
 pub mod client;
 pub mod client_service;
+mod clock;
 pub mod config;
 mod delivery;
 pub mod error;
@@ -40,7 +41,8 @@ mod sink;
 pub mod store;
 pub mod tls;
 
+pub use clock::{from_unix_ms, unix_ms};
 pub use config::Config;
 pub use error::{Error, StoreError};
-pub use node::{Node, free_disk_bytes, from_unix_ms, unix_ms};
+pub use node::{Node, free_disk_bytes};
 pub use server::Daemon;

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use exchange_core::PartyUri;
 use exchange_core::envelope::{EnvelopeHead, VerifiedHead};
@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
 
+use crate::clock::{from_unix_ms, unix_ms};
 use crate::config::{ClientConfig, Config};
 use crate::error::Error;
 use crate::store::{MessageKey, MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
@@ -28,11 +29,6 @@ use crate::tls::{self, SharedTrust, TlsIdentity};
 
 /// How long receipts keep travelling upstream after the envelope expired (ms).
 pub(crate) const RECEIPT_GRACE_MS: u64 = 7 * 86_400_000;
-
-/// Unix milliseconds.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
-}
 
 /// The next message of a request stream; an error if the stream fails or
 /// sends nothing for `progress` (a stalled sender holds nothing longer).
@@ -71,11 +67,6 @@ pub(crate) fn receive_error(status: &tonic::Status, what: &'static str, limit: u
 pub fn free_disk_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(path)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// From Unix milliseconds.
-pub fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// A peer directory entry, loaded.

@@ -20,8 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::accountability::{self, certificate_name, peer_actor};
+use crate::clock::unix_ms;
 use crate::error::{Error, RECEIPT_METADATA};
-use crate::node::{Node, Position, next_message, position, receive_error, unix_ms};
+use crate::node::{Node, Position, next_message, position, receive_error};
 use crate::proto::deliver_request::Part;
 use crate::proto::peer_server::Peer;
 use crate::proto::{

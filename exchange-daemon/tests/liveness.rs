@@ -81,7 +81,10 @@ async fn a_peer_that_never_answers_does_not_hold_delivery_to_the_others() {
     }
     // Let the stuck peer take every call it is offered.
     let share = exchange_daemon::config::DeliveryConfig::default().per_peer_concurrency;
-    assert!(share < 50, "the test must queue more than the per-hop share");
+    assert!(
+        share < 50,
+        "the test must queue more than the per-hop share"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while calls.load(Ordering::SeqCst) < share && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -781,3 +781,226 @@ pub trait Store: Send + Sync + 'static {
         suspended: AuditEntry,
     ) -> StoreFuture<'_, PurgeSummary>;
 }
+
+/// Which schema versions [`open_read_only`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaNeed {
+    /// Only the schema this build writes (reports and exports read tables
+    /// an older one lacks): an older store is refused until a daemon has
+    /// started on it once and migrated it.
+    Current,
+    /// Any version this build knows (backup, verify-store: what an older
+    /// schema lacks is skipped). A newer one is refused all the same.
+    AnyKnown,
+}
+
+/// Opens the store in `data_dir` read-only, without taking its lock: for
+/// the offline tools (audit export, provision reports, verify-store,
+/// backup) that run beside a live daemon and never block its writes.
+/// Refuses a directory without a store and a schema this build does not
+/// know (see [`SchemaNeed`]).
+pub fn open_read_only(
+    data_dir: &std::path::Path,
+    schema: SchemaNeed,
+) -> Result<Box<dyn ReadOnlyStore>, StoreError> {
+    Ok(Box::new(sqlite::SqliteSnapshot::open(data_dir, schema)?))
+}
+
+/// Rows of a walk over a [`ReadOnlyStore`], read in bounded pages: memory
+/// stays constant however many rows there are. A walk stops after its
+/// first error.
+pub type Rows<'a, T> = Box<dyn Iterator<Item = Result<T, StoreError>> + 'a>;
+
+/// A read-only view of a store for the offline tools: what the audit
+/// export, the provision report, verify-store and backup read. Every read
+/// sees one consistent state (one read transaction) until
+/// [`end_snapshot`](Self::end_snapshot): the state as of the first read
+/// after the open (what a caller reads elsewhere before that is older).
+///
+/// The `Raw…` rows are the values as stored, unchecked: verify-store
+/// reports what is wrong with them instead of failing on the first one.
+pub trait ReadOnlyStore {
+    /// The store's schema version.
+    fn schema_version(&self) -> Result<u32, StoreError>;
+
+    /// Ends the consistent view: every later read sees the store as it is
+    /// at that moment (to look again at what changed since).
+    fn end_snapshot(&mut self) -> Result<(), StoreError>;
+
+    /// How many rows the store holds.
+    fn counts(&self) -> Result<RowCounts, StoreError>;
+
+    /// The path of a blob file a message row names.
+    fn blob_path(&self, name: &str) -> std::path::PathBuf;
+
+    /// Every message whose ciphertext is a blob file, by blob name; an
+    /// invalid name is [`StoreError::Corrupt`].
+    fn named_blobs(&self) -> Result<Vec<NamedBlob>, StoreError>;
+
+    /// The names of the files in the blob directory (none if it is
+    /// missing), whether or not a row names them.
+    fn blob_files(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Whether a message row names the blob file `name`.
+    fn is_blob_named(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Every message row, by received time then key.
+    fn messages(&self) -> Rows<'_, RawMessage>;
+
+    /// The inline ciphertext of the message with key `key` (`None`: its
+    /// ciphertext is a blob file). An error if there is no such row.
+    fn inline_ciphertext(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The receipts kept for the message with key `key`, in the order
+    /// received.
+    fn receipts_of(&self, key: &[u8]) -> Result<Vec<RawReceipt>, StoreError>;
+
+    /// The receipts whose message is not stored: `(seq, message key)`.
+    fn orphan_receipts(&self) -> Result<Vec<(i64, Vec<u8>)>, StoreError>;
+
+    /// The head and received time of the message with key `key`, if stored.
+    fn message_head(&self, key: &[u8]) -> Result<Option<(Vec<u8>, i64)>, StoreError>;
+
+    /// Every provision record's evidence by record id; `None` if the
+    /// schema has no provision records.
+    fn provision_evidence(&self) -> Result<Option<Rows<'_, RawProvision>>, StoreError>;
+
+    /// Provision records naming `subject`, oldest first (see
+    /// [`Store::provisions`]).
+    fn provisions_for(&self, subject: &Pseudonym) -> Result<Vec<ProvisionRecord>, StoreError>;
+
+    /// Audit log entries; `None` if the schema has no audit log.
+    fn audit_len(&self) -> Result<Option<u64>, StoreError>;
+
+    /// The audit log rows with `from <= seq < to`, in `seq` order. Without
+    /// `from`, every row before `to`, even one with a negative `seq` (which
+    /// only a damaged store holds); without `to`, every row from `from`.
+    fn audit_entries(&self, from: Option<u64>, to: Option<u64>) -> Rows<'_, RawAuditEntry>;
+
+    /// The stored leaf hashes of the audit log rows before `to`, in `seq`
+    /// order; one that is not 32 bytes is [`StoreError::Corrupt`].
+    fn audit_leaf_hashes(&self, to: u64) -> Rows<'_, [u8; 32]>;
+
+    /// The stored entry bytes of audit log row `seq`; an error if there is
+    /// no such row.
+    fn audit_entry(&self, seq: u64) -> Result<Vec<u8>, StoreError>;
+
+    /// The first `seq` before `to` of an entry dated at or after `time_ms`;
+    /// `to` if there is none.
+    fn audit_seq_from_time(&self, time_ms: u64, to: u64) -> Result<u64, StoreError>;
+
+    /// The signed form of the latest checkpoint, if any.
+    fn latest_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The signed forms of the (at most `newest`, the largest ones)
+    /// checkpoints covering fewer than `below` entries and signed in
+    /// `[from_ms, to_ms)` (unbounded where `None`), by tree size.
+    fn checkpoints_dated(
+        &self,
+        below: u64,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+        newest: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// Every stored checkpoint, by tree size (none if the schema has no
+    /// checkpoints).
+    fn checkpoints(&self) -> Result<Vec<RawCheckpoint>, StoreError>;
+}
+
+/// Row counts of a store (see [`ReadOnlyStore::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    /// The schema version.
+    pub schema_version: u32,
+    /// Stored envelopes.
+    pub messages: u64,
+    /// Stored receipts.
+    pub receipts: u64,
+    /// Deliveries in the work queue (any state).
+    pub deliveries: u64,
+    /// Envelopes whose ciphertext is a blob file.
+    pub blobs: u64,
+    /// Audit log entries (`None`: the schema has no audit log).
+    pub audit_entries: Option<u64>,
+    /// Provision records (`None`: the schema has none).
+    pub provisions: Option<u64>,
+}
+
+/// A message whose ciphertext is a blob file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedBlob {
+    /// The message's key, shown as a message id (hex if it is not 16 bytes).
+    pub message: String,
+    /// The blob file's name (checked: only `0-9a-f-`).
+    pub name: String,
+}
+
+/// A message row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawMessage {
+    /// Its local key.
+    pub key: Vec<u8>,
+    /// The message id its envelope carries.
+    pub message_id: Vec<u8>,
+    /// The header SHA-256 column.
+    pub header_sha256: Vec<u8>,
+    /// The envelope head, network form.
+    pub head: Vec<u8>,
+    /// The blob file holding its ciphertext (`None`: inline).
+    pub blob: Option<String>,
+    /// The ciphertext length column.
+    pub ciphertext_len: i64,
+    /// When it was accepted (Unix ms).
+    pub received_ms: i64,
+    /// The receipt we issued on accepting it.
+    pub our_receipt: Option<Vec<u8>>,
+}
+
+/// A kept receipt as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawReceipt {
+    /// Its insertion number.
+    pub seq: i64,
+    /// The stored SHA-256 of its bytes.
+    pub digest: Vec<u8>,
+    /// The signed receipt bytes.
+    pub signed: Vec<u8>,
+}
+
+/// A provision record's evidence as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawProvision {
+    /// The record's id.
+    pub id: i64,
+    /// Its message's local key.
+    pub message_key: Vec<u8>,
+    /// The message id of its message.
+    pub message_id: Vec<u8>,
+    /// The receipt kept as evidence.
+    pub receipt: Option<Vec<u8>>,
+}
+
+/// An audit log row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawAuditEntry {
+    /// Its leaf index.
+    pub seq: i64,
+    /// The entry's bytes (canonical JSON: the Merkle leaf).
+    pub entry: Vec<u8>,
+    /// The stored leaf hash.
+    pub leaf_hash: Vec<u8>,
+}
+
+/// A checkpoint row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawCheckpoint {
+    /// Entries covered.
+    pub tree_size: i64,
+    /// Root hash.
+    pub root: Vec<u8>,
+    /// `SignedCheckpoint::to_bytes()`.
+    pub signed: Vec<u8>,
+    /// The compact frontier at `tree_size`.
+    pub frontier: Vec<u8>,
+}

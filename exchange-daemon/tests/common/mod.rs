@@ -564,7 +564,8 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// What a party's store directory holds, read from the documented on-disk
-/// format (store/sqlite.rs module docs) with a read-only connection.
+/// format (store/sqlite/mod.rs and schema.rs module docs) with a read-only
+/// connection.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoreCounts {
     pub messages: u64,

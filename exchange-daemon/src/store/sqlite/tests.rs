@@ -7,7 +7,13 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::fs;
+
+use exchange_core::suite::sha256;
+use tokio::sync::oneshot;
+
 use super::*;
+use crate::store::{DeliveryKind, DeliveryState, NewDelivery};
 
 fn key(id: MessageId) -> MessageKey {
     MessageKey::of_id(id)
@@ -1050,7 +1056,13 @@ async fn a_failing_operation_loses_only_itself() {
         partial.await.unwrap(),
         Err(StoreError::Invalid(_))
     ));
-    assert!(matches!(fk.await.unwrap(), Err(StoreError::Sqlite(_))));
+    // SQLite's own words, under the backend's name.
+    match fk.await.unwrap() {
+        Err(e @ StoreError::Backend { .. }) => {
+            assert_eq!(e.to_string(), "sqlite: FOREIGN KEY constraint failed");
+        }
+        other => panic!("expected a backend error, got {other:?}"),
+    }
     assert!(matches!(
         missing.await.unwrap(),
         Err(StoreError::NotFound(_))
@@ -1362,4 +1374,88 @@ async fn renewed_claims_are_not_taken() {
         store.claim_due("c", 2_001, 3_000, 10).await.unwrap().len(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_snapshot_walks_every_row_across_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let page = usize::try_from(snapshot::PAGE).unwrap();
+    let entries = 2 * page + 7;
+    let entry = |n: usize| AuditEntry {
+        seq: 0,
+        time_ms: 0,
+        party: "urn:test:us".into(),
+        actor: "admin".into(),
+        action: exchange_core::audit::AuditAction::Receipt,
+        message_id: None,
+        subjects: Vec::new(),
+        outcome: exchange_core::audit::AuditOutcome::Ok,
+        reason: None,
+        detail: Some(format!("entry {n}")),
+        subject_set: None,
+    };
+    store
+        .append_audit(None, (0..entries).map(entry).collect())
+        .await
+        .unwrap();
+    // More messages than a page, several per received time (the walk's
+    // position is the time and the key).
+    let messages = u32::try_from(page + 3).unwrap();
+    let accepts: Vec<_> = (0..messages)
+        .map(|n| {
+            let s = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut e = inline(mid(n), MessageKind::Inbound);
+                e.received_ms = 2_000 + u64::from(n % 5);
+                s.accept(e).await
+            })
+        })
+        .collect();
+    for a in accepts {
+        assert_eq!(a.await.unwrap().unwrap(), Accepted::Stored);
+    }
+
+    let snap = crate::store::open_read_only(dir.path(), crate::store::SchemaNeed::Current).unwrap();
+    let all: Vec<i64> = snap
+        .audit_entries(None, None)
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(
+        all,
+        (0..i64::try_from(entries).unwrap()).collect::<Vec<_>>()
+    );
+    let some: Vec<i64> = snap
+        .audit_entries(Some(500), Some(1030))
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(some, (500..1030).collect::<Vec<_>>());
+    let rows: Vec<_> = snap
+        .audit_entries(None, Some(u64::try_from(entries - 1).unwrap()))
+        .map(Result::unwrap)
+        .collect();
+    let hashes: Vec<[u8; 32]> = snap
+        .audit_leaf_hashes(u64::try_from(entries - 1).unwrap())
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(hashes.len(), entries - 1);
+    for (row, hash) in rows.iter().zip(&hashes) {
+        assert_eq!(row.leaf_hash.as_slice(), hash.as_slice());
+        assert_eq!(*hash, exchange_core::suite::merkle_leaf_hash(&row.entry));
+    }
+    assert_eq!(
+        snap.audit_len().unwrap(),
+        Some(u64::try_from(entries).unwrap())
+    );
+
+    let walked: Vec<(i64, Vec<u8>)> = snap
+        .messages()
+        .map(|m| {
+            let m = m.unwrap();
+            (m.received_ms, m.key)
+        })
+        .collect();
+    assert_eq!(walked.len(), usize::try_from(messages).unwrap());
+    assert!(walked.windows(2).all(|w| w[0] < w[1]), "not in order");
+    assert_eq!(snap.counts().unwrap().messages, u64::from(messages));
 }
