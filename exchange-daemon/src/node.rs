@@ -167,14 +167,31 @@ pub struct Node {
 /// and bytes; when full, new heads are not kept (the ones held are the
 /// oldest, the next to be delivered) and their attempts verify as before.
 struct SealedHeads {
-    heads: Mutex<HashMap<[u8; 32], SealedHead>>,
+    held: Mutex<Held>,
     /// Most heads held.
     max: usize,
+    /// Most bytes of heads held.
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct Held {
+    heads: HashMap<[u8; 32], SealedHead>,
+    /// The sum of the held heads' lengths.
+    bytes: usize,
+}
+
+impl Held {
+    fn remove(&mut self, header_sha256: &[u8; 32]) {
+        if let Some(s) = self.heads.remove(header_sha256) {
+            self.bytes -= s.head.head().as_bytes().len();
+        }
+    }
 }
 
 impl Default for SealedHeads {
     fn default() -> Self {
-        Self::with_room(SEALED_HEADS)
+        Self::with_room(SEALED_HEADS, SEALED_HEAD_BYTES)
     }
 }
 
@@ -194,35 +211,40 @@ const SEALED_HEAD_BYTES: usize = 16 << 20;
 const SEALED_HEAD_AGE: Duration = Duration::from_secs(600);
 
 impl SealedHeads {
-    fn with_room(max: usize) -> Self {
+    fn with_room(max: usize, max_bytes: usize) -> Self {
         Self {
-            heads: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
             max,
+            max_bytes,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], SealedHead>> {
-        self.heads
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn keep(&self, trust: Arc<TrustStore>, head: VerifiedHead, uses: usize) {
-        let mut heads = self.lock();
-        let bytes = |h: &HashMap<[u8; 32], SealedHead>| {
-            h.values()
-                .map(|s| s.head.head().as_bytes().len())
-                .sum::<usize>()
-        };
+        let mut held = self.lock();
         let size = head.head().as_bytes().len();
-        if heads.len() >= self.max || bytes(&heads) + size > SEALED_HEAD_BYTES {
-            heads.retain(|_, s| s.kept.elapsed() < SEALED_HEAD_AGE);
-            if heads.len() >= self.max || bytes(&heads) + size > SEALED_HEAD_BYTES {
+        let full = |h: &Held| h.heads.len() >= self.max || h.bytes + size > self.max_bytes;
+        if full(&held) {
+            held.heads.retain(|_, s| s.kept.elapsed() < SEALED_HEAD_AGE);
+            held.bytes = held
+                .heads
+                .values()
+                .map(|s| s.head.head().as_bytes().len())
+                .sum();
+            if full(&held) {
                 return;
             }
         }
-        heads.insert(
-            head.head().header_sha256(),
+        let key = head.head().header_sha256();
+        held.remove(&key);
+        held.bytes += size;
+        held.heads.insert(
+            key,
             SealedHead {
                 trust,
                 head,
@@ -240,13 +262,13 @@ impl SealedHeads {
         head: &[u8],
         trust: &Arc<TrustStore>,
     ) -> Option<VerifiedHead> {
-        let mut heads = self.lock();
-        let sealed = heads.get_mut(header_sha256)?;
+        let mut held = self.lock();
+        let sealed = held.heads.get_mut(header_sha256)?;
         let found = (Arc::ptr_eq(&sealed.trust, trust) && sealed.head.head().as_bytes() == head)
             .then(|| sealed.head.clone());
         sealed.uses = sealed.uses.saturating_sub(1);
         if sealed.uses == 0 || found.is_none() {
-            heads.remove(header_sha256);
+            held.remove(header_sha256);
         }
         found
     }
@@ -761,7 +783,7 @@ mod tests {
         assert!(take(&cache, &heads[0], &trust));
         assert!(take(&cache, &heads[0], &trust));
         assert!(!take(&cache, &heads[0], &trust), "kept for two hops only");
-        assert!(cache.lock().is_empty());
+        assert!(cache.lock().heads.is_empty() && cache.lock().bytes == 0);
     }
 
     #[test]
@@ -792,19 +814,34 @@ mod tests {
                 .take(&heads[0].head().header_sha256(), &other, &trust)
                 .is_none()
         );
-        assert!(cache.lock().is_empty());
+        assert!(cache.lock().heads.is_empty() && cache.lock().bytes == 0);
     }
 
     #[test]
     fn when_full_new_heads_are_not_kept_and_the_held_ones_stay() {
         let (trust, heads, _) = sealed_heads(3);
-        let cache = SealedHeads::with_room(2);
+        let cache = SealedHeads::with_room(2, SEALED_HEAD_BYTES);
         for h in &heads {
             cache.keep(trust.clone(), h.clone(), 1);
         }
-        assert_eq!(cache.lock().len(), 2);
+        assert_eq!(cache.lock().heads.len(), 2);
         assert!(take(&cache, &heads[0], &trust));
         assert!(take(&cache, &heads[1], &trust));
         assert!(!take(&cache, &heads[2], &trust), "kept past its room");
+
+        // The same in bytes: room for two heads' bytes holds two (signature
+        // encodings differ in length by a few bytes, hence the slack).
+        let two = heads[0].head().as_bytes().len() + heads[1].head().as_bytes().len();
+        let cache = SealedHeads::with_room(SEALED_HEADS, two + 8);
+        for h in &heads {
+            cache.keep(trust.clone(), h.clone(), 1);
+        }
+        assert_eq!(cache.lock().heads.len(), 2);
+        assert_eq!(cache.lock().bytes, two);
+        assert!(!take(&cache, &heads[2], &trust), "kept past its bytes");
+        // Taken heads free their bytes for new ones.
+        assert!(take(&cache, &heads[0], &trust));
+        cache.keep(trust.clone(), heads[2].clone(), 1);
+        assert!(take(&cache, &heads[2], &trust));
     }
 }

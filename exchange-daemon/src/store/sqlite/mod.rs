@@ -511,6 +511,10 @@ impl Store for SqliteStore {
                 // (target, next_attempt_ms, id) index: the cost of a claim
                 // grows with the number of targets and of items taken, not
                 // with the backlog.
+                let busy: HashMap<String, usize> = busy
+                    .into_iter()
+                    .map(|(t, n)| (t.as_str().to_owned(), n))
+                    .collect();
                 let mut next_target = conn.prepare_cached(NEXT_PENDING_TARGET)?;
                 let mut due_of = conn.prepare_cached(&due_for_target_sql())?;
                 let mut queues = Vec::new();
@@ -519,10 +523,7 @@ impl Store for SqliteStore {
                     .query_row(params![after], |r| r.get::<_, String>(0))
                     .optional()?
                 {
-                    let running = busy
-                        .iter()
-                        .find(|(t, _)| t.as_str() == target)
-                        .map_or(0, |(_, n)| *n);
+                    let running = busy.get(target.as_str()).copied().unwrap_or(0);
                     let room = per_target.saturating_sub(running).min(limit);
                     if room > 0 {
                         let room = i64::try_from(room).unwrap_or(i64::MAX);
