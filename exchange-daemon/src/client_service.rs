@@ -313,6 +313,7 @@ impl Node {
         let mut total = 0u64;
         let mut out = Vec::with_capacity(SLICE + 1024);
         let progress = self.config.limits.progress_timeout();
+        let mut plaintext = 0u64;
         while let Some(msg) = next_message(
             &mut stream,
             progress,
@@ -324,6 +325,7 @@ impl Node {
             let Some(send_request::Part::Chunk(data)) = msg.part else {
                 return Err(Error::Protocol("a second SendStart".into()));
             };
+            plaintext += data.len() as u64;
             request.update(&data);
             sealer.update(&data, &mut out);
             total += out.len() as u64;
@@ -337,6 +339,14 @@ impl Node {
                 ))
                 .await?;
             }
+        }
+        // A client cut off mid-request can look like one that finished: a
+        // declared length is held to, so a partial record is never sealed.
+        if start.size_hint != 0 && plaintext != start.size_hint {
+            return Err(Error::SizeMismatch {
+                declared: start.size_hint,
+                received: plaintext,
+            });
         }
         let head = sealer.finish(&mut out);
         total += out.len() as u64;

@@ -159,6 +159,15 @@ pub enum Error {
     /// A Send reused an idempotency key for a different request.
     #[error("idempotency key {0:?} was used for a different request")]
     IdempotencyConflict(String),
+    /// A Send's plaintext ended at another length than its SendStart
+    /// declared: a stream cut short must not be taken for a whole one.
+    #[error("the request declared {declared} plaintext bytes and {received} arrived")]
+    SizeMismatch {
+        /// `size_hint` of the SendStart.
+        declared: u64,
+        /// Plaintext bytes that arrived before the stream ended.
+        received: u64,
+    },
     /// A ListInbox page token that this daemon did not issue.
     #[error("page_token is not a token from a previous ListInbox response")]
     BadPageToken,
@@ -325,6 +334,7 @@ impl Error {
             Self::PeerInternal { .. } => "peer-internal",
             Self::RoleMismatch { .. } => "role-mismatch",
             Self::IdempotencyConflict(_) => "idempotency-conflict",
+            Self::SizeMismatch { .. } => "size-mismatch",
             Self::BadPageToken => "bad-page-token",
             Self::Stalled { .. } => "stalled",
             Self::NotFetched(_) => "not-fetched",
@@ -368,9 +378,11 @@ impl Error {
             | Self::UnknownClient(_) => Code::PermissionDenied,
             Self::Core(exchange_core::Error::Expired { .. }) => Code::FailedPrecondition,
             Self::Core(exchange_core::Error::Io(_)) => Code::Internal,
-            Self::Core(_) | Self::BadRequest(_) | Self::Protocol(_) | Self::NotOnRoute => {
-                Code::InvalidArgument
-            }
+            Self::Core(_)
+            | Self::BadRequest(_)
+            | Self::Protocol(_)
+            | Self::NotOnRoute
+            | Self::SizeMismatch { .. } => Code::InvalidArgument,
             Self::Forbidden(_) | Self::RoleMismatch { .. } => Code::PermissionDenied,
             Self::TooLarge { .. } | Self::DiskReserve { .. } | Self::TooManyReceipts { .. } => {
                 Code::ResourceExhausted

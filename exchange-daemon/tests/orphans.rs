@@ -167,6 +167,7 @@ async fn a_send_reset_while_its_blob_is_adopted_leaves_no_orphan_and_a_retry_sto
     let requests = |i: u32| {
         let mut start = referral_start(&[&hospital], &[], "treatment");
         start.idempotency_key = format!("reset-{i}");
+        start.size_hint = LARGE as u64;
         let mut payload = vec![0u8; LARGE];
         payload[..4].copy_from_slice(&i.to_be_bytes());
         let mut msgs = vec![SendRequest {
@@ -215,5 +216,51 @@ async fn a_send_reset_while_its_blob_is_adopted_leaves_no_orphan_and_a_retry_sto
     assert_eq!(stored, u64::from(TRIALS));
     assert_no_orphans(&clinic).await;
     assert_eq!(files(&clinic, "blobs").len(), TRIALS as usize);
+    c.shutdown().await;
+}
+
+/// A stream cut off by the transport can end like a finished one; a Send
+/// that declared its length and ended at another is refused, stores nothing
+/// and leaves no spool file, on both sides of the declared length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_ends_at_another_length_than_it_declared_stores_nothing() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:local:clinic:emr");
+    net.configure(&clinic, &[&hospital], &[&emr], INLINE_LIMIT);
+    let c = start(&clinic).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let outbound = || -> u64 {
+        open(&clinic)
+            .query_row(
+                "SELECT count(*) FROM messages WHERE kind = 'outbound'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let large = LARGE as u64;
+    for (declared, sent) in [(large, 0), (large, LARGE - 1), (large, LARGE + 1), (10, 9)] {
+        let mut start = referral_start(&[&hospital], &[], "treatment");
+        start.size_hint = declared;
+        let err = send(&mut app, start, &vec![7u8; sent]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            exchange_daemon::error::status_reason(&err),
+            Some("size-mismatch"),
+            "{err:?}"
+        );
+        assert_eq!(outbound(), 0, "declared {declared}, sent {sent}");
+        assert_no_orphans(&clinic).await;
+    }
+    // The declared length sent whole is stored, inline and as a blob.
+    for len in [10, LARGE] {
+        let mut start = referral_start(&[&hospital], &[], "treatment");
+        start.size_hint = len as u64;
+        send(&mut app, start, &vec![7u8; len]).await.unwrap();
+    }
+    assert_eq!(outbound(), 2);
+    assert_no_orphans(&clinic).await;
     c.shutdown().await;
 }
