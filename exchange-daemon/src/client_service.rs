@@ -7,11 +7,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use exchange_core::envelope::{InnerMetadata, SealerBuilder, SubjectId};
+use exchange_core::envelope::{InnerMetadata, SubjectId};
 use exchange_core::receipt::Disposition;
-use exchange_core::route::{Hop, HopRole, Provision};
+use exchange_core::route::{HopRole, Provision};
 use exchange_core::{MessageId, PartyUri};
 use futures_util::Stream;
 use tokio::sync::mpsc;
@@ -21,23 +21,19 @@ use tonic::{Request, Response, Status, Streaming};
 use exchange_core::audit::{AuditAction, AuditOutcome};
 
 use crate::accountability::client_actor;
-use crate::clock::{from_unix_ms, unix_ms};
+use crate::clock::unix_ms;
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::node::{Node, first_hops, next_message, position, receive_error};
-use crate::peer::peer_of;
+use crate::node::Node;
+use crate::node::send::{HopState, OutboundState, OutboundStatus, ReceiptStatus, SendOrder, Sent};
 use crate::proto::client_server::Client;
 use crate::proto::{
     self, AckRequest, AckResponse, FetchHeader, FetchRequest, FetchResponse, HopDeliveryState,
-    HopState, InboxItem, ListInboxRequest, ListInboxResponse, MessageState, MessageStatus,
-    ProvisionState, RecipientProvision, SendRequest, SendResponse, StatusRequest,
-    SubjectIdentifier, fetch_response, send_request,
+    InboxItem, ListInboxRequest, ListInboxResponse, MessageState, MessageStatus, ProvisionState,
+    SendRequest, SendResponse, StatusRequest, SubjectIdentifier, fetch_response, send_request,
 };
-use crate::sink::Sink;
-use crate::store::{
-    Accepted, DeliveryKind, DeliveryState, MessageKey, MessageKind, MessageRecord, NewDelivery,
-    NewEnvelope, SendKey, SendKeyRecord,
-};
+use crate::rpc::{Body, peer_of, receive_error};
+use crate::store::{MessageKey, MessageRecord};
 
 /// Plaintext slice per streamed message.
 const SLICE: usize = 256 * 1024;
@@ -129,157 +125,33 @@ fn sender_of(s: &str) -> Result<Option<PartyUri>, Error> {
         .map_err(|e| Error::BadRequest(format!("sender: {e}")))
 }
 
-/// Longest idempotency key a client may give.
-const MAX_IDEMPOTENCY_KEY: usize = 128;
-
-/// A Send's idempotency key, if it gave one: 1 to 128 printable ASCII
-/// characters.
-fn idempotency_key(key: &str) -> Result<Option<String>, Error> {
-    if key.is_empty() {
-        return Ok(None);
-    }
-    if key.len() > MAX_IDEMPOTENCY_KEY || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::BadRequest(format!(
-            "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
-        )));
-    }
-    Ok(Some(key.to_owned()))
-}
-
-/// The digest a Send's idempotency key is bound to: every parameter of its
-/// `SendStart` but the key itself and the (untrusted) size hint, then the
-/// plaintext, absorbed as it streams in.
-fn request_digest(start: &proto::SendStart) -> exchange_core::suite::Hasher {
-    use prost::Message as _;
-    let params = proto::SendStart {
-        idempotency_key: String::new(),
-        size_hint: 0,
-        ..start.clone()
-    }
-    .encode_to_vec();
-    let mut h = exchange_core::suite::Hasher::new();
-    h.update(b"exchange/v1 send request\0");
-    h.update(&(params.len() as u64).to_be_bytes());
-    h.update(&params);
-    h
-}
-
 fn refuse(client: &ClientConfig, what: &str, e: Error) -> Status {
     tracing::warn!(client = %client.name, reason = e.reason_code(), "{what} refused: {}", e.bounded());
     e.into()
 }
 
-impl Node {
-    /// Seals what a local client streams and stores it for delivery.
-    async fn send(
-        &self,
-        client: &ClientConfig,
-        start: proto::SendStart,
-        mut stream: Streaming<SendRequest>,
-    ) -> Result<SendResponse, Error> {
-        // To the millisecond, as the arrival time is stored: the head is
-        // verified below at the time a delivery attempt would verify it.
-        let now = from_unix_ms(unix_ms(SystemTime::now()));
-        if !client.may_send_for(&start.purpose) {
-            return Err(Error::Forbidden(format!(
-                "client {} may not send for purpose {:?}",
-                client.name, start.purpose
-            )));
-        }
-        let key = idempotency_key(&start.idempotency_key)?;
-        let mut request = request_digest(&start);
-        if let Some(key) = &key
-            && let Some(prior) = self
-                .store
-                .send_key(client.party.clone(), key.clone())
-                .await?
-        {
-            // A repeat: read what it asks for, store nothing.
-            let progress = self.config.limits.progress_timeout();
-            while let Some(msg) = next_message(
-                &mut stream,
-                progress,
-                "plaintext",
-                self.config.limits.max_message_bytes,
-            )
-            .await?
-            {
-                let Some(send_request::Part::Chunk(data)) = msg.part else {
-                    return Err(Error::Protocol("a second SendStart".into()));
-                };
-                request.update(&data);
-            }
-            return self.repeat(client, key, &prior, request.finish()).await;
-        }
-        if start.recipients.is_empty() {
-            return Err(Error::BadRequest("no recipient".into()));
-        }
-        if start.content_type.is_empty() {
-            return Err(Error::BadRequest("no content type".into()));
-        }
-        let mut builder = SealerBuilder::new(&self.identity, start.content_type.clone());
-        for r in &start.recipients {
-            let party = PartyUri::new(r.clone())?;
-            if !client.may_send_to(&party) {
-                return Err(Error::Forbidden(format!(
-                    "client {} may not send to {party}",
-                    client.name
-                )));
-            }
-            let cert = self
-                .peers
-                .get(&party)
-                .and_then(|p| p.encryption.as_ref())
-                .ok_or_else(|| {
-                    Error::UnknownPeer(format!("{party} (no encryption certificate configured)"))
-                })?;
-            let key = self.trust().verify_encryption_chain(cert, now)?;
-            if key.party() != &party {
-                return Err(Error::Config(format!(
-                    "the encryption certificate configured for {party} names {}",
-                    key.party()
-                )));
-            }
-            let asked = start
-                .entrusted_recipients
-                .contains(r)
-                .then_some(HopRole::Entrusted);
-            builder = builder.recipient(key, self.contracted_role(&party, asked)?);
-        }
-        if let Some(stray) = start
-            .entrusted_recipients
-            .iter()
-            .find(|e| !start.recipients.contains(e))
-        {
-            return Err(Error::BadRequest(format!(
-                "entrusted recipient {stray} is not a recipient"
-            )));
-        }
-        for relay in &start.relays {
-            let (party, asked) = Node::parse_relay(relay)?;
-            if !client.may_send_to(&party) {
-                return Err(Error::Forbidden(format!(
-                    "client {} may not send through {party}",
-                    client.name
-                )));
-            }
-            let role = self.contracted_role(&party, asked)?;
-            builder = builder.relay(Hop { party, role });
-        }
-        let lifetime = if start.lifetime_seconds > 0 {
-            start.lifetime_seconds
-        } else {
-            self.config.delivery.default_lifetime_seconds
-        };
-        let max = self.config.delivery.max_lifetime_seconds;
-        if lifetime > max {
-            return Err(Error::LifetimeTooLong {
-                seconds: lifetime,
-                max,
-            });
-        }
-        builder = builder.lifetime(Duration::from_secs(lifetime));
-        let metadata = InnerMetadata {
+/// A Send's first message as what the node takes: the parameters, with
+/// their encoding (but for the key and the size hint) that an idempotency
+/// key is bound to.
+fn send_order(start: proto::SendStart) -> SendOrder {
+    use prost::Message as _;
+    let bound_params = proto::SendStart {
+        idempotency_key: String::new(),
+        size_hint: 0,
+        ..start.clone()
+    }
+    .encode_to_vec();
+    SendOrder {
+        idempotency_key: start.idempotency_key,
+        bound_params,
+        size_hint: start.size_hint,
+        recipients: start.recipients,
+        entrusted_recipients: start.entrusted_recipients,
+        relays: start.relays,
+        content_type: start.content_type,
+        purpose: start.purpose,
+        lifetime_seconds: start.lifetime_seconds,
+        metadata: InnerMetadata {
             subject_ids: start
                 .subject_ids
                 .into_iter()
@@ -291,433 +163,104 @@ impl Node {
             title: start.title,
             document_type: start.document_type,
             file_name: start.file_name,
-        };
-        let meta = self.meta(&metadata);
-        let recipients = start.recipients.clone();
-        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-        let mut sealer = builder
-            .purpose(start.purpose.clone())
-            .metadata(metadata)
-            .start(now, &mut rng)?;
-        let id = sealer.message_id();
-
-        // Nothing new is taken while the disk is below its reserve (a
-        // repeat of an earlier Send, above, stores nothing and is answered).
-        self.check_disk_reserve(0)?;
-        let limit = self.config.limits.max_envelope_bytes;
-        let mut sink = Sink::new(
-            self.store.clone(),
-            0,
-            self.config.limits.inline_ciphertext_bytes,
-        )?;
-        let mut total = 0u64;
-        let mut out = Vec::with_capacity(SLICE + 1024);
-        let progress = self.config.limits.progress_timeout();
-        let mut plaintext = 0u64;
-        while let Some(msg) = next_message(
-            &mut stream,
-            progress,
-            "plaintext",
-            self.config.limits.max_message_bytes,
-        )
-        .await?
-        {
-            let Some(send_request::Part::Chunk(data)) = msg.part else {
-                return Err(Error::Protocol("a second SendStart".into()));
-            };
-            plaintext += data.len() as u64;
-            request.update(&data);
-            sealer.update(&data, &mut out);
-            total += out.len() as u64;
-            if total > limit {
-                return Err(Error::TooLarge { len: total, limit });
-            }
-            if !out.is_empty() {
-                sink.write(std::mem::replace(
-                    &mut out,
-                    Vec::with_capacity(SLICE + 1024),
-                ))
-                .await?;
-            }
-        }
-        // A client cut off mid-request can look like one that finished: a
-        // declared length is held to, so a partial record is never sealed.
-        if start.size_hint != 0 && plaintext != start.size_hint {
-            return Err(Error::SizeMismatch {
-                declared: start.size_hint,
-                received: plaintext,
-            });
-        }
-        let head = sealer.finish(&mut out);
-        total += out.len() as u64;
-        if total > limit {
-            return Err(Error::TooLarge { len: total, limit });
-        }
-        sink.write(out).await?;
-        let ciphertext = sink.finish().await?;
-        // What this Send wrote is counted as used by now.
-        self.check_disk_reserve(0)?;
-        // Our own head must pass what every hop will check (a revoked or
-        // expired identity fails here, not at each peer).
-        let trust = self.trust();
-        let verified = head.verify(&trust, now)?;
-        let header = verified.header();
-        let hops = first_hops(&verified);
-        let first_hop_count = hops.len();
-        for hop in &hops {
-            if self
-                .peers
-                .get(hop)
-                .and_then(|p| p.address.as_ref())
-                .is_none()
-            {
-                return Err(Error::UnknownPeer(hop.to_string()));
-            }
-        }
-        let request_sha256 = request.finish();
-        let send_key = key.as_ref().map(|key| SendKey {
-            client: client.party.clone(),
-            key: key.clone(),
-            request_sha256,
-        });
-        let accepted = self
-            .store
-            .accept(NewEnvelope {
-                id,
-                header_sha256: head.header_sha256(),
-                kind: MessageKind::Outbound,
-                head: head.as_bytes().to_vec(),
-                ciphertext,
-                ciphertext_len: total,
-                sender: self.party.clone(),
-                upstream: None,
-                // Ownership by certificate URI (unique in the configuration), not by name.
-                local_client: Some(client.party.clone()),
-                content_type: header.content_type.clone(),
-                purpose: header.purpose.clone(),
-                created_ms: unix_ms(header.created),
-                expires_ms: unix_ms(header.expires),
-                received_ms: unix_ms(now),
-                our_receipt: None,
-                awaited: header.recipients.iter().map(|r| r.party.clone()).collect(),
-                meta: Some(meta),
-                provision: None,
-                audit: vec![self.entry(
-                    &client_actor(&client.party),
-                    AuditAction::Send,
-                    Some(id),
-                    AuditOutcome::Ok,
-                    None,
-                    Some(format!(
-                        "to {} for {:?}, {total} ciphertext bytes",
-                        recipients.join(", "),
-                        header.purpose
-                    )),
-                )],
-                deliveries: hops
-                    .into_iter()
-                    .map(|target| NewDelivery {
-                        target,
-                        kind: DeliveryKind::Envelope,
-                        expires_ms: unix_ms(header.expires),
-                    })
-                    .collect(),
-                send_key,
-            })
-            .await;
-        let accepted = match (accepted, &key) {
-            (Ok(a), _) => a,
-            // The same key committed by a concurrent repeat in the meantime.
-            (Err(e), Some(key)) => match self
-                .store
-                .send_key(client.party.clone(), key.clone())
-                .await?
-            {
-                Some(prior) => return self.repeat(client, key, &prior, request_sha256).await,
-                None => return Err(e.into()),
-            },
-            (Err(e), None) => return Err(e.into()),
-        };
-        if let Accepted::Duplicate(_) | Accepted::Purged(_) = accepted {
-            // A fresh random 128-bit id cannot collide unless the RNG is broken.
-            return Err(Error::Replay(id.to_string()));
-        }
-        tracing::info!(message = %id, client = %client.name, bytes = total, "envelope sealed and stored");
-        self.keep_sealed_head(trust, verified, first_hop_count);
-        self.work.notify_one();
-        crash_point!("client::send-reply");
-        Ok(SendResponse {
-            message_id: id.as_bytes().to_vec(),
-            ciphertext_length: total,
-        })
+        },
     }
+}
 
-    /// The answer to a repeated Send: the original message if the request
-    /// is the same (the repeat is audited), else a conflict.
-    async fn repeat(
-        &self,
-        client: &ClientConfig,
-        key: &str,
-        prior: &SendKeyRecord,
-        request_sha256: [u8; 32],
-    ) -> Result<SendResponse, Error> {
-        if prior.request_sha256 != request_sha256 {
-            return Err(Error::IdempotencyConflict(key.to_owned()));
-        }
-        self.audit(vec![self.entry(
-            &client_actor(&client.party),
-            AuditAction::Send,
-            Some(prior.message_id),
-            AuditOutcome::Ok,
-            None,
-            Some(
-                "a repeat under the same idempotency key: the original message returned, nothing stored"
-                    .into(),
-            ),
-        )])
-        .await?;
-        tracing::info!(message = %prior.message_id, client = %client.name, "repeated send answered with the original message");
-        Ok(SendResponse {
-            message_id: prior.message_id.as_bytes().to_vec(),
-            ciphertext_length: prior.ciphertext_len,
-        })
+/// The plaintext piece a Send's later message carries.
+fn plaintext_piece(msg: SendRequest) -> Result<Vec<u8>, Error> {
+    match msg.part {
+        Some(send_request::Part::Chunk(data)) => Ok(data),
+        _ => Err(Error::Protocol("a second SendStart".into())),
     }
+}
 
-    /// An outbound message `client` sent (we are its sender: the id is unique).
-    async fn own_outbound(
-        &self,
-        client: &ClientConfig,
-        id: MessageId,
-    ) -> Result<MessageRecord, Error> {
-        match self.store.find(self.party.clone(), id).await? {
-            Some(r)
-                if r.kind == MessageKind::Outbound
-                    && r.local_client.as_deref() == Some(client.party.as_str()) =>
-            {
-                Ok(r)
-            }
-            _ => Err(Error::NotFound(id.to_string())),
-        }
+fn send_response(sent: Sent) -> SendResponse {
+    SendResponse {
+        message_id: sent.message_id.as_bytes().to_vec(),
+        ciphertext_length: sent.ciphertext_len,
     }
+}
 
-    /// An inbound message `client` may read: the one `sender` sent under
-    /// `id`, or, without a sender, the only one under `id` that the client
-    /// may read. Two senders' messages may carry one id: then the sender
-    /// must be named; one is never picked silently.
-    async fn readable_inbound(
-        &self,
-        client: &ClientConfig,
-        id: MessageId,
-        sender: Option<PartyUri>,
-    ) -> Result<MessageRecord, Error> {
-        let readable =
-            |r: &MessageRecord| r.kind == MessageKind::Inbound && client.may_read(&r.purpose);
-        let mut found: Vec<MessageRecord> = match sender {
-            Some(sender) => self.store.find(sender, id).await?.into_iter().collect(),
-            None => self.store.messages_by_id(id).await?,
-        };
-        found.retain(readable);
-        match found.len() {
-            0 => Err(Error::NotFound(id.to_string())),
-            1 => Ok(found.remove(0)),
-            n => Err(Error::AmbiguousId {
-                id: id.to_string(),
-                senders: n,
-            }),
-        }
-    }
-
-    /// The status of an outbound message: hops, receipts, provision boundaries.
-    async fn status(&self, record: &MessageRecord) -> Result<MessageStatus, Error> {
-        let head = self.verify_stored(record)?;
-        let deliveries = self.store.deliveries(record.key).await?;
-        // Each receipt was verified when it arrived; a later revocation of
-        // its issuer is shown beside it, not as a failure of the message.
-        let verified = self.stored_receipts(record, &head).await?;
-        let provisions = head.route().provision_boundaries(&verified);
-        let boundary_receipts: Vec<usize> = provisions
-            .iter()
-            .filter_map(|p| match p.provision {
-                Provision::Passed { receipt, .. } => Some(receipt),
-                _ => None,
-            })
-            .collect();
-        let receipts = verified
-            .iter()
-            .enumerate()
-            .map(|(i, r)| proto::Receipt {
-                signed: r.signed().to_bytes(),
-                issuer: r.issuer().to_string(),
-                issuer_name: r
-                    .issuer_certificate()
-                    .common_name()
-                    .unwrap_or_default()
-                    .to_owned(),
-                role: proto_role(r.role()).into(),
-                disposition: proto_disposition(r.disposition()).into(),
-                reason: match r.disposition() {
-                    Disposition::Rejected(reason) => reason.clone(),
-                    _ => String::new(),
-                },
-                issued_ms: unix_ms(r.issued()),
-                provision_boundary: boundary_receipts.contains(&i),
-                issuer_revoked_since: self.issuer_revoked_since(r),
-            })
-            .collect();
-        let hops: Vec<HopState> = deliveries
-            .iter()
-            .filter(|d| d.kind == DeliveryKind::Envelope)
-            .map(|d| HopState {
-                party: d.target.to_string(),
-                state: match d.state {
-                    DeliveryState::Pending => HopDeliveryState::Pending,
-                    DeliveryState::Done => HopDeliveryState::Delivered,
-                    DeliveryState::Failed(_) => HopDeliveryState::Failed,
+/// An outbound message's status as the API's message.
+fn message_status(status: OutboundStatus) -> MessageStatus {
+    let state = match status.state {
+        OutboundState::Pending => MessageState::Pending,
+        OutboundState::Relayed => MessageState::Relayed,
+        OutboundState::Delivered => MessageState::Delivered,
+        OutboundState::Processed => MessageState::Processed,
+        OutboundState::Failed => MessageState::Failed,
+    };
+    MessageStatus {
+        message_id: status.message_id.as_bytes().to_vec(),
+        state: state.into(),
+        created_ms: status.created_ms,
+        expires_ms: status.expires_ms,
+        hops: status
+            .hops
+            .into_iter()
+            .map(|h| proto::HopState {
+                party: h.party.to_string(),
+                state: match h.state {
+                    HopState::Pending => HopDeliveryState::Pending,
+                    HopState::Delivered => HopDeliveryState::Delivered,
+                    HopState::Failed => HopDeliveryState::Failed,
                 }
                 .into(),
-                attempts: d.attempts,
-                last_error: match &d.state {
-                    DeliveryState::Failed(reason) => reason.clone(),
-                    _ => d.last_error.clone().unwrap_or_default(),
-                },
-                next_attempt_ms: d.next_attempt_ms,
+                attempts: h.attempts,
+                last_error: h.last_error,
+                next_attempt_ms: h.next_attempt_ms,
             })
-            .collect();
-        let recipients = head.route().recipients;
-        let has = |party: &PartyUri, d: &[Disposition]| {
-            verified
-                .iter()
-                .any(|r| r.issuer() == party && d.contains(r.disposition()))
-        };
-        // Each hop's latest signed state counts: a REJECTED that a later
-        // custody receipt from the same party supersedes is history.
-        let rejected = verified.iter().any(|r| {
-            matches!(r.disposition(), Disposition::Rejected(_))
-                && !verified.iter().any(|later| {
-                    later.issuer() == r.issuer()
-                        && later.issued() > r.issued()
-                        && !matches!(later.disposition(), Disposition::Rejected(_))
-                })
-        });
-        let state = if rejected || hops.iter().any(|h| h.state() == HopDeliveryState::Failed) {
-            MessageState::Failed
-        } else if recipients
-            .iter()
-            .all(|h| has(&h.party, &[Disposition::Processed]))
-        {
-            MessageState::Processed
-        } else if recipients
-            .iter()
-            .all(|h| has(&h.party, &[Disposition::Delivered, Disposition::Processed]))
-        {
-            MessageState::Delivered
-        } else if !hops.is_empty()
-            && hops
-                .iter()
-                .all(|h| h.state() == HopDeliveryState::Delivered)
-        {
-            MessageState::Relayed
-        } else {
-            MessageState::Pending
-        };
-        Ok(MessageStatus {
-            message_id: record.id.as_bytes().to_vec(),
-            state: state.into(),
-            created_ms: record.created_ms,
-            expires_ms: record.expires_ms,
-            hops,
-            receipts,
-            provisions: provisions
-                .into_iter()
-                .map(|p| {
-                    let (state, boundary, receipt) = match p.provision {
-                        Provision::NotAProvision => {
-                            (ProvisionState::NotAProvision, String::new(), None)
-                        }
-                        Provision::Pending { boundary } => {
-                            (ProvisionState::Pending, boundary.party.to_string(), None)
-                        }
-                        Provision::Passed { boundary, receipt } => (
-                            ProvisionState::Passed,
-                            boundary.party.to_string(),
-                            u32::try_from(receipt).ok(),
-                        ),
-                        Provision::Rejected { boundary, receipt } => (
-                            ProvisionState::Rejected,
-                            boundary.party.to_string(),
-                            u32::try_from(receipt).ok(),
-                        ),
-                    };
-                    RecipientProvision {
-                        recipient: p.recipient.to_string(),
-                        provision: state.into(),
-                        boundary,
-                        receipt,
-                    }
-                })
-                .collect(),
-        })
-    }
-
-    /// Signs and keeps a PROCESSED receipt for an inbox item (idempotent).
-    async fn acknowledge(
-        &self,
-        client: &ClientConfig,
-        record: &MessageRecord,
-    ) -> Result<Vec<u8>, Error> {
-        // PROCESSED says a local application took the content: only after a
-        // fetch delivered all of it, authenticated (an earlier
-        // acknowledgement returns its receipt below).
-        if record.acked_ms.is_none() && record.fetched_ms.is_none() {
-            return Err(Error::NotFetched(record.id.to_string()));
-        }
-        let head = self.verify_stored(record)?;
-        let pos = position(&head, &self.party)?;
-        let now = SystemTime::now();
-        let receipt = self.sign_receipt(&head, pos.role, Disposition::Processed, now);
-        let verified = receipt.verify(&self.trust())?;
-        let actor = client_actor(&client.party);
-        let mut keep = self.keep_receipt(record, &verified, &actor);
-        keep.audit = Some(self.entry(
-            &actor,
-            AuditAction::Ack,
-            Some(record.id),
-            AuditOutcome::Ok,
-            None,
-            Some("PROCESSED receipt signed".into()),
-        ));
-        if self
-            .store
-            .acknowledge(record.key, unix_ms(now), keep)
-            .await?
-        {
-            self.work.notify_one();
-            return Ok(receipt.to_bytes());
-        }
-        // Acknowledged before: return the receipt signed then.
-        self.audit_about(
-            record.key,
-            vec![self.entry(
-                &actor,
-                AuditAction::Ack,
-                Some(record.id),
-                AuditOutcome::Ok,
-                None,
-                Some("acknowledged before: the original PROCESSED receipt returned".into()),
-            )],
-        )
-        .await?;
-        self.store
-            .receipts(record.key)
-            .await?
+            .collect(),
+        receipts: status.receipts.into_iter().map(proto_receipt).collect(),
+        provisions: status
+            .provisions
             .into_iter()
-            .find(|r| r.issuer == self.party && r.disposition == Disposition::Processed.as_str())
-            .map(|r| r.signed)
-            .ok_or_else(|| {
-                Error::Store(crate::error::StoreError::Corrupt(
-                    "acknowledged message without a PROCESSED receipt".into(),
-                ))
+            .map(|p| {
+                let (state, boundary, receipt) = match p.provision {
+                    Provision::NotAProvision => {
+                        (ProvisionState::NotAProvision, String::new(), None)
+                    }
+                    Provision::Pending { boundary } => {
+                        (ProvisionState::Pending, boundary.party.to_string(), None)
+                    }
+                    Provision::Passed { boundary, receipt } => (
+                        ProvisionState::Passed,
+                        boundary.party.to_string(),
+                        u32::try_from(receipt).ok(),
+                    ),
+                    Provision::Rejected { boundary, receipt } => (
+                        ProvisionState::Rejected,
+                        boundary.party.to_string(),
+                        u32::try_from(receipt).ok(),
+                    ),
+                };
+                proto::RecipientProvision {
+                    recipient: p.recipient.to_string(),
+                    provision: state.into(),
+                    boundary,
+                    receipt,
+                }
             })
+            .collect(),
+    }
+}
+
+/// A stored receipt as the API's message.
+fn proto_receipt(r: ReceiptStatus) -> proto::Receipt {
+    proto::Receipt {
+        signed: r.signed,
+        issuer: r.issuer.to_string(),
+        issuer_name: r.issuer_name,
+        role: proto_role(r.role).into(),
+        disposition: proto_disposition(&r.disposition).into(),
+        reason: match r.disposition {
+            Disposition::Rejected(reason) => reason,
+            _ => String::new(),
+        },
+        issued_ms: r.issued_ms,
+        provision_boundary: r.provision_boundary,
+        issuer_revoked_since: r.issuer_revoked_since,
     }
 }
 
@@ -866,8 +409,15 @@ impl Client for ClientService {
                 return Err(self.deny(client, AuditAction::Send, None, e).await);
             }
         };
-        match self.node.send(client, start, stream).await {
-            Ok(r) => Ok(Response::new(r)),
+        let plaintext = Body {
+            stream,
+            progress: self.node.config.limits.progress_timeout(),
+            what: "plaintext",
+            limit,
+            piece: plaintext_piece,
+        };
+        match self.node.send(client, send_order(start), plaintext).await {
+            Ok(sent) => Ok(Response::new(send_response(sent))),
             Err(e) => Err(self.deny(client, AuditAction::Send, None, e).await),
         }
     }
@@ -878,7 +428,7 @@ impl Client for ClientService {
             .outbound_for(client, AuditAction::Status, &req.get_ref().message_id)
             .await?;
         let status = match self.node.status(&record).await {
-            Ok(s) => s,
+            Ok(s) => message_status(s),
             Err(e) => {
                 return Err(self
                     .deny(client, AuditAction::Status, Some(record.id), e)
@@ -915,7 +465,7 @@ impl Client for ClientService {
             let mut last = None;
             loop {
                 let status = match node.status(&record).await {
-                    Ok(s) => s,
+                    Ok(s) => message_status(s),
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;
@@ -1164,11 +714,7 @@ impl Client for ClientService {
             if !matches!(decrypt.await, Ok(true)) {
                 return;
             }
-            if let Err(e) = node
-                .store
-                .mark_fetched(key, unix_ms(SystemTime::now()))
-                .await
-            {
+            if let Err(e) = node.store.mark_fetched(key, unix_ms(node.now())).await {
                 tracing::error!(message = %id, error = %e, "cannot record a completed fetch");
                 let _ = done.send(Err(Error::from(e).into())).await;
             }

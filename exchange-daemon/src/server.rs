@@ -15,12 +15,13 @@ use crate::client_service::ClientService;
 use crate::config::{Config, Profile};
 use crate::error::{Error, StoreError};
 use crate::node::Node;
+use crate::node::{audit, deliver};
 use crate::peer::PeerService;
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
-use crate::{accountability, delivery, proto, tls};
+use crate::{accountability, proto, tls};
 use exchange_core::audit::{AuditAction, AuditOutcome};
 
 /// A running daemon.
@@ -377,9 +378,9 @@ impl Daemon {
             fatal_tx,
             rx.clone(),
         )));
-        tasks.push(tokio::spawn(delivery::run(node.clone(), rx.clone())));
+        tasks.push(tokio::spawn(deliver::run(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(reload_trust(node.clone(), rx.clone())));
-        tasks.push(tokio::spawn(accountability::run(node.clone(), rx)));
+        tasks.push(tokio::spawn(audit::run(node.clone(), rx)));
         node.audit(vec![node.entry(
             accountability::DAEMON,
             AuditAction::Start,

@@ -744,8 +744,9 @@ pub trait Store: Send + Sync + 'static {
     /// How many pending deliveries there are (health, tests, the demo).
     fn pending_count(&self) -> StoreFuture<'_, u64>;
 
-    /// Appends entries to the audit log (their `seq` and `time_ms` are set
-    /// by the store). Empty `subjects` of an entry naming a message are
+    /// Appends entries to the audit log (their `seq` is set by the store;
+    /// their `time_ms`, the caller's time, is raised to the last entry's
+    /// if that is later). Empty `subjects` of an entry naming a message are
     /// filled from the pseudonyms of the message `about` (its key), or, if
     /// `about` is `None`, of the one message stored under the entry's
     /// message id (none if several senders' messages carry that id).

@@ -298,8 +298,8 @@ fn insert_provision(
     Ok(())
 }
 
-/// Appends one audit entry: the next `seq`, a time never before the last
-/// entry's, and the message's pseudonyms if the entry names none: listed
+/// Appends one audit entry: the next `seq`, its time (the caller's clock)
+/// raised to the last entry's if that is later, and the message's pseudonyms if the entry names none: listed
 /// when they are at most [`MAX_INLINE_SUBJECTS`], else by reference (a
 /// [`SubjectSet`], the set itself kept once in `audit_subject_sets`). The
 /// entry must then pass [`AuditEntry::validate`], the rule exports and
@@ -320,8 +320,7 @@ pub(super) fn append_audit(
              COALESCE((SELECT time_ms FROM audit_log ORDER BY seq DESC LIMIT 1), 0) FROM audit_log",
         )?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let now = to_i64(crate::clock::unix_ms(std::time::SystemTime::now()), "now")?;
-    let time_ms = now.max(last_ms);
+    let time_ms = to_i64(entry.time_ms, "audit time")?.max(last_ms);
     entry.seq = to_u64(next, "audit seq")?;
     entry.time_ms = to_u64(time_ms, "audit time")?;
     let key = match (about, entry.message_id.as_deref()) {

@@ -1,6 +1,6 @@
-//! Delivery workers: move stored envelopes to their next hop and receipts
-//! back towards the origin, with exponential backoff and jitter until the
-//! message expires (DESIGN.md §6).
+//! Delivery: the loop and its workers move stored envelopes to their next
+//! hop and receipts back towards the origin, with exponential backoff and
+//! jitter until the message expires (DESIGN.md §6).
 //!
 //! Work is claimed from the store with a lease, so a crashed worker's items
 //! come back; receiving is idempotent by message id, so an item delivered
@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use exchange_core::PartyUri;
 use exchange_core::audit::{AuditAction, AuditOutcome};
@@ -17,10 +17,10 @@ use exchange_core::receipt::Disposition;
 use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Status};
 
+use super::{Node, position};
 use crate::accountability::{self, peer_actor};
-use crate::clock::{from_unix_ms, unix_ms};
+use crate::clock::{Clock, from_unix_ms, unix_ms};
 use crate::error::{Error, MAX_STATUS_MESSAGE, RECEIPT_METADATA, StoreError, status_reason};
-use crate::node::{Node, position};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{DeliverRequest, ReturnReceiptsRequest, deliver_request};
 use crate::store::{AttemptOutcome, DeliveryKind, DeliveryRecord, MessageKind, NewReceipt, Store};
@@ -79,6 +79,7 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         if free > 0 {
             match claim(
                 node.store.as_ref(),
+                node.clock.as_ref(),
                 &owner,
                 lease,
                 free,
@@ -148,6 +149,7 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
 /// loop starts attempts, so nothing starts between the claim and `start`.
 async fn claim(
     store: &dyn Store,
+    clock: &dyn Clock,
     owner: &str,
     lease: Duration,
     free: usize,
@@ -155,7 +157,7 @@ async fn claim(
     in_flight: &Arc<InFlight>,
 ) -> Result<(Vec<(DeliveryRecord, InFlightGuard)>, usize), StoreError> {
     let (running, busy) = in_flight.snapshot();
-    let now = unix_ms(SystemTime::now());
+    let now = unix_ms(clock.now());
     let items = store
         .claim_fair(owner, now, now + unix_ms_of(lease), free, per_peer, busy)
         .await?;
@@ -178,7 +180,7 @@ async fn renew(node: &Node, owner: &str, lease: Duration, in_flight: &InFlight) 
     if running.is_empty() {
         return;
     }
-    let until = unix_ms(SystemTime::now()) + unix_ms_of(lease);
+    let until = unix_ms(node.now()) + unix_ms_of(lease);
     if let Err(e) = node
         .store
         .renew_claims(owner, running.into_iter().collect(), until)
@@ -332,7 +334,7 @@ impl Node {
             DeliveryKind::Receipt(r) => self.return_receipt(&item, r).await.map(|()| Vec::new()),
         };
         crash_point!("delivery::answered");
-        let now = unix_ms(SystemTime::now());
+        let now = unix_ms(self.now());
         let what = match &item.kind {
             DeliveryKind::Envelope => "envelope",
             DeliveryKind::Receipt(_) => "receipt",
@@ -436,7 +438,7 @@ impl Node {
             .map_err(|e| fail(e.into()))?
             .ok_or_else(|| fail(Error::NotFound(item.message_id.to_string())))?;
         let head = self.verify_for_delivery(&record).map_err(fail)?;
-        let now = SystemTime::now();
+        let now = self.now();
         if now > head.header().expires {
             return Err(fail(Error::Core(exchange_core::Error::Expired {
                 at: head.header().expires,
@@ -610,7 +612,7 @@ impl Node {
                 .verify_ignoring_expiry(&trust, from_unix_ms(record.received_ms))?;
             let pos = position(&head, &self.party)?;
             let receipt = self
-                .sign_receipt(&head, pos.role, rejected.clone(), SystemTime::now())
+                .sign_receipt(&head, pos.role, rejected.clone(), self.now())
                 .verify(&trust)?;
             let mut keep = self.keep_receipt(&record, &receipt, accountability::DAEMON);
             let upstream = record
@@ -719,8 +721,10 @@ mod tests {
     /// before the loop looks at what it claimed. It must not start again.
     #[tokio::test]
     async fn an_attempt_ending_during_a_claim_is_not_started_again() {
+        use crate::clock::TestClock;
         use crate::store::sqlite::SqliteStore;
         use crate::store::sqlite::tests::{hold_writer, inline, mid, wait_submitted};
+        use std::time::SystemTime;
 
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
@@ -730,16 +734,25 @@ mod tests {
             .unwrap();
         let registry = Arc::new(InFlight::default());
         let lease = Duration::from_millis(50);
-        let (started, _) = claim(store.as_ref(), "local", lease, 4, 4, &registry)
+        let clock = TestClock::at(SystemTime::now());
+        let (started, _) = claim(store.as_ref(), &clock, "local", lease, 4, 4, &registry)
             .await
             .unwrap();
         let [(item, guard)] = <[_; 1]>::try_from(started).unwrap();
         // The lease lapses while the attempt runs.
-        tokio::time::sleep(lease * 3).await;
+        clock.advance(lease * 3);
 
         let before = store.writer_stats().ops_submitted;
         let (release, blocker) = hold_writer(&store).await;
-        let mut again = std::pin::pin!(claim(store.as_ref(), "local", lease, 4, 4, &registry));
+        let mut again = std::pin::pin!(claim(
+            store.as_ref(),
+            &clock,
+            "local",
+            lease,
+            4,
+            4,
+            &registry
+        ));
         tokio::select! {
             biased;
             _ = &mut again => panic!("the claim finished while the writer was held"),
@@ -764,6 +777,86 @@ mod tests {
             "a delivery already done was started again: {:?}",
             started.iter().map(|(d, _)| d.id).collect::<Vec<_>>()
         );
+        assert!(is_empty(&registry));
+    }
+
+    /// Backoff and expiry are read from the node's clock: a failed attempt
+    /// is due again once the clock passes its backoff, and the attempt
+    /// after the envelope's expiry gives up, without waiting for either.
+    #[tokio::test]
+    async fn a_failed_attempt_is_due_after_its_backoff_and_given_up_once_expired() {
+        use crate::node::fixture::{self, Chunks};
+        use crate::store::DeliveryState;
+
+        let f = fixture::node("[delivery]\ninitial_backoff_ms = 1000\nmax_backoff_ms = 60000\n");
+        let node = &f.node;
+        node.send(
+            &f.client(),
+            fixture::order(Duration::from_secs(3600)),
+            Chunks::of(b"referral"),
+        )
+        .await
+        .unwrap();
+        let registry = Arc::new(InFlight::default());
+        let lease = Duration::from_secs(60);
+        let claim_due = || async {
+            let (started, claimed) = claim(
+                node.store.as_ref(),
+                f.clock.as_ref(),
+                "local",
+                lease,
+                4,
+                4,
+                &registry,
+            )
+            .await
+            .unwrap();
+            assert_eq!(started.len(), claimed);
+            started
+        };
+        let hop = |message| async move {
+            let mut d = node.store.deliveries(message).await.unwrap();
+            assert_eq!(d.len(), 1);
+            d.remove(0)
+        };
+
+        // Nothing listens at the peer's address: the attempt fails, to be
+        // retried after the first backoff (1 s, less 12.5% to plus 12.5%).
+        let [(item, guard)] = <[_; 1]>::try_from(claim_due().await).unwrap();
+        let message = item.message;
+        let t0 = unix_ms(f.clock.now());
+        node.attempt(item).await;
+        drop(guard);
+        let d = hop(message).await;
+        assert_eq!(d.attempts, 1);
+        assert!(matches!(d.state, DeliveryState::Pending), "{:?}", d.state);
+        assert!(
+            (t0 + 875..=t0 + 1125).contains(&d.next_attempt_ms),
+            "next attempt {} ms after the first",
+            d.next_attempt_ms - t0
+        );
+
+        // Not due before its backoff, due after.
+        assert!(claim_due().await.is_empty(), "due at once");
+        f.clock.advance(Duration::from_millis(850));
+        assert!(claim_due().await.is_empty(), "due before its backoff");
+        f.clock.advance(Duration::from_millis(300));
+        let [(item, guard)] = <[_; 1]>::try_from(claim_due().await).unwrap();
+
+        // The clock passes the envelope's expiry: this attempt gives up.
+        f.clock.advance(Duration::from_secs(3600));
+        node.attempt(item).await;
+        drop(guard);
+        let d = hop(message).await;
+        assert_eq!(d.attempts, 2);
+        match &d.state {
+            DeliveryState::Failed(reason) => assert!(
+                reason.starts_with("expired after 1 attempts; last error: "),
+                "{reason}"
+            ),
+            other => panic!("not given up: {other:?}"),
+        }
+        assert!(claim_due().await.is_empty());
         assert!(is_empty(&registry));
     }
 }

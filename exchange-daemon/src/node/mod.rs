@@ -21,45 +21,29 @@ use tonic::transport::Channel;
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
 
-use crate::clock::{from_unix_ms, unix_ms};
+use crate::clock::{Clock, SystemClock, from_unix_ms, unix_ms};
 use crate::config::{ClientConfig, Config};
 use crate::error::Error;
 use crate::store::{MessageKey, MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
 use crate::tls::{self, SharedTrust, TlsIdentity};
 
+pub(crate) mod audit;
+pub(crate) mod deliver;
+#[cfg(test)]
+pub(crate) mod fixture;
+pub(crate) mod receive;
+pub(crate) mod send;
+
 /// How long receipts keep travelling upstream after the envelope expired (ms).
 pub(crate) const RECEIPT_GRACE_MS: u64 = 7 * 86_400_000;
 
-/// The next message of a request stream; an error if the stream fails or
-/// sends nothing for `progress` (a stalled sender holds nothing longer).
-pub(crate) async fn next_message<T>(
-    stream: &mut tonic::Streaming<T>,
-    progress: Duration,
-    what: &'static str,
-    limit: usize,
-) -> Result<Option<T>, Error> {
-    match tokio::time::timeout(progress, stream.message()).await {
-        Err(_) => Err(Error::Stalled {
-            what,
-            seconds: progress.as_secs(),
-        }),
-        Ok(r) => r.map_err(|s| receive_error(&s, what, limit)),
-    }
-}
-
-/// What a failed read of a request stream means: a piece over the decoding
-/// limit (`limit`, bytes) is the client's error and final; anything else is
-/// the transport's.
-pub(crate) fn receive_error(status: &tonic::Status, what: &'static str, limit: usize) -> Error {
-    if status.code() == tonic::Code::OutOfRange {
-        Error::PieceTooLarge {
-            what,
-            limit,
-            detail: status.message().to_owned(),
-        }
-    } else {
-        Error::Transport(format!("receiving {what}: {}", status.message()))
-    }
+/// The pieces of a body a request streams in (the plaintext of a Send,
+/// the ciphertext of a delivery), read by the adapter that serves the
+/// request: `None` at the end; an error if the stream fails, stalls or
+/// carries something else.
+pub(crate) trait Pieces: Send {
+    /// The next piece.
+    fn next_piece(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, Error>> + Send;
 }
 
 /// Bytes available to the daemon (not root's reserved blocks) on the
@@ -156,6 +140,8 @@ pub struct Node {
     pub(crate) events: broadcast::Sender<MessageKey>,
     /// Heads sealed and verified here, until their first delivery attempts.
     sealed: SealedHeads,
+    /// The time every protocol decision is taken at.
+    clock: Arc<dyn Clock>,
 }
 
 /// Heads of envelopes this daemon sealed and verified at Send, kept until
@@ -308,6 +294,16 @@ pub(crate) fn trust_store(
 impl Node {
     /// Loads credentials, trust and directories from `config` over `store`.
     pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, Error> {
+        Self::with_clock(config, store, Arc::new(SystemClock))
+    }
+
+    /// [`Node::new`], with every protocol decision (leases, backoff,
+    /// expiry, the purge, receipt and audit times) taken at `clock`'s time.
+    pub(crate) fn with_clock(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
         let id = &config.identity;
         let identity = Identity::from_pem(&config.read(&id.cert)?, &config.read(&id.key)?)?;
         let tls_identity = TlsIdentity::from_pem(&config.read(&id.cert)?, &config.read(&id.key)?)?;
@@ -331,9 +327,10 @@ impl Node {
         let trust = trust_source.get();
         let party = identity.party().clone();
         // Our own credentials must pass the checks every peer will apply.
-        trust.verify_identity(identity.chain(), SystemTime::now())?;
+        let now = clock.now();
+        trust.verify_identity(identity.chain(), now)?;
         for k in &keys[..1] {
-            let key = trust.verify_encryption_chain(k.chain(), SystemTime::now())?;
+            let key = trust.verify_encryption_chain(k.chain(), now)?;
             if key.party() != &party {
                 return Err(Error::Config(format!(
                     "encryption certificate names {}, identity names {party}",
@@ -381,7 +378,13 @@ impl Node {
             work: Notify::new(),
             events,
             sealed: SealedHeads::default(),
+            clock,
         })
+    }
+
+    /// The time now, as this node's clock tells it.
+    pub(crate) fn now(&self) -> SystemTime {
+        self.clock.now()
     }
 
     /// The network trust store in force (CRLs are refreshed while running).
@@ -677,7 +680,7 @@ impl Node {
             issuer: receipt.issuer().clone(),
             disposition: receipt.disposition().as_str().to_owned(),
             issued_ms: unix_ms(receipt.issued()),
-            verified_ms: unix_ms(SystemTime::now()),
+            verified_ms: unix_ms(self.now()),
             forward,
             provisions: Vec::new(),
             audit: Some(audit),
