@@ -19,7 +19,7 @@
 //! This module holds the rules, the files and the offline reports (they
 //! read a store beside a running daemon or without one); what a running
 //! [`Node`](crate::node::Node) does (entries, checkpoints, the purge) is in
-//! [`crate::node::audit`].
+//! the node's `audit` module.
 
 use std::fs;
 use std::io::Write;
@@ -36,17 +36,14 @@ use crate::error::{Error, StoreError};
 use crate::store::SchemaNeed;
 
 /// The facility secret's file name in the data directory.
-pub const SUBJECT_KEY_FILE: &str = "pseudonym.key";
+pub(crate) const SUBJECT_KEY_FILE: &str = "pseudonym.key";
 
 /// How often the checkpointer signs a new checkpoint when the log grew.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How often the retention purge runs (when retention is configured).
-pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
-
 /// The text a patient identifier is pseudonymised from: `SYSTEM`, a NUL,
 /// `VALUE` (unambiguous: neither part may contain a control character).
-pub fn subject_text(system: &str, value: &str) -> String {
+pub(crate) fn subject_text(system: &str, value: &str) -> String {
     format!("{system}\u{0}{value}")
 }
 
@@ -78,7 +75,7 @@ pub fn load_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
 /// `data_dir` has no audit entry yet. A store that already has entries
 /// refuses to start without its key: a new key would silently make every
 /// earlier pseudonym unsearchable (restore the key from a backup).
-pub fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
+pub(crate) fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
     let path = data_dir.join(SUBJECT_KEY_FILE);
     if path.exists() {
         return load_subject_key(data_dir);
@@ -186,7 +183,7 @@ pub(crate) fn certificate_name(cert: &Certificate) -> String {
 pub const CHECKPOINT_FILE: &str = "checkpoint.latest";
 
 /// The signed checkpoint kept in `data_dir`'s [`CHECKPOINT_FILE`], if any.
-pub fn read_kept_checkpoint(data_dir: &Path) -> Result<Option<Vec<u8>>, Error> {
+pub(crate) fn read_kept_checkpoint(data_dir: &Path) -> Result<Option<Vec<u8>>, Error> {
     let path = data_dir.join(CHECKPOINT_FILE);
     match fs::read(&path) {
         Ok(bytes) => Ok(Some(bytes)),
@@ -223,7 +220,7 @@ pub(crate) fn write_kept_checkpoint(data_dir: &Path, signed: &[u8]) -> Result<()
 /// The head of the first `size` entries of the store in `data_dir`, their
 /// leaf hashes recomputed from the entries' bytes; `None` if the log holds
 /// fewer entries (or they are not numbered 0, 1, 2, …).
-pub fn audit_root_at(data_dir: &Path, size: u64) -> Result<Option<[u8; 32]>, Error> {
+pub(crate) fn audit_root_at(data_dir: &Path, size: u64) -> Result<Option<[u8; 32]>, Error> {
     let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
     let mut frontier = Frontier::new();
     for row in store.audit_entries(None, Some(size)) {
@@ -250,7 +247,7 @@ pub fn provision_report(
 }
 
 /// Most earlier checkpoints an export carries (the newest ones in its range).
-pub const MAX_EXPORTED_CHECKPOINTS: usize = 1000;
+pub(crate) const MAX_EXPORTED_CHECKPOINTS: usize = 1000;
 
 /// What [`export_audit`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -771,7 +771,8 @@ pub fn config_trust(config: &Config) -> Result<TrustStore, Error> {
 /// SHA-256 (inline rows and blob files, streamed), every stored receipt
 /// (signature, issuer chain at its issue time, and that it is about that
 /// message's head), every provision record's receipt, missing blob files,
-/// and the audit log ([`verify_audit_log`]).
+/// and the audit log (each entry against its leaf hash, the tree against
+/// every signed checkpoint).
 ///
 /// It does not stop at the first failure: the report lists each one.
 /// `Err` only when the store cannot be read at all.
@@ -1057,7 +1058,7 @@ fn verify_provisions(
 ///
 /// Returns no failure when the audit tables are absent (schema 1 stores).
 /// A database error is reported as a failure too.
-pub fn verify_audit_log(
+pub(crate) fn verify_audit_log(
     store: &dyn ReadOnlyStore,
     trust: &TrustStore,
     kept: Option<&[u8]>,

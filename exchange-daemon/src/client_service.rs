@@ -38,9 +38,9 @@ use crate::store::{MessageKey, MessageRecord};
 /// Plaintext slice per streamed message.
 const SLICE: usize = 256 * 1024;
 /// Inbox items per ListInbox page when the request names no page size.
-pub const DEFAULT_INBOX_PAGE: usize = 100;
+pub(crate) const DEFAULT_INBOX_PAGE: usize = 100;
 /// Most inbox items per ListInbox page (a larger page size is lowered).
-pub const MAX_INBOX_PAGE: usize = 1000;
+pub(crate) const MAX_INBOX_PAGE: usize = 1000;
 /// First byte of a page token: its format, so that a later one can differ.
 const PAGE_TOKEN_VERSION: u8 = 1;
 
@@ -78,13 +78,13 @@ fn decode_page_token(token: &str) -> Result<Option<(u64, MessageKey)>, Error> {
 
 /// The client gRPC service.
 #[derive(Debug, Clone)]
-pub struct ClientService {
+pub(crate) struct ClientService {
     node: Arc<Node>,
 }
 
 impl ClientService {
     /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
+    pub(crate) fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
 

@@ -225,7 +225,7 @@ fn default_socket_mode() -> String {
 
 impl ListenConfig {
     /// The permission bits of [`ListenConfig::client_socket`].
-    pub fn socket_mode(&self) -> Result<u32, Error> {
+    pub(crate) fn socket_mode(&self) -> Result<u32, Error> {
         match self.client_socket_mode.as_str() {
             "0600" => Ok(0o600),
             "0660" => Ok(0o660),
@@ -287,7 +287,7 @@ pub struct LimitsConfig {
 
 impl LimitsConfig {
     /// [`LimitsConfig::progress_timeout_seconds`] as a duration.
-    pub fn progress_timeout(&self) -> Duration {
+    pub(crate) fn progress_timeout(&self) -> Duration {
         Duration::from_secs(self.progress_timeout_seconds)
     }
 }
@@ -320,11 +320,11 @@ fn default_min_free_disk() -> u64 {
 
 /// The default of [`LimitsConfig::max_message_bytes`]: 4 MiB, gRPC's
 /// customary limit, sixteen times the 256 KiB pieces the CLI and daemons send.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// The smallest [`LimitsConfig::max_message_bytes`] accepted: 2 MiB (an
 /// envelope head may take 1 MiB).
-pub const MIN_MAX_MESSAGE_BYTES: usize = 2 << 20;
+pub(crate) const MIN_MAX_MESSAGE_BYTES: usize = 2 << 20;
 
 fn default_max_message() -> usize {
     DEFAULT_MAX_MESSAGE_BYTES
@@ -357,7 +357,7 @@ impl Default for LimitsConfig {
 /// The shortest `delivery.lease_ms`: claims are renewed every third of
 /// the lease, and a renewal must not be due more often than the claim loop
 /// looks at it.
-pub const MIN_LEASE_MS: u64 = 600;
+pub(crate) const MIN_LEASE_MS: u64 = 600;
 
 /// Delivery workers and retry policy.
 #[derive(Debug, Clone, Deserialize)]
@@ -466,14 +466,14 @@ impl DeliveryConfig {
     }
 
     /// The connect timeout.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
     /// The deadline of one attempt to move `bytes` (an envelope's
     /// ciphertext; 0 for a receipt): the base timeout plus the time the
     /// bytes take at the slowest rate allowed.
-    pub fn attempt_deadline(&self, bytes: u64) -> Duration {
+    pub(crate) fn attempt_deadline(&self, bytes: u64) -> Duration {
         let rate = self.attempt_min_bytes_per_second.max(1);
         Duration::from_millis(self.attempt_timeout_ms)
             .saturating_add(Duration::from_secs(bytes / rate))
@@ -513,7 +513,7 @@ pub enum PeerRole {
 
 impl PeerRole {
     /// As a hop role on a route.
-    pub fn hop_role(self) -> exchange_core::route::HopRole {
+    pub(crate) fn hop_role(self) -> exchange_core::route::HopRole {
         match self {
             Self::ThirdParty => exchange_core::route::HopRole::ThirdParty,
             Self::Entrusted => exchange_core::route::HopRole::Entrusted,
@@ -546,15 +546,15 @@ fn allows(list: &[String], item: &str) -> bool {
 
 impl ClientConfig {
     /// May it send to `recipient`?
-    pub fn may_send_to(&self, recipient: &PartyUri) -> bool {
+    pub(crate) fn may_send_to(&self, recipient: &PartyUri) -> bool {
         allows(&self.send_to, recipient.as_str())
     }
     /// May it send for `purpose`?
-    pub fn may_send_for(&self, purpose: &str) -> bool {
+    pub(crate) fn may_send_for(&self, purpose: &str) -> bool {
         allows(&self.purposes, purpose)
     }
     /// May it read inbox items sent for `purpose`?
-    pub fn may_read(&self, purpose: &str) -> bool {
+    pub(crate) fn may_read(&self, purpose: &str) -> bool {
         allows(&self.read_purposes, purpose)
     }
 }
@@ -696,7 +696,7 @@ impl Config {
 
     /// Anchor and CRL files of local client certificates, when they differ
     /// from the network's.
-    pub fn client_trust_files(&self) -> Option<(&[PathBuf], &[PathBuf])> {
+    pub(crate) fn client_trust_files(&self) -> Option<(&[PathBuf], &[PathBuf])> {
         if self.trust.client_anchors.is_empty() {
             return None;
         }
@@ -704,7 +704,7 @@ impl Config {
     }
 
     /// Every trust file (anchors and CRLs, network and client), to watch for changes.
-    pub fn trust_files(&self) -> Vec<PathBuf> {
+    pub(crate) fn trust_files(&self) -> Vec<PathBuf> {
         let t = &self.trust;
         t.anchors
             .iter()

@@ -354,12 +354,12 @@ impl Error {
 
     /// Whether this is our own failure (store, configuration, TLS setup)
     /// rather than something wrong with the request.
-    pub fn is_internal(&self) -> bool {
+    pub(crate) fn is_internal(&self) -> bool {
         self.code() == Code::Internal
     }
 
     /// Whether retrying the same delivery later can succeed.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             Self::Transport(_)

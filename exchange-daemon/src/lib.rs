@@ -10,7 +10,9 @@
 //! * [`config`]: the TOML configuration and network profiles;
 //! * [`tls`]: rustls mutual TLS, verification through exchange-core's trust store;
 //! * [`store`]: the durable store trait and its SQLite backend;
-//! * [`peer`], [`client_service`]: the two gRPC services;
+//! * [`Node`]: the daemon's state and what it does with what it is sent,
+//!   what it receives and what it delivers, served by the two gRPC
+//!   services (the peer service and the client service, thin adapters);
 //! * [`accountability`]: the audit log, checkpoints, patient pseudonyms,
 //!   provision records and retention;
 //! * [`admin`]: online backup, restore and integrity scrub of a store directory;
@@ -28,12 +30,12 @@ mod failpoints;
 pub mod accountability;
 pub mod admin;
 pub mod client;
-pub mod client_service;
+mod client_service;
 mod clock;
 pub mod config;
 pub mod error;
 mod node;
-pub mod peer;
+mod peer;
 pub mod proto;
 mod rpc;
 mod server;

@@ -26,13 +26,13 @@ use crate::rpc::{Body, peer_of, receive_error};
 
 /// The peer gRPC service.
 #[derive(Debug, Clone)]
-pub struct PeerService {
+pub(crate) struct PeerService {
     node: Arc<Node>,
 }
 
 impl PeerService {
     /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
+    pub(crate) fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
 }

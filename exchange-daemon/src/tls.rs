@@ -10,13 +10,13 @@
 //! tonic's own TLS settings cannot take CRLs, so we run the handshake
 //! ourselves: each accepted TCP connection is handshaken in its own task and
 //! only connections that completed it reach tonic, carrying the verified
-//! peer party as their connect info ([`PeerInfo`]). Failed handshakes are
+//! peer party as their connect info (`PeerInfo`). Failed handshakes are
 //! logged with their reason and dropped.
 //!
 //! Revocation bites on open connections too. No TLS session is ever resumed
 //! (the servers keep no session state and issue no tickets, the clients
 //! offer none), so every connection starts with a full certificate check.
-//! Every accepted connection is registered with the [`SharedTrust`] that
+//! Every accepted connection is registered with the `SharedTrust` that
 //! admitted it, with the chain its peer presented; each time that trust is
 //! replaced (a CRL or anchor reload) every registered chain is validated
 //! again against the new store, and the connections that no longer pass are
@@ -80,7 +80,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Installs [`provider`] as the process default (idempotent).
+/// Installs the aws-lc-rs provider as the process default (idempotent).
 pub fn install_provider() {
     // Err means one is installed already; ours is the only one compiled in.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -190,7 +190,7 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 /// every handshake reads the current one, and every connection it admitted
 /// is checked again when it is replaced.
 #[derive(Debug)]
-pub struct SharedTrust {
+pub(crate) struct SharedTrust {
     current: RwLock<Arc<TrustStore>>,
     live: Mutex<LiveConnections>,
 }
@@ -259,7 +259,7 @@ impl Drop for Registration {
 
 impl SharedTrust {
     /// Starts with `trust`.
-    pub fn new(trust: TrustStore) -> Arc<Self> {
+    pub(crate) fn new(trust: TrustStore) -> Arc<Self> {
         Arc::new(Self {
             current: RwLock::new(Arc::new(trust)),
             live: Mutex::new(LiveConnections::default()),
@@ -267,7 +267,7 @@ impl SharedTrust {
     }
 
     /// The store in force now.
-    pub fn get(&self) -> Arc<TrustStore> {
+    pub(crate) fn get(&self) -> Arc<TrustStore> {
         // A poisoned lock still holds a complete store (replacement is one assignment).
         self.current
             .read()
@@ -283,7 +283,7 @@ impl SharedTrust {
     /// Puts `trust` in force for every later check, then validates the peer
     /// chain of every open connection it admitted against it (at the current
     /// time) and closes each one that no longer passes (each is logged).
-    pub fn replace(&self, trust: TrustStore) {
+    pub(crate) fn replace(&self, trust: TrustStore) {
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(trust);
         let mut live = self.live();
         // Read under the registry lock: a connection registered after this
@@ -455,7 +455,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
 }
 
 /// A server configuration requiring client certificates that `trust` accepts.
-pub fn server_config(
+pub(crate) fn server_config(
     trust: Arc<SharedTrust>,
     identity: &TlsIdentity,
     versions: &[&'static SupportedProtocolVersion],
@@ -559,7 +559,7 @@ impl ServerCertVerifier for LocalServerVerifier {
 /// `expected`, or a TLS server certificate valid for the name dialled,
 /// issued under `anchors_pem` and checked against `crls_pem` (every CRL
 /// given must cover the chain).
-pub fn local_client_config(
+pub(crate) fn local_client_config(
     trust: Arc<TrustStore>,
     anchors_pem: &[u8],
     crls_pem: Option<&[u8]>,
@@ -644,7 +644,7 @@ impl From<Arc<rustls::ClientConfig>> for ClientTls {
 }
 
 /// [`client_config`] over a replaceable trust store.
-pub fn client_config_shared(
+pub(crate) fn client_config_shared(
     trust: Arc<SharedTrust>,
     expected: PartyUri,
     identity: Option<&TlsIdentity>,
@@ -678,18 +678,16 @@ pub fn client_config_shared(
 
 /// Who is on the other end of an accepted connection (tonic connect info).
 #[derive(Debug, Clone)]
-pub struct PeerInfo {
+pub(crate) struct PeerInfo {
     /// The party URI of its validated certificate.
-    pub party: PartyUri,
-    /// Where it connected from.
-    pub remote: Remote,
+    pub(crate) party: PartyUri,
 }
 
 /// Where a connection comes from: a TCP address, or the credentials of the
 /// process on the other end of a Unix domain socket (for logs only: the
 /// party is proven by its certificate on both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Remote {
+pub(crate) enum Remote {
     /// A TCP peer.
     Tcp(SocketAddr),
     /// A Unix socket peer: its user and process, when the kernel told.
@@ -721,7 +719,7 @@ impl fmt::Display for Remote {
 
 /// A listening socket the client or peer service accepts on.
 #[derive(Debug)]
-pub enum Listener {
+pub(crate) enum Listener {
     /// TCP.
     Tcp(TcpListener),
     /// A Unix domain socket (the client service only).
@@ -751,7 +749,7 @@ impl Listener {
 
 /// An accepted byte stream, before TLS.
 #[derive(Debug)]
-pub enum Stream {
+pub(crate) enum Stream {
     /// Over TCP.
     Tcp(TcpStream),
     /// Over a Unix domain socket.
@@ -827,11 +825,11 @@ struct Watched<S> {
 
 /// Caps on the connections one listener holds at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     /// In all (counting those still in their handshake).
-    pub total: usize,
+    pub(crate) total: usize,
     /// From any one party (peer facility or local client).
-    pub per_party: usize,
+    pub(crate) per_party: usize,
 }
 
 #[derive(Debug, Default)]
@@ -941,7 +939,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 /// completed. It is closed (reads and writes fail) when a trust reload
 /// finds that its peer's chain no longer validates.
 #[derive(Debug)]
-pub struct TlsConn {
+pub(crate) struct TlsConn {
     stream: Watched<tokio_rustls::server::TlsStream<Stream>>,
     info: PeerInfo,
 }
@@ -1010,7 +1008,7 @@ fn peer_party(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Par
 /// whose peer no longer validates. `service` names the listener in logs.
 /// Connections over `limits` (in all, or from one party) are closed at once
 /// and logged with reason `connection-limit`.
-pub fn incoming(
+pub(crate) fn incoming(
     listener: Listener,
     config: Arc<rustls::ServerConfig>,
     trust: Arc<SharedTrust>,
@@ -1056,7 +1054,7 @@ pub fn incoming(
                             match trust.register(chain, party.clone(), remote, service) {
                                 Ok((registration, closer)) => {
                                     tracing::debug!(service, %remote, %party, "TLS connection");
-                                    let info = PeerInfo { party, remote };
+                                    let info = PeerInfo { party };
                                     let stream = Watched {
                                         stream,
                                         closer,
@@ -1088,7 +1086,7 @@ pub fn incoming(
 /// A lazily connecting gRPC channel to `address` (`host:port`, or
 /// `unix:PATH` for a daemon's client socket, whose certificate is then
 /// checked for the name `localhost`) over `config`.
-/// With a replaceable trust ([`client_config_shared`]) each connection is
+/// With a replaceable trust (the daemon's own channels) each connection is
 /// registered with it and closed by a reload that its server no longer passes.
 pub fn channel(
     address: &str,

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 
 use super::Node;
 use crate::accountability::{
-    CHECKPOINT_FILE, CHECKPOINT_INTERVAL, DAEMON, PURGE_INTERVAL, audit_root_at, certificate_name,
-    pseudonym, read_kept_checkpoint, write_kept_checkpoint,
+    CHECKPOINT_FILE, CHECKPOINT_INTERVAL, DAEMON, audit_root_at, certificate_name, pseudonym,
+    read_kept_checkpoint, write_kept_checkpoint,
 };
 use crate::clock::unix_ms;
 use crate::error::{Error, StoreError};
@@ -418,6 +418,9 @@ static CHECKPOINTING: std::sync::LazyLock<tokio::sync::Mutex<()>> =
 fn history(what: String) -> Error {
     Error::Store(StoreError::AuditHistory(what))
 }
+
+/// How often the retention purge runs (when retention is configured).
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Signs checkpoints every [`CHECKPOINT_INTERVAL`] and purges expired
 /// messages every [`PURGE_INTERVAL`] until `stop`.

@@ -293,7 +293,7 @@ pub(crate) fn trust_store(
 
 impl Node {
     /// Loads credentials, trust and directories from `config` over `store`.
-    pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, Error> {
+    pub(crate) fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, Error> {
         Self::with_clock(config, store, Arc::new(SystemClock))
     }
 
@@ -408,7 +408,7 @@ impl Node {
     }
 
     /// This facility's party URI.
-    pub fn party(&self) -> &PartyUri {
+    pub(crate) fn party(&self) -> &PartyUri {
         &self.party
     }
 
