@@ -4,6 +4,11 @@
 //! its configured role decides what it may do (`send_to`, `purposes`,
 //! `read_purposes`). Inbox items a client may not read are reported as not
 //! found, so that their existence is not disclosed either.
+//!
+//! A thin gRPC adapter: requests are converted to plain values here and
+//! answered by [`Node`] (what they do is in the node's `send` module);
+//! reads and refusals are audited here before the answer goes out. Page
+//! tokens and the plaintext stream of a fetch are the adapter's.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,7 +26,6 @@ use tonic::{Request, Response, Status, Streaming};
 use exchange_core::audit::{AuditAction, AuditOutcome};
 
 use crate::accountability::client_actor;
-use crate::clock::unix_ms;
 use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::node::Node;
@@ -520,55 +524,32 @@ impl Client for ClientService {
                 .unwrap_or(MAX_INBOX_PAGE)
                 .min(MAX_INBOX_PAGE),
         };
-        let mut after = match decode_page_token(&req.page_token) {
+        let after = match decode_page_token(&req.page_token) {
             Ok(after) => after,
             Err(e) => return Err(self.deny(client, AuditAction::List, None, e).await),
         };
-        // Rows the client may not read are skipped, so a page is read in
-        // scans until it is full (one item more tells whether another
-        // page follows) or the inbox ends.
-        let mut items: Vec<InboxItem> = Vec::new();
-        let mut last = None;
-        let mut more = false;
-        'scan: loop {
-            let rows = match self
-                .node
-                .store
-                .inbox_page(req.include_acked, after, page_size + 1)
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => return Err(self.deny(client, AuditAction::List, None, e.into()).await),
-            };
-            let end = rows.len() <= page_size;
-            for r in rows {
-                after = Some((r.received_ms, r.key));
-                if !client.may_read(&r.purpose) {
-                    continue;
-                }
-                if items.len() == page_size {
-                    more = true;
-                    break 'scan;
-                }
-                last = Some((r.received_ms, r.key));
-                items.push(InboxItem {
-                    message_id: r.id.as_bytes().to_vec(),
-                    sender: r.sender.to_string(),
-                    content_type: r.content_type,
-                    purpose: r.purpose,
-                    received_ms: r.received_ms,
-                    payload_length: r.ciphertext_len,
-                    acked: r.acked_ms.is_some(),
-                });
-            }
-            if end {
-                break;
-            }
-        }
-        let next_page_token = match (more, last) {
-            (true, Some(position)) => encode_page_token(position),
-            _ => String::new(),
+        let page = match self
+            .node
+            .inbox_page(client, req.include_acked, after, page_size)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => return Err(self.deny(client, AuditAction::List, None, e).await),
         };
+        let items: Vec<InboxItem> = page
+            .items
+            .into_iter()
+            .map(|r| InboxItem {
+                message_id: r.id.as_bytes().to_vec(),
+                sender: r.sender.to_string(),
+                content_type: r.content_type,
+                purpose: r.purpose,
+                received_ms: r.received_ms,
+                payload_length: r.ciphertext_len,
+                acked: r.acked_ms.is_some(),
+            })
+            .collect();
+        let next_page_token = page.next.map(encode_page_token).unwrap_or_default();
         self.record(
             client,
             AuditAction::List,
@@ -598,27 +579,19 @@ impl Client for ClientService {
             )
             .await?;
         let id = record.id;
-        let opened = self
-            .node
-            .verify_stored(&record)
-            .and_then(|head| Ok((head.open(&self.node.keys)?, head)));
-        let (mut opener, head) = match opened {
+        let opened = match self.node.open_inbound(&record).await {
             Ok(o) => o,
             Err(e) => return Err(self.deny(client, AuditAction::Fetch, Some(id), e).await),
         };
-        let meta = opener.metadata().clone();
-        let header = head.header();
+        let (mut opener, ciphertext) = (opened.opener, opened.ciphertext);
+        let payload_length = opened.payload_length;
+        let meta = opened.metadata;
         let first = FetchHeader {
             message_id: id.as_bytes().to_vec(),
-            sender: head.sender().party().to_string(),
-            sender_name: head
-                .sender()
-                .certificate()
-                .common_name()
-                .unwrap_or_default()
-                .to_owned(),
-            content_type: header.content_type.clone(),
-            purpose: header.purpose.clone(),
+            sender: opened.sender.to_string(),
+            sender_name: opened.sender_name,
+            content_type: opened.content_type,
+            purpose: opened.purpose,
             title: meta.title,
             document_type: meta.document_type,
             file_name: meta.file_name,
@@ -630,26 +603,15 @@ impl Client for ClientService {
                     value: s.value,
                 })
                 .collect(),
-            payload_length: header.payload_length,
-            created_ms: unix_ms(header.created),
-        };
-        let ciphertext = match self.node.store.ciphertext(record.key).await {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(self
-                    .deny(client, AuditAction::Fetch, Some(id), e.into())
-                    .await);
-            }
+            payload_length,
+            created_ms: opened.created_ms,
         };
         // Recorded before any plaintext leaves.
         self.record(
             client,
             AuditAction::Fetch,
             Some(&record),
-            format!(
-                "{} plaintext bytes, from {}",
-                header.payload_length, record.sender
-            ),
+            format!("{payload_length} plaintext bytes, from {}", record.sender),
         )
         .await?;
         tracing::info!(message = %id, client = %client.name, "inbox item fetched");
@@ -714,9 +676,9 @@ impl Client for ClientService {
             if !matches!(decrypt.await, Ok(true)) {
                 return;
             }
-            if let Err(e) = node.store.mark_fetched(key, unix_ms(node.now())).await {
+            if let Err(e) = node.fetched(key).await {
                 tracing::error!(message = %id, error = %e, "cannot record a completed fetch");
-                let _ = done.send(Err(Error::from(e).into())).await;
+                let _ = done.send(Err(e.into())).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use exchange_core::audit::{AuditAction, AuditOutcome};
-use exchange_core::envelope::{InnerMetadata, SealerBuilder};
+use exchange_core::envelope::{InnerMetadata, PayloadOpener, SealerBuilder};
 use exchange_core::receipt::Disposition;
 use exchange_core::route::{Hop, HopRole, Provision, RecipientProvision};
 use exchange_core::{MessageId, PartyUri};
@@ -19,8 +19,8 @@ use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::sink::Sink;
 use crate::store::{
-    Accepted, DeliveryKind, DeliveryState, MessageKind, MessageRecord, NewDelivery, NewEnvelope,
-    SendKey, SendKeyRecord,
+    Accepted, DeliveryKind, DeliveryState, MessageKey, MessageKind, MessageRecord, NewDelivery,
+    NewEnvelope, SendKey, SendKeyRecord, StoredCiphertext,
 };
 
 /// Ciphertext written to the store per slice of a Send.
@@ -122,6 +122,38 @@ pub(crate) struct ReceiptStatus {
     pub(crate) provision_boundary: bool,
     /// Whether its issuer has been revoked since it arrived.
     pub(crate) issuer_revoked_since: bool,
+}
+
+/// One page of the inbox items a client may read.
+#[derive(Debug, Clone)]
+pub(crate) struct InboxPage {
+    /// The items, in `(received_ms, key)` order.
+    pub(crate) items: Vec<MessageRecord>,
+    /// The position of the page's last item when another page follows.
+    pub(crate) next: Option<(u64, MessageKey)>,
+}
+
+/// An inbox item opened for a fetch: what its signed and inner headers
+/// say, the opener of its payload and its ciphertext.
+pub(crate) struct OpenedInbound {
+    /// Its sender.
+    pub(crate) sender: PartyUri,
+    /// The sender's certificate name; empty if it has none.
+    pub(crate) sender_name: String,
+    /// The payload's content type.
+    pub(crate) content_type: String,
+    /// The purpose it was sent for.
+    pub(crate) purpose: String,
+    /// The inner header.
+    pub(crate) metadata: InnerMetadata,
+    /// The plaintext length.
+    pub(crate) payload_length: u64,
+    /// When it was sealed (Unix ms).
+    pub(crate) created_ms: u64,
+    /// Decrypts and authenticates the payload.
+    pub(crate) opener: PayloadOpener,
+    /// The stored ciphertext.
+    pub(crate) ciphertext: StoredCiphertext,
 }
 
 /// The status of an outbound message: hops, receipts, provision boundaries.
@@ -496,6 +528,85 @@ impl Node {
                 senders: n,
             }),
         }
+    }
+
+    /// Opens a stored inbox item for a fetch: its head verified as stored
+    /// ([`Node::verify_stored`]), its recipient entry and inner header
+    /// opened with our keys.
+    pub(crate) async fn open_inbound(
+        &self,
+        record: &MessageRecord,
+    ) -> Result<OpenedInbound, Error> {
+        let head = self.verify_stored(record)?;
+        let opener = head.open(&self.keys)?;
+        let header = head.header();
+        let sender = head.sender();
+        let opened = OpenedInbound {
+            sender: sender.party().clone(),
+            sender_name: sender
+                .certificate()
+                .common_name()
+                .unwrap_or_default()
+                .to_owned(),
+            content_type: header.content_type.clone(),
+            purpose: header.purpose.clone(),
+            metadata: opener.metadata().clone(),
+            payload_length: header.payload_length,
+            created_ms: unix_ms(header.created),
+            opener,
+            ciphertext: self.store.ciphertext(record.key).await?,
+        };
+        Ok(opened)
+    }
+
+    /// Records that a fetch of the inbox item under `key` delivered all of
+    /// its content, authenticated (an acknowledgement may follow).
+    pub(crate) async fn fetched(&self, key: MessageKey) -> Result<(), Error> {
+        Ok(self.store.mark_fetched(key, unix_ms(self.now())).await?)
+    }
+
+    /// Up to `page_size` inbox items `client` may read that come after
+    /// `after` (a `(received_ms, key)` position; `None`: from the start),
+    /// acknowledged ones only if `include_acked`.
+    pub(crate) async fn inbox_page(
+        &self,
+        client: &ClientConfig,
+        include_acked: bool,
+        mut after: Option<(u64, MessageKey)>,
+        page_size: usize,
+    ) -> Result<InboxPage, Error> {
+        // Rows the client may not read are skipped, so a page is read in
+        // scans until it is full (one item more tells whether another
+        // page follows) or the inbox ends.
+        let mut items = Vec::new();
+        let mut last = None;
+        let mut more = false;
+        'scan: loop {
+            let rows = self
+                .store
+                .inbox_page(include_acked, after, page_size + 1)
+                .await?;
+            let end = rows.len() <= page_size;
+            for r in rows {
+                after = Some((r.received_ms, r.key));
+                if !client.may_read(&r.purpose) {
+                    continue;
+                }
+                if items.len() == page_size {
+                    more = true;
+                    break 'scan;
+                }
+                last = Some((r.received_ms, r.key));
+                items.push(r);
+            }
+            if end {
+                break;
+            }
+        }
+        Ok(InboxPage {
+            items,
+            next: if more { last } else { None },
+        })
     }
 
     /// The status of an outbound message: hops, receipts, provision boundaries.
