@@ -5,6 +5,20 @@
 //! decides *who may do what here*: which TLS peer may deliver an envelope
 //! (the hop before us on its route), which local client may send where and
 //! read what, and what is stored and forwarded.
+//!
+//! * here: the state, its construction, the peer directory, the helpers
+//!   the others share, the cache of heads sealed here;
+//! * [`send`]: what a local client's requests do (a Send sealed and
+//!   stored, the inbox read, a fetch opened, a status, an acknowledgement);
+//! * [`receive`]: what an envelope or receipts from a peer do;
+//! * [`deliver`]: the delivery loop and its attempts;
+//! * [`audit`]: audit entries, checkpoints, the retention purge and the
+//!   task that runs the last two.
+//!
+//! Every time a decision depends on is read from the node's [`Clock`].
+//! Nothing here takes or returns a gRPC message: the services
+//! ([`crate::peer`], [`crate::client_service`]) convert at their edge and
+//! call in; only [`deliver`]'s outgoing calls speak gRPC themselves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

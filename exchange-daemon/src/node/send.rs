@@ -1,5 +1,6 @@
 //! What a local client's requests do: a Send sealed and stored for
-//! delivery (idempotent under a key), the status of what it sent, and the
+//! delivery (idempotent under a key), the status of what it sent, a page
+//! of its inbox, an inbox item opened for a fetch, and the
 //! acknowledgement of what it fetched. The client service
 //! ([`crate::client_service`]) converts its messages to and from the plain
 //! values here.
