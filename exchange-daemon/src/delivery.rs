@@ -6,7 +6,7 @@
 //! come back; receiving is idempotent by message id, so an item delivered
 //! just before a crash and delivered again makes no second inbox entry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -162,9 +162,9 @@ async fn claim(
     let claimed = items.len();
     let started = items
         .into_iter()
-        .filter(|item| !running.contains(&item.id))
+        .filter(|item| !running.contains_key(&item.id))
         .filter_map(|item| {
-            let guard = in_flight.start(item.id, &item.target)?;
+            let guard = in_flight.start(item.id, item.claim, &item.target)?;
             Some((item, guard))
         })
         .collect();
@@ -203,7 +203,8 @@ struct InFlight(std::sync::Mutex<Running>);
 
 #[derive(Debug, Default)]
 struct Running {
-    ids: HashSet<i64>,
+    /// The running deliveries' ids, with the fencing token of each claim.
+    ids: HashMap<i64, u64>,
     per_target: HashMap<PartyUri, usize>,
 }
 
@@ -229,13 +230,14 @@ impl InFlight {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Marks `id` (to `target`) running until the guard is dropped; `None`
-    /// if it already was.
-    fn start(self: &Arc<Self>, id: i64, target: &PartyUri) -> Option<InFlightGuard> {
+    /// Marks `id` (to `target`, under claim `claim`) running until the
+    /// guard is dropped; `None` if it already was.
+    fn start(self: &Arc<Self>, id: i64, claim: u64, target: &PartyUri) -> Option<InFlightGuard> {
         let mut r = self.lock();
-        if !r.ids.insert(id) {
+        if r.ids.contains_key(&id) {
             return None;
         }
+        r.ids.insert(id, claim);
         *r.per_target.entry(target.clone()).or_insert(0) += 1;
         Some(InFlightGuard {
             registry: Arc::clone(self),
@@ -246,7 +248,7 @@ impl InFlight {
 
     fn end(&self, id: i64, target: &PartyUri) {
         let mut r = self.lock();
-        if r.ids.remove(&id)
+        if r.ids.remove(&id).is_some()
             && let Some(n) = r.per_target.get_mut(target)
         {
             *n -= 1;
@@ -256,8 +258,9 @@ impl InFlight {
         }
     }
 
-    /// The running ids and the attempts running per target, read together.
-    fn snapshot(&self) -> (HashSet<i64>, HashMap<PartyUri, usize>) {
+    /// The running ids (with their claims' fencing tokens) and the attempts
+    /// running per target, read together.
+    fn snapshot(&self) -> (HashMap<i64, u64>, HashMap<PartyUri, usize>) {
         let r = self.lock();
         (r.ids.clone(), r.per_target.clone())
     }
@@ -415,7 +418,7 @@ impl Node {
         };
         if let Err(e) = self
             .store
-            .finish_attempt(item.id, outcome, receipts, audit)
+            .finish_attempt(item.id, item.claim, outcome, receipts, audit)
             .await
         {
             tracing::error!(message = %id, error = %e, "cannot record delivery attempt");
@@ -682,8 +685,8 @@ mod tests {
         let registry = Arc::new(InFlight::default());
         let target = PartyUri::new("urn:test:next").unwrap();
 
-        let guard = registry.start(1, &target).unwrap();
-        assert!(registry.start(1, &target).is_none(), "started twice");
+        let guard = registry.start(1, 1, &target).unwrap();
+        assert!(registry.start(1, 1, &target).is_none(), "started twice");
         assert_eq!(registry.snapshot().1.get(&target), Some(&1));
         let attempt = tokio::spawn(async move {
             let _running = guard;
@@ -693,7 +696,7 @@ mod tests {
         assert!(is_empty(&registry), "{:?}", registry.snapshot());
 
         // Cancelled while running (a shutdown stopping attempts).
-        let guard = registry.start(2, &target).unwrap();
+        let guard = registry.start(2, 1, &target).unwrap();
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let attempt = tokio::spawn(async move {
             let _running = guard;
@@ -706,7 +709,7 @@ mod tests {
         assert!(is_empty(&registry), "{:?}", registry.snapshot());
 
         // Both may run again.
-        let again = (registry.start(1, &target), registry.start(2, &target));
+        let again = (registry.start(1, 1, &target), registry.start(2, 1, &target));
         assert!(again.0.is_some() && again.1.is_some());
         assert_eq!(registry.snapshot().1.get(&target), Some(&2));
         drop(again);
@@ -748,8 +751,14 @@ mod tests {
         // The attempt records its outcome, queued behind the claim.
         let s = Arc::clone(&store);
         let finish = tokio::spawn(async move {
-            s.finish_attempt(item.id, AttemptOutcome::Done, Vec::new(), Vec::new())
-                .await
+            s.finish_attempt(
+                item.id,
+                item.claim,
+                AttemptOutcome::Done,
+                Vec::new(),
+                Vec::new(),
+            )
+            .await
         });
         wait_submitted(&store, before + 3).await;
         release.send(()).unwrap();

@@ -73,8 +73,13 @@ impl Store for Dying {
         self.inner
             .claim_fair(owner, now_ms, lease_until_ms, limit, per_target, busy)
     }
-    fn renew_claims(&self, owner: &str, ids: Vec<i64>, until: u64) -> StoreFuture<'_, u64> {
-        self.inner.renew_claims(owner, ids, until)
+    fn renew_claims(
+        &self,
+        owner: &str,
+        claims: Vec<(i64, u64)>,
+        until: u64,
+    ) -> StoreFuture<'_, u64> {
+        self.inner.renew_claims(owner, claims, until)
     }
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
         self.inner.release_claims(owner)
@@ -82,12 +87,13 @@ impl Store for Dying {
     fn finish_attempt(
         &self,
         delivery: i64,
+        claim: u64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
         audit: Vec<AuditEntry>,
     ) -> StoreFuture<'_, ()> {
         self.inner
-            .finish_attempt(delivery, outcome, receipts, audit)
+            .finish_attempt(delivery, claim, outcome, receipts, audit)
     }
     fn add_receipts(&self, key: MessageKey, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
         self.inner.add_receipts(key, receipts)

@@ -28,6 +28,7 @@
 //! The store does not interpret envelopes or receipts: the daemon verifies
 //! them with exchange-core before they get here, and again when it reads them.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -536,6 +537,10 @@ pub struct DeliveryRecord {
     pub last_error: Option<String>,
     /// Give up after (Unix ms).
     pub expires_ms: u64,
+    /// The fencing token of its latest claim: it grows with every claim,
+    /// and only the holder of the current one may renew the claim or
+    /// record the attempt's outcome (0: never claimed).
+    pub claim: u64,
 }
 
 /// How an attempt ended.
@@ -602,6 +607,17 @@ pub enum StoredCiphertext {
     Inline(Vec<u8>),
     /// Kept in a blob file.
     File(PathBuf),
+    /// Kept by the backend in pieces, read one piece at a time.
+    Source(std::sync::Arc<dyn CiphertextSource>),
+}
+
+/// A ciphertext a backend streams from wherever it keeps it (the
+/// PostgreSQL store: chunks in the database). Its reader blocks: read it
+/// on the blocking thread pool, as the daemon does every ciphertext.
+pub trait CiphertextSource: fmt::Debug + Send + Sync {
+    /// A reader from the first byte; an error if the ciphertext is gone
+    /// or shorter than its row says.
+    fn open(&self) -> std::io::Result<Box<dyn Read + Send>>;
 }
 
 impl StoredCiphertext {
@@ -613,6 +629,7 @@ impl StoredCiphertext {
                 256 * 1024,
                 File::open(p)?,
             ))),
+            Self::Source(s) => s.open(),
         }
     }
 }
@@ -678,19 +695,30 @@ pub trait Store: Send + Sync + 'static {
         busy: HashMap<PartyUri, usize>,
     ) -> StoreFuture<'_, Vec<DeliveryRecord>>;
 
-    /// Extends `owner`'s claims on the pending deliveries `ids` (attempts
-    /// still running) until `lease_until_ms`; returns how many it extended.
-    fn renew_claims(&self, owner: &str, ids: Vec<i64>, lease_until_ms: u64)
-    -> StoreFuture<'_, u64>;
+    /// Extends `owner`'s claims on pending deliveries (attempts still
+    /// running), each named by its id and the fencing token its claim
+    /// returned ([`DeliveryRecord::claim`]), until `lease_until_ms`;
+    /// returns how many it extended (a claim taken over since is not).
+    fn renew_claims(
+        &self,
+        owner: &str,
+        claims: Vec<(i64, u64)>,
+        lease_until_ms: u64,
+    ) -> StoreFuture<'_, u64>;
 
     /// Releases every claim `owner` holds (a single-node daemon at start).
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;
 
     /// Records an attempt's outcome with the receipts it brought back and
-    /// its audit entries, atomically.
+    /// its audit entries, atomically. The outcome is recorded only if
+    /// `claim` is still the delivery's fencing token and it is pending: a
+    /// worker whose lease lapsed (and whose delivery another worker has
+    /// claimed since) changes nothing but the receipts and audit entries
+    /// it brings, which are facts whoever reports them.
     fn finish_attempt(
         &self,
         delivery: i64,
+        claim: u64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
         audit: Vec<AuditEntry>,

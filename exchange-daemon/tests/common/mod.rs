@@ -30,6 +30,7 @@ use exchange_daemon::{Config, Daemon};
 use tonic::transport::Channel;
 
 pub mod openssl_pki;
+pub mod pg;
 
 pub const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";
 pub const HOSPITAL: &str = "urn:jp:mhlw:facility:1310000021";
