@@ -270,6 +270,12 @@ pub enum StoreError {
     /// The message or delivery an operation names is not stored.
     #[error("not found: {0}")]
     NotFound(String),
+    /// This daemon's pseudonym key is not the one the shared store's other
+    /// replicas use.
+    #[error(
+        "this daemon's pseudonym.key is not the key the store's other replicas use: copy pseudonym.key from a replica of this facility into the data directory"
+    )]
+    PseudonymKeyMismatch,
     /// Another running replica uses this replica's name on the shared store.
     #[error(
         "another running replica is named {0:?} on this database: give each replica its own delivery.node_name"

@@ -256,6 +256,9 @@ impl Daemon {
             tracing::info!(released, "resuming deliveries claimed before a restart");
         }
         let node = Arc::new(Node::new(config, store)?);
+        node.store
+            .bind_pseudonym_key(node.pseudonym_key_check())
+            .await?;
         // Refuse to run (and sign) over an audit log that no longer matches
         // the checkpoints this daemon signed.
         node.check_audit_history().await?;

@@ -769,6 +769,18 @@ pub trait Store: Send + Sync + 'static {
     /// plaintext of an inbound message at `now_ms`.
     fn mark_fetched(&self, key: MessageKey, now_ms: u64) -> StoreFuture<'_, ()>;
 
+    /// Binds the store to the facility's pseudonym key by a check value
+    /// derived from it (never the key): the first call keeps it, and a later
+    /// one with another value fails with
+    /// [`StoreError::PseudonymKeyMismatch`]. A shared store needs this:
+    /// every replica must pseudonymize patients with the same key, or
+    /// their records could not be found together. The SQLite store keeps
+    /// the key file beside its database and checks nothing.
+    fn bind_pseudonym_key(&self, check: [u8; 32]) -> StoreFuture<'_, ()> {
+        let _ = check;
+        Box::pin(async { Ok(()) })
+    }
+
     /// How many pending deliveries there are (health, tests, the demo).
     fn pending_count(&self) -> StoreFuture<'_, u64>;
 

@@ -103,6 +103,16 @@ impl Drop for TestDb {
 
 /// Runs `sql` (one statement returning one bigint) on the database at `url`.
 pub fn count(url: &str, sql: &str) -> u64 {
+    let n: i64 = query(url, sql, |r| r.get(0)).remove(0);
+    u64::try_from(n).unwrap()
+}
+
+/// Runs `sql` on the database at `url` and maps its rows.
+pub fn query<T: Send + 'static>(
+    url: &str,
+    sql: &str,
+    map: fn(&tokio_postgres::Row) -> T,
+) -> Vec<T> {
     let (url, sql) = (url.to_owned(), sql.to_owned());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -114,10 +124,10 @@ pub fn count(url: &str, sql: &str) -> u64 {
                 .await
                 .unwrap();
             let task = tokio::spawn(conn);
-            let n: i64 = client.query_one(&sql, &[]).await.unwrap().get(0);
+            let rows = client.query(&sql, &[]).await.unwrap();
             drop(client);
             let _ = task.await;
-            u64::try_from(n).unwrap()
+            rows.iter().map(map).collect()
         })
     })
     .join()

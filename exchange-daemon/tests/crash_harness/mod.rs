@@ -227,6 +227,12 @@ impl Drop for Exchanged {
 /// Pending deliveries in a party's store, read with a read-only connection
 /// while its daemon runs (None if the store cannot be read right now).
 pub fn pending(party: &Party) -> Option<u64> {
+    if let Some(url) = store_url(party) {
+        return Some(pg::count(
+            &url,
+            "SELECT count(*) FROM deliveries WHERE state = 'pending'",
+        ));
+    }
     let conn = rusqlite::Connection::open_with_flags(
         party.data_dir().join("store.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -245,6 +251,26 @@ pub fn pending(party: &Party) -> Option<u64> {
 /// file is missing, and files left in `spool/`.
 pub fn orphans(party: &Party) -> (Vec<String>, Vec<String>, Vec<String>) {
     let dir = party.data_dir();
+    let files = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Some(url) = store_url(party) {
+        // Chunks are rows: a chunk without its message cannot exist (a
+        // foreign key); a message whose chunks do not add up to its length
+        // is the counterpart of a blob file gone missing.
+        let missing = pg::query(
+            &url,
+            "SELECT encode(id, 'hex') FROM messages m WHERE chunked AND ciphertext_len <> \
+             COALESCE((SELECT sum(length(data)) FROM blob_chunks c WHERE c.message_id = m.id), 0)",
+            |r| r.get::<_, String>(0),
+        );
+        return (Vec::new(), missing, files(&dir.join("spool")));
+    }
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("store.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -258,14 +284,6 @@ pub fn orphans(party: &Party) -> (Vec<String>, Vec<String>, Vec<String>) {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let files = |d: &Path| -> Vec<String> {
-        std::fs::read_dir(d)
-            .map(|r| {
-                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let blobs: HashSet<String> = files(&dir.join("blobs")).into_iter().collect();
     let unnamed = blobs.difference(&named).cloned().collect();
     let missing = named.difference(&blobs).cloned().collect();
@@ -275,6 +293,33 @@ pub fn orphans(party: &Party) -> (Vec<String>, Vec<String>, Vec<String>) {
 /// The crash points each role passes through, and how many passes to let
 /// by before the crash (at most) so that it comes at a random one.
 fn crash_points(role: usize) -> &'static [(&'static str, u64)] {
+    if pg::suites_on_postgres() {
+        // The PostgreSQL store's points: after a large ciphertext's chunks
+        // are written, before and after each commit.
+        const PG: [(&str, u64); 3] = [
+            ("store::chunks-written", 4),
+            ("store::before-commit", 40),
+            ("store::after-commit", 40),
+        ];
+        return match role {
+            0 => &[
+                PG[0],
+                PG[1],
+                PG[2],
+                ("client::send-reply", 10),
+                ("delivery::answered", 10),
+                ("peer::receipts-reply", 10),
+            ],
+            1 => &[
+                PG[0],
+                PG[1],
+                PG[2],
+                ("peer::deliver-reply", 10),
+                ("delivery::answered", 10),
+            ],
+            _ => &[PG[0], PG[1], PG[2], ("peer::deliver-reply", 10)],
+        };
+    }
     const STORE: [(&str, u64); 5] = [
         ("store::spool-fsynced", 4),
         ("store::blob-linked", 4),
@@ -626,7 +671,13 @@ async fn check(
     // The hospital's inbox, read from its store (every inbound row), each
     // item fetched through the client service and traced to its Send by
     // the payload's first line.
-    let inbox: Vec<Vec<u8>> = {
+    let inbox: Vec<Vec<u8>> = if let Some(url) = store_url(hospital) {
+        pg::query(
+            &url,
+            "SELECT wire_id FROM messages WHERE kind = 'inbound'",
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+    } else {
         let conn = rusqlite::Connection::open_with_flags(
             hospital.data_dir().join("store.sqlite3"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,

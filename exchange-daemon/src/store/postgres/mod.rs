@@ -265,7 +265,9 @@ macro_rules! in_tx {
         };
         let out = out?;
         append_audits(&transaction, collected).await?;
+        crash_point!("store::before-commit");
         transaction.commit().await.map_err(pg_error)?;
+        crash_point!("store::after-commit");
         Ok(out)
     }};
 }
@@ -565,37 +567,40 @@ impl Store for PgStore {
                         return Err(StoreError::NotFound(format!("delivery {delivery}")));
                     };
                     // Only a pending delivery under this claim changes.
-                    let (sql, text, next): (&str, Option<&String>, Option<i64>) = match &outcome {
-                        AttemptOutcome::Done => (
-                            "UPDATE deliveries SET state = 'done', attempts = attempts + 1, \
-                         claimed_by = NULL, claim_until_ms = NULL \
-                         WHERE id = $1 AND state = 'pending' AND claim = $2 \
-                         AND $3::text IS NULL AND $4::bigint IS NULL",
-                            None,
-                            None,
-                        ),
+                    match &outcome {
+                        AttemptOutcome::Done => {
+                            tx.execute(
+                                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, \
+                             claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = $1 AND state = 'pending' AND claim = $2",
+                                &[&delivery, &claim],
+                            )
+                            .await
+                        }
                         AttemptOutcome::Retry {
                             error,
                             next_attempt_ms,
-                        } => (
-                            "UPDATE deliveries SET attempts = attempts + 1, last_error = $3, \
-                         next_attempt_ms = $4, claimed_by = NULL, claim_until_ms = NULL \
-                         WHERE id = $1 AND state = 'pending' AND claim = $2",
-                            Some(error),
-                            Some(to_i64(*next_attempt_ms, "next_attempt_ms")?),
-                        ),
-                        AttemptOutcome::Failed(reason) => (
-                            "UPDATE deliveries SET state = 'failed', failure = $3, \
-                         attempts = attempts + 1, claimed_by = NULL, claim_until_ms = NULL \
-                         WHERE id = $1 AND state = 'pending' AND claim = $2 \
-                         AND $4::bigint IS NULL",
-                            Some(reason),
-                            None,
-                        ),
-                    };
-                    tx.execute(sql, &[&delivery, &claim, &text, &next])
-                        .await
-                        .map_err(pg_error)?;
+                        } => {
+                            let next = to_i64(*next_attempt_ms, "next_attempt_ms")?;
+                            tx.execute(
+                                "UPDATE deliveries SET attempts = attempts + 1, last_error = $3, \
+                             next_attempt_ms = $4, claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = $1 AND state = 'pending' AND claim = $2",
+                                &[&delivery, &claim, error, &next],
+                            )
+                            .await
+                        }
+                        AttemptOutcome::Failed(reason) => {
+                            tx.execute(
+                                "UPDATE deliveries SET state = 'failed', failure = $3, \
+                             attempts = attempts + 1, claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = $1 AND state = 'pending' AND claim = $2",
+                                &[&delivery, &claim, reason],
+                            )
+                            .await
+                        }
+                    }
+                    .map_err(pg_error)?;
                     finish_rest(tx, audits, message, receipts, audit).await
                 })
             }
@@ -776,6 +781,32 @@ impl Store for PgStore {
                 })
             }
             .await
+        })
+    }
+
+    fn bind_pseudonym_key(&self, check: [u8; 32]) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            in_tx!(self.pool, |tx, audits| {
+                tx.execute(
+                    "INSERT INTO facility (id, pseudonym_key_check) VALUES (1, $1) \
+                     ON CONFLICT DO NOTHING",
+                    &[&check.as_slice()],
+                )
+                .await
+                .map_err(pg_error)?;
+                let kept = query_map(
+                    tx,
+                    "SELECT pseudonym_key_check FROM facility WHERE id = 1",
+                    &[],
+                    |r| col::<Vec<u8>>(r, 0),
+                )
+                .await?;
+                if kept.first().map(Vec::as_slice) == Some(check.as_slice()) {
+                    Ok(())
+                } else {
+                    Err(StoreError::PseudonymKeyMismatch)
+                }
+            })
         })
     }
 
@@ -1018,11 +1049,14 @@ impl TxRunner {
         };
         if let Some(spool) = spooled {
             blobs::write_chunks(&tx, &key, spool, envelope.ciphertext_len).await?;
+            crash_point!("store::chunks-written");
         }
         let mut audits = Audits::new();
         insert_message_rest(&tx, &key, envelope, &mut audits).await?;
         append_audits(&tx, audits).await?;
+        crash_point!("store::before-commit");
         tx.commit().await.map_err(pg_error)?;
+        crash_point!("store::after-commit");
         Ok(Accepted::Stored)
     }
 }

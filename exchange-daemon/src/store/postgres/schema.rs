@@ -18,6 +18,8 @@
 //!   time. Every transaction that appends to the audit log locks this row
 //!   last, just before it commits: the log stays one gap-free sequence for
 //!   the facility whichever replica appends.
+//! * `facility` (one row): a check value of the facility's pseudonym key
+//!   (never the key), which every replica's key must match.
 //! * `nodes`: one row per replica name, whose number keys the advisory lock
 //!   a running replica holds (two replicas under one name are refused).
 //! * Identity columns (`deliveries.id`, `receipts.seq`, `provisions.id`)
@@ -220,6 +222,11 @@ CREATE TABLE send_keys (
     PRIMARY KEY (client, key)
 );
 CREATE INDEX send_keys_expiry ON send_keys (expires_ms);
+
+CREATE TABLE facility (
+    id                  integer PRIMARY KEY CHECK (id = 1),
+    pseudonym_key_check bytea NOT NULL CHECK (length(pseudonym_key_check) = 32)
+);
 
 CREATE TABLE nodes (
     id      integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
