@@ -269,7 +269,7 @@ max_backoff_ms = 1000
         )
         .unwrap();
         s.push_str(extra);
-        if pg::suites_on_postgres() {
+        if pg::suites_on_postgres() && !extra.contains("[store]") {
             let db = Arc::clone(
                 self.databases
                     .lock()
