@@ -445,20 +445,43 @@ impl Node {
                     )));
                 }
             } else {
-                let size = kept.tree_size;
-                let dir = data_dir.clone();
-                let root = tokio::task::spawn_blocking(move || audit_root_at(&dir, size))
-                    .await
-                    .map_err(|e| history(format!("recomputing the tree: {e}")))??;
+                let root = self.audit_root_at(kept.tree_size).await?;
                 if root != Some(kept.root) {
                     return Err(history(format!(
-                        "the first {size} entries are not those of the checkpoint kept in \
-                         {CHECKPOINT_FILE} (entries altered)"
+                        "the first {} entries are not those of the checkpoint kept in \
+                         {CHECKPOINT_FILE} (entries altered)",
+                        kept.tree_size
                     )));
                 }
             }
         }
         Ok((frontier, leaves))
+    }
+
+    /// The root of the tree over the first `size` entries, recomputed from
+    /// their stored bytes a page at a time (whichever daemon stored them:
+    /// replicas on a shared store sign checkpoints in turn); `None` if the
+    /// log has fewer entries or a gap.
+    async fn audit_root_at(&self, size: u64) -> Result<Option<[u8; 32]>, Error> {
+        const PAGE: usize = 4096;
+        let mut frontier = Frontier::new();
+        while frontier.size() < size {
+            let left = usize::try_from(size - frontier.size()).unwrap_or(usize::MAX);
+            let page = self
+                .store
+                .audit_entries(frontier.size(), PAGE.min(left))
+                .await?;
+            if page.is_empty() {
+                return Ok(None);
+            }
+            for (seq, entry) in page {
+                if seq != frontier.size() {
+                    return Ok(None);
+                }
+                frontier.push(exchange_core::suite::merkle_leaf_hash(&entry));
+            }
+        }
+        Ok(Some(frontier.root()))
     }
 
     /// Signs a checkpoint over the whole log if it grew since the last one;
@@ -616,22 +639,6 @@ fn write_kept_checkpoint(data_dir: &Path, signed: &[u8]) -> Result<(), Error> {
         let _ = d.sync_all();
     }
     Ok(())
-}
-
-/// The head of the first `size` entries of the store in `data_dir`, their
-/// leaf hashes recomputed from the entries' bytes; `None` if the log holds
-/// fewer entries (or they are not numbered 0, 1, 2, …).
-pub fn audit_root_at(data_dir: &Path, size: u64) -> Result<Option<[u8; 32]>, Error> {
-    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
-    let mut frontier = Frontier::new();
-    for row in store.audit_entries(None, Some(size)) {
-        let row = row?;
-        if u64::try_from(row.seq).ok() != Some(frontier.size()) {
-            return Ok(None);
-        }
-        frontier.push(exchange_core::suite::merkle_leaf_hash(&row.entry));
-    }
-    Ok((frontier.size() == size).then(|| frontier.root()))
 }
 
 /// Signs checkpoints every [`CHECKPOINT_INTERVAL`] and purges expired

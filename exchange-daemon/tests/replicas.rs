@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::pg::{TestDb, count, query};
+use common::replicas::{front, replica_settings, replicas_of};
 use common::*;
 use crash_harness::Exchanged;
 use exchange_daemon::proto::{FetchRequest, MessageState, StatusRequest, fetch_response};
@@ -24,78 +25,9 @@ use tokio::time::{Instant, sleep};
 const REPLICAS: usize = 3;
 const TASKS: usize = 4;
 const PER_TASK: usize = 30;
-
-/// A TCP front for `backends` (ports on loopback): each connection goes to
-/// the next backend that accepts it, round robin, as a TCP load balancer
-/// in front of replicas would. Returns its port.
-async fn front(backends: Vec<u16>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let next = AtomicUsize::new(0);
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let first = next.fetch_add(1, Ordering::Relaxed);
-            let backends = backends.clone();
-            tokio::spawn(async move {
-                for k in 0..backends.len() {
-                    let port = backends[(first + k) % backends.len()];
-                    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
-                    if let Ok(Ok(mut outbound)) =
-                        tokio::time::timeout(Duration::from_millis(500), connect).await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
-/// `n` replicas of `base`: its credentials, the facility's one pseudonym
-/// key, ports and a data directory of their own.
-fn replicas_of(net: &Net, base: &Party, n: usize) -> Vec<Party> {
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).unwrap();
-    (0..n)
-        .map(|r| {
-            let name = format!("{}-r{r}", base.name);
-            let dir = net.path(&name);
-            std::fs::create_dir_all(dir.join("data")).unwrap();
-            for f in [
-                "identity.pem",
-                "identity.key.pem",
-                "encryption.pem",
-                "encryption.key.pem",
-            ] {
-                std::fs::copy(base.file(f), dir.join(f)).unwrap();
-            }
-            std::fs::write(dir.join("data").join("pseudonym.key"), key).unwrap();
-            Party {
-                name,
-                uri: base.uri.clone(),
-                dir,
-                peer_port: free_port(),
-                client_port: free_port(),
-            }
-        })
-        .collect()
-}
-
-/// Replica settings: its own name, a short lease (a killed replica's
-/// claims lapse in three seconds), chunked ciphertexts above 32 KiB, the
-/// side's database.
-fn replica_settings(node: &str, db: &TestDb) -> String {
-    format!(
-        "node_name = \"{node}\"\nlease_ms = 3000\n\n[limits]\ninline_ciphertext_bytes = 32768\n\n\
-         [store]\nurl = \"{}\"\n",
-        db.url()
-    )
-}
+/// A short lease (a killed replica's claims lapse in three seconds), and
+/// ciphertexts above 32 KiB in chunks.
+const SETTINGS: &str = "lease_ms = 3000\n\n[limits]\ninline_ciphertext_bytes = 32768\n";
 
 /// Message `i` of task `task`: its first line names it; every third one
 /// is larger than the inline limit (its ciphertext goes to chunks).
@@ -176,21 +108,21 @@ async fn a_replica_of_each_side_killed_under_load_loses_and_duplicates_nothing()
     let ports = |ps: &[Party]| ps.iter().map(|p| p.peer_port).collect::<Vec<_>>();
     // Each side is known to the other by one address: its front.
     let clinic_front = Party {
-        peer_port: front(ports(&clinics)).await,
+        peer_port: front(free_port(), ports(&clinics)).await,
         ..clinic.clone()
     };
     let hospital_front = Party {
-        peer_port: front(ports(&hospitals)).await,
+        peer_port: front(free_port(), ports(&hospitals)).await,
         ..hospital.clone()
     };
     let mut procs = Vec::new();
     for (r, p) in clinics.iter().enumerate() {
-        let settings = replica_settings(&format!("clinic-{r}"), &clinic_db);
+        let settings = replica_settings(&format!("clinic-{r}"), &clinic_db, SETTINGS);
         net.configure(p, &[&hospital_front], &[&emr], &settings);
         procs.push(Exchanged::new(p.clone(), emr.clone()));
     }
     for (r, p) in hospitals.iter().enumerate() {
-        let settings = replica_settings(&format!("hospital-{r}"), &hospital_db);
+        let settings = replica_settings(&format!("hospital-{r}"), &hospital_db, SETTINGS);
         net.configure(p, &[&clinic_front], &[&his], &settings);
         procs.push(Exchanged::new(p.clone(), his.clone()));
     }
@@ -331,6 +263,27 @@ async fn a_replica_of_each_side_killed_under_load_loses_and_duplicates_nothing()
         );
         assert_eq!(n, next, "audit log has gaps");
         assert!(n > total as u64);
+    }
+    // Every replica stops gracefully (each signs a last checkpoint over the
+    // shared log) and starts again, the killed ones too: each accepts the
+    // log's history, whichever replica signed its latest checkpoint.
+    for p in &mut procs {
+        if p.is_running() {
+            assert!(
+                p.terminate().await,
+                "{} did not stop cleanly:\n{}",
+                p.party.name,
+                p.stderr()
+            );
+        }
+    }
+    let checkpoints = count(&clinic_db.url(), "SELECT count(*) FROM audit_checkpoints");
+    assert!(checkpoints >= 2, "{checkpoints} checkpoints");
+    for p in &mut procs {
+        p.spawn(None);
+    }
+    for p in &mut procs {
+        p.wait_ready(&net).await;
     }
     eprintln!(
         "replicas: {total} sent, all delivered once; killed clinic-0 and hospital-1 after {killed_after} sends with {pending_at_kill} deliveries pending"

@@ -134,6 +134,9 @@ impl Store for Dying {
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail> {
         self.inner.audit_tail()
     }
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>> {
+        self.inner.audit_entries(from, limit)
+    }
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool> {
         self.inner.add_checkpoint(checkpoint)
     }

@@ -798,6 +798,11 @@ pub trait Store: Send + Sync + 'static {
     /// The latest checkpoint (frontier, signed form) and the entries after it.
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail>;
 
+    /// Up to `limit` audit log entries from `from` on, in order: seq and
+    /// stored entry bytes (to recompute the tree a checkpoint was signed
+    /// over, a page at a time).
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>>;
+
     /// Stores a checkpoint if it extends the latest one; false if not newer.
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool>;
 

@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 
 pub mod openssl_pki;
 pub mod pg;
+pub mod replicas;
 
 pub const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";
 pub const HOSPITAL: &str = "urn:jp:mhlw:facility:1310000021";

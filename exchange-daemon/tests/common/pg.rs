@@ -5,8 +5,19 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+static ADMIN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Creates the test databases from the database at `url` (the load
+/// bench's `--store`); call before the first [`TestDb`].
+pub fn set_admin_url(url: &str) {
+    let _ = ADMIN_URL.set(url.to_owned());
+}
+
 /// The maintenance database the test databases are created from.
 pub fn admin_url() -> String {
+    if let Some(url) = ADMIN_URL.get() {
+        return url.clone();
+    }
     std::env::var("EXCHANGE_TEST_PG")
         .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
 }

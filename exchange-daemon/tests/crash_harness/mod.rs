@@ -156,6 +156,34 @@ impl Exchanged {
         }
     }
 
+    /// Whether the process was started and not yet ended.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGTERM (a graceful stop: the daemon signs a last checkpoint), then
+    /// waits for the exit; `true` if it exited with status 0 in time.
+    pub async fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent && Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+        false
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
     }
@@ -245,6 +273,30 @@ pub fn pending(party: &Party) -> Option<u64> {
         |r| r.get(0),
     )
     .ok()
+}
+
+/// The pending deliveries of a party, described (for a failure report).
+pub fn pending_rows(party: &Party) -> Vec<String> {
+    const SQL: &str = "SELECT id || ' to ' || target || ': attempts ' || attempts \
+         || ', next ' || next_attempt_ms || ', claimed by ' || COALESCE(claimed_by, '-') \
+         || ' until ' || COALESCE(CAST(claim_until_ms AS TEXT), '-') || ' (claim ' || claim \
+         || '), last error ' || COALESCE(last_error, '-') \
+         FROM deliveries WHERE state = 'pending' ORDER BY id";
+    if let Some(url) = store_url(party) {
+        return pg::query(&url, SQL, |r| r.get::<_, String>(0));
+    }
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        party.data_dir().join("store.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare(SQL) else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
 }
 
 /// Files in a party's `blobs/` that no message row names, rows whose blob
@@ -605,9 +657,17 @@ pub async fn run(seed: u64, cycles: usize, senders: usize) -> Tally {
         }
         if progress.elapsed() > Duration::from_secs(60) {
             tally.pending_left = left;
-            tally
-                .problems
-                .push(format!("{left} deliveries still pending"));
+            tally.problems.push(format!(
+                "{left} deliveries still pending at {}",
+                exchange_daemon::unix_ms(std::time::SystemTime::now())
+            ));
+            for p in &parties {
+                tally.problems.extend(
+                    pending_rows(p)
+                        .into_iter()
+                        .map(|row| format!("{}: {row}", p.name)),
+                );
+            }
             break;
         }
         sleep(Duration::from_millis(200)).await;

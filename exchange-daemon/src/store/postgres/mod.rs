@@ -887,6 +887,22 @@ impl Store for PgStore {
         })
     }
 
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>> {
+        Box::pin(async move {
+            let from = to_i64(from, "audit seq")?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            in_tx!(self.pool, |tx, audits| {
+                query_map(
+                    tx,
+                    "SELECT seq, entry FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                    &[&from, &limit],
+                    |r| Ok((to_u64(col(r, 0)?, "audit seq")?, col::<Vec<u8>>(r, 1)?)),
+                )
+                .await
+            })
+        })
+    }
+
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let size = to_i64(checkpoint.tree_size, "tree_size")?;

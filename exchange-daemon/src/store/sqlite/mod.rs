@@ -864,6 +864,27 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>> {
+        Box::pin(async move {
+            let from = to_i64(from, "audit seq")?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            self.read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT seq, entry FROM audit_log WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+                )?
+                .query_map(params![from, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })?
+                .map(|row| {
+                    let (seq, entry) = row?;
+                    Ok((to_u64(seq, "audit seq")?, entry))
+                })
+                .collect()
+            })
+            .await
+        })
+    }
+
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let size = to_i64(checkpoint.tree_size, "tree_size")?;
