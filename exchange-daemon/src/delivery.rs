@@ -160,14 +160,27 @@ async fn claim(
         .claim_fair(owner, now, now + unix_ms_of(lease), free, per_peer, busy)
         .await?;
     let claimed = items.len();
+    let mut skipped = Vec::new();
     let started = items
         .into_iter()
-        .filter(|item| !running.contains_key(&item.id))
         .filter_map(|item| {
-            let guard = in_flight.start(item.id, item.claim, &item.target)?;
-            Some((item, guard))
+            let guard = if running.contains_key(&item.id) {
+                None
+            } else {
+                in_flight.start(item.id, item.claim, &item.target)
+            };
+            if guard.is_none() {
+                skipped.push((item.id, item.claim));
+            }
+            Some((item, guard?))
         })
         .collect();
+    // A claim not started here is given back at once: its previous attempt
+    // may have ended (a retry due again) between the snapshot and the
+    // claim, and the item would otherwise wait a whole lease.
+    if !skipped.is_empty() {
+        store.release_claim(owner, skipped).await?;
+    }
     Ok((started, claimed))
 }
 
@@ -774,5 +787,73 @@ mod tests {
             started.iter().map(|(d, _)| d.id).collect::<Vec<_>>()
         );
         assert!(is_empty(&registry));
+        // The attempt's lease had lapsed and the delivery was claimed again,
+        // but the next hop took it: it is done, not attempted once more.
+        let row = &store
+            .deliveries(crate::store::MessageKey::of_id(mid(1)))
+            .await
+            .unwrap()[0];
+        assert_eq!(row.state, crate::store::DeliveryState::Done);
+    }
+
+    /// An attempt that records a retry (due at once) after the claim loop
+    /// took its snapshot of the running set, but before the claim reads the
+    /// queue: the claim takes the item, which the snapshot still shows as
+    /// running, so it is not started. It must be given back, not held for
+    /// a whole lease.
+    #[tokio::test]
+    async fn a_retry_recorded_during_a_claim_is_attempted_again_without_waiting_a_lease() {
+        use crate::store::sqlite::SqliteStore;
+        use crate::store::sqlite::tests::{hold_writer, inline, mid, wait_submitted};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        store
+            .accept(inline(mid(1), MessageKind::Relay))
+            .await
+            .unwrap();
+        let registry = Arc::new(InFlight::default());
+        let lease = Duration::from_secs(600);
+        let (started, _) = claim(store.as_ref(), "local", lease, 4, 4, &registry)
+            .await
+            .unwrap();
+        let [(item, guard)] = <[_; 1]>::try_from(started).unwrap();
+
+        let before = store.writer_stats().ops_submitted;
+        let (release, blocker) = hold_writer(&store).await;
+        wait_submitted(&store, before + 1).await;
+        // The attempt's retry is queued first ...
+        let s = Arc::clone(&store);
+        let finish = tokio::spawn(async move {
+            let retry = AttemptOutcome::Retry {
+                error: "refused".into(),
+                next_attempt_ms: 0,
+            };
+            s.finish_attempt(item.id, item.claim, retry, Vec::new(), Vec::new())
+                .await
+        });
+        wait_submitted(&store, before + 2).await;
+        // ... then the claim, whose snapshot still shows the attempt running.
+        let mut again = std::pin::pin!(claim(store.as_ref(), "local", lease, 4, 4, &registry));
+        tokio::select! {
+            biased;
+            _ = &mut again => panic!("the claim finished while the writer was held"),
+            () = wait_submitted(&store, before + 3) => {}
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        finish.await.unwrap().unwrap();
+        let (started, claimed) = again.await.unwrap();
+        assert_eq!((started.len(), claimed), (0, 1));
+        drop(guard);
+        // The next claim takes it and starts it, at once.
+        let (started, _) = claim(store.as_ref(), "local", lease, 4, 4, &registry)
+            .await
+            .unwrap();
+        assert_eq!(
+            started.iter().map(|(d, _)| d.id).collect::<Vec<_>>(),
+            vec![item.id],
+            "the retried delivery waits for a lease it holds but nobody attempts"
+        );
     }
 }

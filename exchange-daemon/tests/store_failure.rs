@@ -81,6 +81,9 @@ impl Store for Dying {
     ) -> StoreFuture<'_, u64> {
         self.inner.renew_claims(owner, claims, until)
     }
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64> {
+        self.inner.release_claim(owner, claims)
+    }
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
         self.inner.release_claims(owner)
     }

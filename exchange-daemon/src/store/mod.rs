@@ -706,15 +706,22 @@ pub trait Store: Send + Sync + 'static {
         lease_until_ms: u64,
     ) -> StoreFuture<'_, u64>;
 
+    /// Releases `owner`'s claims on these deliveries (id and fencing
+    /// token), if they still hold: a claim taken and then not attempted.
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64>;
+
     /// Releases every claim `owner` holds (a single-node daemon at start).
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;
 
     /// Records an attempt's outcome with the receipts it brought back and
-    /// its audit entries, atomically. The outcome is recorded only if
-    /// `claim` is still the delivery's fencing token and it is pending: a
-    /// worker whose lease lapsed (and whose delivery another worker has
-    /// claimed since) changes nothing but the receipts and audit entries
-    /// it brings, which are facts whoever reports them.
+    /// its audit entries, atomically. Only a pending delivery changes. A
+    /// retry or a failure is recorded only if `claim` is still the
+    /// delivery's fencing token: a worker whose lease lapsed (and whose
+    /// delivery another worker has claimed since) cannot overwrite the live
+    /// claim, and changes nothing but the receipts and audit entries it
+    /// brings, which are facts whoever reports them. A delivery done is
+    /// recorded whatever the token: the next hop took it, and the live
+    /// claim's attempt would only repeat it.
     fn finish_attempt(
         &self,
         delivery: i64,

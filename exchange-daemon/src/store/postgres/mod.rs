@@ -519,6 +519,31 @@ impl Store for PgStore {
         })
     }
 
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let claims = claims
+                .into_iter()
+                .map(|(id, token)| Ok((id, to_i64(token, "claim")?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            in_tx!(self.pool, |tx, audits| {
+                let mut n = 0;
+                for (id, token) in &claims {
+                    n += tx
+                        .execute(
+                            "UPDATE deliveries SET claimed_by = NULL, claim_until_ms = NULL \
+                             WHERE id = $1 AND claimed_by = $2 AND claim = $3 \
+                             AND state = 'pending'",
+                            &[id, &owner, token],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                }
+                Ok(n)
+            })
+        })
+    }
+
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
         let owner = owner.to_owned();
         Box::pin(async move {
@@ -572,8 +597,8 @@ impl Store for PgStore {
                             tx.execute(
                                 "UPDATE deliveries SET state = 'done', attempts = attempts + 1, \
                              claimed_by = NULL, claim_until_ms = NULL \
-                             WHERE id = $1 AND state = 'pending' AND claim = $2",
-                                &[&delivery, &claim],
+                             WHERE id = $1 AND state = 'pending'",
+                                &[&delivery],
                             )
                             .await
                         }

@@ -592,6 +592,28 @@ impl Store for SqliteStore {
         })
     }
 
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let claims = claims
+                .into_iter()
+                .map(|(id, token)| Ok((id, to_i64(token, "claim")?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            self.write(move |conn| {
+                let mut release = conn.prepare_cached(
+                    "UPDATE deliveries SET claimed_by = NULL, claim_until_ms = NULL \
+                     WHERE id = ?1 AND claimed_by = ?2 AND claim = ?3 AND state = 'pending'",
+                )?;
+                let mut n = 0u64;
+                for (id, token) in claims {
+                    n += u64::try_from(release.execute(params![id, owner, token])?).unwrap_or(0);
+                }
+                Ok(n)
+            })
+            .await
+        })
+    }
+
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
         let owner = owner.to_owned();
         Box::pin(self.write(move |conn| {
@@ -643,9 +665,9 @@ impl Store for SqliteStore {
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'done', attempts = attempts + 1, \
                              claimed_by = NULL, claim_until_ms = NULL \
-                             WHERE id = ?1 AND state = 'pending' AND claim = ?2",
+                             WHERE id = ?1 AND state = 'pending'",
                         )?
-                        .execute(params![delivery, claim])?,
+                        .execute(params![delivery])?,
                     Finish::Retry(error, next) => conn
                         .prepare_cached(
                             "UPDATE deliveries SET attempts = attempts + 1, last_error = ?2, \
