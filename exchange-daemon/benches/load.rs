@@ -1,5 +1,6 @@
-//! Load generator: two daemons on loopback (real mutual TLS, real SQLite with
-//! synchronous=FULL), one local client sending small referrals concurrently.
+//! Load generator: two facilities on loopback (real mutual TLS, real SQLite
+//! with synchronous=FULL, or PostgreSQL), one local client sending small
+//! referrals concurrently.
 //!
 //! Prints accepted messages per second (Send returns once the sealed envelope
 //! is durable) and end-to-end messages per second (until every message has
@@ -7,6 +8,14 @@
 //! by the public-key operations of one round trip.
 //!
 //!     cargo bench -p exchange-daemon --bench load -- [MESSAGES] [CONCURRENCY] [BYTES]
+//!         [--store POSTGRES-URL] [--replicas N]
+//!
+//! `--store` puts each facility on a database of its own on that
+//! PostgreSQL server (the URL of a database to create them from; they are
+//! dropped afterwards); `--replicas N` (with `--store`) runs N daemons of
+//! each facility on its database, each reached by its peer through a TCP
+//! front that spreads connections over them, and spreads the senders over
+//! the clinic's replicas.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -15,59 +24,168 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::pg::TestDb;
+use common::replicas::{front, replica_settings, replicas_of};
 use common::*;
+use exchange_daemon::Daemon;
 use exchange_daemon::proto::StatusRequest;
 
-fn arg(n: usize, default: usize) -> usize {
-    std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .nth(n)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(default)
+/// The command line: positional numbers, `--store URL`, `--replicas N`.
+struct Args {
+    numbers: Vec<usize>,
+    store: Option<String>,
+    replicas: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        numbers: Vec::new(),
+        store: None,
+        replicas: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--store" => a.store = Some(it.next().expect("--store URL")),
+            "--replicas" => {
+                a.replicas = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--replicas N (a number)");
+            }
+            other => {
+                if let Ok(n) = other.parse() {
+                    a.numbers.push(n);
+                }
+            }
+        }
+    }
+    assert!(a.replicas >= 1, "--replicas is at least 1");
+    assert!(
+        a.replicas == 1 || a.store.is_some(),
+        "--replicas needs --store: replicas share a PostgreSQL database"
+    );
+    a
 }
 
 fn main() {
-    let messages = arg(0, 1000);
-    let concurrency = arg(1, 32);
-    let bytes = arg(2, 4096);
+    let a = args();
+    let number = |n: usize, default: usize| a.numbers.get(n).copied().unwrap_or(default);
+    let (messages, concurrency, bytes) = (number(0, 1000), number(1, 32), number(2, 4096));
+    if let Some(url) = &a.store {
+        // The databases are created from (and dropped through) this one.
+        common::pg::set_admin_url(url);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(messages, concurrency, bytes));
+    runtime.block_on(run(
+        messages,
+        concurrency,
+        bytes,
+        a.store.is_some(),
+        a.replicas,
+    ));
 }
 
-async fn run(messages: usize, concurrency: usize, bytes: usize) {
+/// One facility's daemons: one on SQLite (`store` None), or one per
+/// replica party on the facility's database.
+async fn facility(
+    net: &Net,
+    parties: &[Party],
+    peer: &Party,
+    clients: &[&LocalClient],
+    extra: &str,
+    store: Option<&TestDb>,
+) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    for (r, p) in parties.iter().enumerate() {
+        match store {
+            None => net.configure(p, &[peer], clients, extra),
+            Some(db) => {
+                let settings = replica_settings(&format!("{}-{r}", p.name), db, extra);
+                net.configure(p, &[peer], clients, &settings);
+            }
+        }
+    }
+    for p in parties {
+        daemons.push(start(p).await);
+    }
+    daemons
+}
+
+async fn run(messages: usize, concurrency: usize, bytes: usize, postgres: bool, replicas: usize) {
     let net = Net::new();
     let clinic = net.party("clinic", CLINIC);
     let hospital = net.party("hospital", HOSPITAL);
     let emr = net.client("emr", "urn:local:clinic:emr");
+    let dbs = postgres.then(|| (TestDb::new(), TestDb::new()));
+    // With PostgreSQL, each facility runs as replicas, and its peer reaches
+    // them through a front (a TCP load balancer) on one address.
+    let (clinics, hospitals, clinic_peer, hospital_peer) = if postgres {
+        let clinics = replicas_of(&net, &clinic, replicas);
+        let hospitals = replicas_of(&net, &hospital, replicas);
+        let ports = |ps: &[Party]| ps.iter().map(|p| p.peer_port).collect::<Vec<_>>();
+        let clinic_peer = Party {
+            peer_port: front(free_port(), ports(&clinics)).await,
+            ..clinic.clone()
+        };
+        let hospital_peer = Party {
+            peer_port: front(free_port(), ports(&hospitals)).await,
+            ..hospital.clone()
+        };
+        (clinics, hospitals, clinic_peer, hospital_peer)
+    } else {
+        (
+            vec![clinic.clone()],
+            vec![hospital.clone()],
+            clinic.clone(),
+            hospital.clone(),
+        )
+    };
     // Each concurrent sender has a connection of its own (as separate
     // application processes would), all with one client certificate: allow
     // that many, above the per-party default.
-    net.configure(
-        &clinic,
-        &[&hospital],
-        &[&emr],
-        &format!(
-            "\n[limits]\nmax_connections_per_party = {}\n",
-            concurrency + 1
-        ),
+    let clinic_extra = format!(
+        "\n[limits]\nmax_connections_per_party = {}\n",
+        concurrency + 1
     );
-    net.configure(&hospital, &[&clinic], &[], "");
-    let c = start(&clinic).await;
-    let h = start(&hospital).await;
+    let cds = facility(
+        &net,
+        &clinics,
+        &hospital_peer,
+        &[&emr],
+        &clinic_extra,
+        dbs.as_ref().map(|d| &d.0),
+    )
+    .await;
+    let hds = facility(
+        &net,
+        &hospitals,
+        &clinic_peer,
+        &[],
+        "",
+        dbs.as_ref().map(|d| &d.1),
+    )
+    .await;
+    let c = &cds[0];
+    let h = &hds[0];
     let payload = vec![b'x'; bytes];
 
+    let store = if postgres {
+        format!("PostgreSQL, {replicas} replica(s) per facility")
+    } else {
+        "SQLite".to_owned()
+    };
     println!(
-        "load: {messages} messages of {bytes} bytes, {concurrency} concurrent senders, clinic -> hospital on loopback"
+        "load: {messages} messages of {bytes} bytes, {concurrency} concurrent senders, clinic -> hospital on loopback, {store}"
     );
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     let per = messages.div_ceil(concurrency);
     for w in 0..concurrency {
-        let mut app = client_of(&net, &clinic, &emr);
+        let mut app = client_of(&net, &clinics[w % clinics.len()], &emr);
         let payload = payload.clone();
         let hospital = hospital.clone();
         let n = per.min(messages.saturating_sub(w * per));
@@ -97,7 +215,7 @@ async fn run(messages: usize, concurrency: usize, bytes: usize) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let delivered = t0.elapsed();
-    let mut app = client_of(&net, &clinic, &emr);
+    let mut app = client_of(&net, &clinics[0], &emr);
     for id in ids.iter().step_by((ids.len() / 20).max(1)) {
         let s = app
             .status(StatusRequest {
@@ -139,8 +257,9 @@ async fn run(messages: usize, concurrency: usize, bytes: usize) {
         "ratio: end to end / bound = {:.2} (both daemons and the client share the {cores} cores)",
         rate(delivered) / bound
     );
-    c.shutdown().await;
-    h.shutdown().await;
+    for d in cds.into_iter().chain(hds) {
+        d.shutdown().await;
+    }
 }
 
 /// Round trips per second of the bare library on one core, measured now.

@@ -26,9 +26,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use exchange_core::audit::{
-    AuditEntry, Checkpoint, Frontier, Pseudonym, SignedCheckpoint, SubjectKey,
-};
+use exchange_core::audit::{AuditEntry, Checkpoint, Pseudonym, SignedCheckpoint, SubjectKey};
 use exchange_core::envelope::SubjectId;
 use exchange_core::identity::Certificate;
 
@@ -215,22 +213,6 @@ pub(crate) fn write_kept_checkpoint(data_dir: &Path, signed: &[u8]) -> Result<()
         let _ = d.sync_all();
     }
     Ok(())
-}
-
-/// The head of the first `size` entries of the store in `data_dir`, their
-/// leaf hashes recomputed from the entries' bytes; `None` if the log holds
-/// fewer entries (or they are not numbered 0, 1, 2, …).
-pub(crate) fn audit_root_at(data_dir: &Path, size: u64) -> Result<Option<[u8; 32]>, Error> {
-    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
-    let mut frontier = Frontier::new();
-    for row in store.audit_entries(None, Some(size)) {
-        let row = row?;
-        if u64::try_from(row.seq).ok() != Some(frontier.size()) {
-            return Ok(None);
-        }
-        frontier.push(exchange_core::suite::merkle_leaf_hash(&row.entry));
-    }
-    Ok((frontier.size() == size).then(|| frontier.root()))
 }
 
 /// The provision records about one patient in the store in `data_dir`

@@ -48,6 +48,10 @@ pub struct Config {
     /// How long stored envelopes are kept.
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Where the store is: the embedded SQLite store in `data_dir` (the
+    /// default), or a PostgreSQL database shared by replicas.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Log level: error, warn, info, debug, trace.
     #[serde(default = "default_log")]
     pub log: String,
@@ -57,6 +61,35 @@ pub struct Config {
 
 fn default_log() -> String {
     "info".into()
+}
+
+/// The store backend.
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/database`: the PostgreSQL store, which
+    /// several replicas of this facility may share (each with its own
+    /// `delivery.node_name`). Unset: the SQLite store in `data_dir`. The
+    /// local files (keys, the pseudonym key, the kept checkpoint, spool
+    /// files) stay in `data_dir` either way.
+    pub url: Option<String>,
+    /// Most connections this daemon opens to PostgreSQL (default 16).
+    #[serde(default = "default_store_connections")]
+    pub max_connections: usize,
+}
+
+fn default_store_connections() -> usize {
+    16
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: only whether it is set is shown.
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url.as_ref().map(|_| "(set)"))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
 }
 
 /// Identity and encryption credentials.

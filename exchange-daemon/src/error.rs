@@ -231,7 +231,7 @@ pub enum StoreError {
     /// violated constraint, a busy or unreadable database).
     #[error("{backend}: {detail}")]
     Backend {
-        /// Which backend (`sqlite`).
+        /// Which backend (`sqlite`, `postgres`).
         backend: &'static str,
         /// What it reported, in its own words.
         detail: String,
@@ -270,6 +270,17 @@ pub enum StoreError {
     /// The message or delivery an operation names is not stored.
     #[error("not found: {0}")]
     NotFound(String),
+    /// This daemon's pseudonym key is not the one the shared store's other
+    /// replicas use.
+    #[error(
+        "this daemon's pseudonym.key is not the key the store's other replicas use: copy pseudonym.key from a replica of this facility into the data directory"
+    )]
+    PseudonymKeyMismatch,
+    /// Another running replica uses this replica's name on the shared store.
+    #[error(
+        "another running replica is named {0:?} on this database: give each replica its own delivery.node_name"
+    )]
+    NodeNameTaken(String),
     /// A value the store cannot keep (out of range or inconsistent).
     #[error("invalid value: {0}")]
     Invalid(String),

@@ -20,6 +20,7 @@ use crate::peer::PeerService;
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::store::Store;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::{accountability, proto, tls};
 use exchange_core::audit::{AuditAction, AuditOutcome};
@@ -206,13 +207,27 @@ async fn watch_store(
 }
 
 impl Daemon {
-    /// Opens the SQLite store in `config.data_dir` and starts.
+    /// Opens the configured store (PostgreSQL at `store.url`, else SQLite
+    /// in `data_dir`) and starts.
     pub async fn start(config: Config) -> Result<Self, Error> {
         let dir = config.path(&config.data_dir);
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
-            .await
-            .map_err(|_| Error::Shutdown)??;
-        Self::start_with_store(config, Arc::new(store)).await
+        let store: Arc<dyn Store> = match &config.store.url {
+            Some(url) => Arc::new(
+                PgStore::open(PgOptions {
+                    url: url.clone(),
+                    node_name: config.delivery.node_name.clone(),
+                    max_connections: config.store.max_connections,
+                    spool_dir: dir.join("spool"),
+                })
+                .await?,
+            ),
+            None => Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                    .await
+                    .map_err(|_| Error::Shutdown)??,
+            ),
+        };
+        Self::start_with_store(config, store).await
     }
 
     /// Starts over a given store.
@@ -242,6 +257,9 @@ impl Daemon {
             tracing::info!(released, "resuming deliveries claimed before a restart");
         }
         let node = Arc::new(Node::new(config, store)?);
+        node.store
+            .bind_pseudonym_key(node.pseudonym_key_check())
+            .await?;
         // Refuse to run (and sign) over an audit log that no longer matches
         // the checkpoints this daemon signed.
         node.check_audit_history().await?;

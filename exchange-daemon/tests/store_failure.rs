@@ -73,8 +73,16 @@ impl Store for Dying {
         self.inner
             .claim_fair(owner, now_ms, lease_until_ms, limit, per_target, busy)
     }
-    fn renew_claims(&self, owner: &str, ids: Vec<i64>, until: u64) -> StoreFuture<'_, u64> {
-        self.inner.renew_claims(owner, ids, until)
+    fn renew_claims(
+        &self,
+        owner: &str,
+        claims: Vec<(i64, u64)>,
+        until: u64,
+    ) -> StoreFuture<'_, u64> {
+        self.inner.renew_claims(owner, claims, until)
+    }
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64> {
+        self.inner.release_claim(owner, claims)
     }
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64> {
         self.inner.release_claims(owner)
@@ -82,12 +90,13 @@ impl Store for Dying {
     fn finish_attempt(
         &self,
         delivery: i64,
+        claim: u64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
         audit: Vec<AuditEntry>,
     ) -> StoreFuture<'_, ()> {
         self.inner
-            .finish_attempt(delivery, outcome, receipts, audit)
+            .finish_attempt(delivery, claim, outcome, receipts, audit)
     }
     fn add_receipts(&self, key: MessageKey, receipts: Vec<NewReceipt>) -> StoreFuture<'_, usize> {
         self.inner.add_receipts(key, receipts)
@@ -127,6 +136,9 @@ impl Store for Dying {
     }
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail> {
         self.inner.audit_tail()
+    }
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>> {
+        self.inner.audit_entries(from, limit)
     }
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool> {
         self.inner.add_checkpoint(checkpoint)

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::Node;
 use crate::accountability::{
-    CHECKPOINT_FILE, CHECKPOINT_INTERVAL, DAEMON, audit_root_at, certificate_name, pseudonym,
+    CHECKPOINT_FILE, CHECKPOINT_INTERVAL, DAEMON, certificate_name, pseudonym,
     read_kept_checkpoint, write_kept_checkpoint,
 };
 use crate::clock::unix_ms;
@@ -288,10 +288,7 @@ impl Node {
                 }
             } else {
                 let size = kept.tree_size;
-                let dir = data_dir.clone();
-                let root = tokio::task::spawn_blocking(move || audit_root_at(&dir, size))
-                    .await
-                    .map_err(|e| history(format!("recomputing the tree: {e}")))??;
+                let root = self.audit_root_at(size).await?;
                 if root != Some(kept.root) {
                     return Err(history(format!(
                         "the first {size} entries are not those of the checkpoint kept in \
@@ -301,6 +298,32 @@ impl Node {
             }
         }
         Ok((frontier, leaves))
+    }
+
+    /// The root of the tree over the first `size` entries, recomputed from
+    /// their stored bytes a page at a time (whichever daemon stored them:
+    /// replicas on a shared store sign checkpoints in turn); `None` if the
+    /// log has fewer entries or a gap.
+    async fn audit_root_at(&self, size: u64) -> Result<Option<[u8; 32]>, Error> {
+        const PAGE: usize = 4096;
+        let mut frontier = Frontier::new();
+        while frontier.size() < size {
+            let left = usize::try_from(size - frontier.size()).unwrap_or(usize::MAX);
+            let page = self
+                .store
+                .audit_entries(frontier.size(), PAGE.min(left))
+                .await?;
+            if page.is_empty() {
+                return Ok(None);
+            }
+            for (seq, entry) in page {
+                if seq != frontier.size() {
+                    return Ok(None);
+                }
+                frontier.push(exchange_core::suite::merkle_leaf_hash(&entry));
+            }
+        }
+        Ok(Some(frontier.root()))
     }
 
     /// Signs a checkpoint over the whole log if it grew since the last one;

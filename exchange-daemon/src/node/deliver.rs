@@ -6,7 +6,7 @@
 //! come back; receiving is idempotent by message id, so an item delivered
 //! just before a crash and delivered again makes no second inbox entry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,14 +162,27 @@ async fn claim(
         .claim_fair(owner, now, now + unix_ms_of(lease), free, per_peer, busy)
         .await?;
     let claimed = items.len();
+    let mut skipped = Vec::new();
     let started = items
         .into_iter()
-        .filter(|item| !running.contains(&item.id))
         .filter_map(|item| {
-            let guard = in_flight.start(item.id, &item.target)?;
-            Some((item, guard))
+            let guard = if running.contains_key(&item.id) {
+                None
+            } else {
+                in_flight.start(item.id, item.claim, &item.target)
+            };
+            if guard.is_none() {
+                skipped.push((item.id, item.claim));
+            }
+            Some((item, guard?))
         })
         .collect();
+    // A claim not started here is given back at once: its previous attempt
+    // may have ended (a retry due again) between the snapshot and the
+    // claim, and the item would otherwise wait a whole lease.
+    if !skipped.is_empty() {
+        store.release_claim(owner, skipped).await?;
+    }
     Ok((started, claimed))
 }
 
@@ -205,7 +218,8 @@ struct InFlight(std::sync::Mutex<Running>);
 
 #[derive(Debug, Default)]
 struct Running {
-    ids: HashSet<i64>,
+    /// The running deliveries' ids, with the fencing token of each claim.
+    ids: HashMap<i64, u64>,
     per_target: HashMap<PartyUri, usize>,
 }
 
@@ -231,13 +245,14 @@ impl InFlight {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Marks `id` (to `target`) running until the guard is dropped; `None`
-    /// if it already was.
-    fn start(self: &Arc<Self>, id: i64, target: &PartyUri) -> Option<InFlightGuard> {
+    /// Marks `id` (to `target`, under claim `claim`) running until the
+    /// guard is dropped; `None` if it already was.
+    fn start(self: &Arc<Self>, id: i64, claim: u64, target: &PartyUri) -> Option<InFlightGuard> {
         let mut r = self.lock();
-        if !r.ids.insert(id) {
+        if r.ids.contains_key(&id) {
             return None;
         }
+        r.ids.insert(id, claim);
         *r.per_target.entry(target.clone()).or_insert(0) += 1;
         Some(InFlightGuard {
             registry: Arc::clone(self),
@@ -248,7 +263,7 @@ impl InFlight {
 
     fn end(&self, id: i64, target: &PartyUri) {
         let mut r = self.lock();
-        if r.ids.remove(&id)
+        if r.ids.remove(&id).is_some()
             && let Some(n) = r.per_target.get_mut(target)
         {
             *n -= 1;
@@ -258,8 +273,9 @@ impl InFlight {
         }
     }
 
-    /// The running ids and the attempts running per target, read together.
-    fn snapshot(&self) -> (HashSet<i64>, HashMap<PartyUri, usize>) {
+    /// The running ids (with their claims' fencing tokens) and the attempts
+    /// running per target, read together.
+    fn snapshot(&self) -> (HashMap<i64, u64>, HashMap<PartyUri, usize>) {
         let r = self.lock();
         (r.ids.clone(), r.per_target.clone())
     }
@@ -417,7 +433,7 @@ impl Node {
         };
         if let Err(e) = self
             .store
-            .finish_attempt(item.id, outcome, receipts, audit)
+            .finish_attempt(item.id, item.claim, outcome, receipts, audit)
             .await
         {
             tracing::error!(message = %id, error = %e, "cannot record delivery attempt");
@@ -684,8 +700,8 @@ mod tests {
         let registry = Arc::new(InFlight::default());
         let target = PartyUri::new("urn:test:next").unwrap();
 
-        let guard = registry.start(1, &target).unwrap();
-        assert!(registry.start(1, &target).is_none(), "started twice");
+        let guard = registry.start(1, 1, &target).unwrap();
+        assert!(registry.start(1, 1, &target).is_none(), "started twice");
         assert_eq!(registry.snapshot().1.get(&target), Some(&1));
         let attempt = tokio::spawn(async move {
             let _running = guard;
@@ -695,7 +711,7 @@ mod tests {
         assert!(is_empty(&registry), "{:?}", registry.snapshot());
 
         // Cancelled while running (a shutdown stopping attempts).
-        let guard = registry.start(2, &target).unwrap();
+        let guard = registry.start(2, 1, &target).unwrap();
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let attempt = tokio::spawn(async move {
             let _running = guard;
@@ -708,7 +724,7 @@ mod tests {
         assert!(is_empty(&registry), "{:?}", registry.snapshot());
 
         // Both may run again.
-        let again = (registry.start(1, &target), registry.start(2, &target));
+        let again = (registry.start(1, 1, &target), registry.start(2, 1, &target));
         assert!(again.0.is_some() && again.1.is_some());
         assert_eq!(registry.snapshot().1.get(&target), Some(&2));
         drop(again);
@@ -761,8 +777,14 @@ mod tests {
         // The attempt records its outcome, queued behind the claim.
         let s = Arc::clone(&store);
         let finish = tokio::spawn(async move {
-            s.finish_attempt(item.id, AttemptOutcome::Done, Vec::new(), Vec::new())
-                .await
+            s.finish_attempt(
+                item.id,
+                item.claim,
+                AttemptOutcome::Done,
+                Vec::new(),
+                Vec::new(),
+            )
+            .await
         });
         wait_submitted(&store, before + 3).await;
         release.send(()).unwrap();
@@ -778,6 +800,98 @@ mod tests {
             started.iter().map(|(d, _)| d.id).collect::<Vec<_>>()
         );
         assert!(is_empty(&registry));
+        // The attempt's lease had lapsed and the delivery was claimed again,
+        // but the next hop took it: it is done, not attempted once more.
+        let row = &store
+            .deliveries(crate::store::MessageKey::of_id(mid(1)))
+            .await
+            .unwrap()[0];
+        assert_eq!(row.state, crate::store::DeliveryState::Done);
+    }
+
+    /// An attempt that records a retry (due at once) after the claim loop
+    /// took its snapshot of the running set, but before the claim reads the
+    /// queue: the claim takes the item, which the snapshot still shows as
+    /// running, so it is not started. It must be given back, not held for
+    /// a whole lease.
+    #[tokio::test]
+    async fn a_retry_recorded_during_a_claim_is_attempted_again_without_waiting_a_lease() {
+        use crate::store::sqlite::SqliteStore;
+        use crate::store::sqlite::tests::{hold_writer, inline, mid, wait_submitted};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        store
+            .accept(inline(mid(1), MessageKind::Relay))
+            .await
+            .unwrap();
+        let registry = Arc::new(InFlight::default());
+        let lease = Duration::from_secs(600);
+        let (started, _) = claim(
+            store.as_ref(),
+            &crate::clock::SystemClock,
+            "local",
+            lease,
+            4,
+            4,
+            &registry,
+        )
+        .await
+        .unwrap();
+        let [(item, guard)] = <[_; 1]>::try_from(started).unwrap();
+
+        let before = store.writer_stats().ops_submitted;
+        let (release, blocker) = hold_writer(&store).await;
+        wait_submitted(&store, before + 1).await;
+        // The attempt's retry is queued first ...
+        let s = Arc::clone(&store);
+        let finish = tokio::spawn(async move {
+            let retry = AttemptOutcome::Retry {
+                error: "refused".into(),
+                next_attempt_ms: 0,
+            };
+            s.finish_attempt(item.id, item.claim, retry, Vec::new(), Vec::new())
+                .await
+        });
+        wait_submitted(&store, before + 2).await;
+        // ... then the claim, whose snapshot still shows the attempt running.
+        let mut again = std::pin::pin!(claim(
+            store.as_ref(),
+            &crate::clock::SystemClock,
+            "local",
+            lease,
+            4,
+            4,
+            &registry
+        ));
+        tokio::select! {
+            biased;
+            _ = &mut again => panic!("the claim finished while the writer was held"),
+            () = wait_submitted(&store, before + 3) => {}
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        finish.await.unwrap().unwrap();
+        let (started, claimed) = again.await.unwrap();
+        assert_eq!((started.len(), claimed), (0, 1));
+        drop(guard);
+        // The next claim takes it and starts it, at once.
+        let (started, _) = claim(
+            store.as_ref(),
+            &crate::clock::SystemClock,
+            "local",
+            lease,
+            4,
+            4,
+            &registry,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            started.iter().map(|(d, _)| d.id).collect::<Vec<_>>(),
+            vec![item.id],
+            "the retried delivery waits for a lease it holds but nobody attempts"
+        );
     }
 
     /// Backoff and expiry are read from the node's clock: a failed attempt

@@ -426,6 +426,15 @@ impl Node {
         &self.party
     }
 
+    /// A check value of the facility's pseudonym key (a pseudonym of a
+    /// fixed text: it does not reveal the key).
+    pub(crate) fn pseudonym_key_check(&self) -> [u8; 32] {
+        *self
+            .subject_key
+            .pseudonym("exchange-daemon: pseudonym key check")
+            .as_bytes()
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store

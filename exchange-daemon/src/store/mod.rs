@@ -28,6 +28,7 @@
 //! The store does not interpret envelopes or receipts: the daemon verifies
 //! them with exchange-core before they get here, and again when it reads them.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -536,6 +537,10 @@ pub struct DeliveryRecord {
     pub last_error: Option<String>,
     /// Give up after (Unix ms).
     pub expires_ms: u64,
+    /// The fencing token of its latest claim: it grows with every claim,
+    /// and only the holder of the current one may renew the claim or
+    /// record the attempt's outcome (0: never claimed).
+    pub claim: u64,
 }
 
 /// How an attempt ended.
@@ -602,6 +607,17 @@ pub enum StoredCiphertext {
     Inline(Vec<u8>),
     /// Kept in a blob file.
     File(PathBuf),
+    /// Kept by the backend in pieces, read one piece at a time.
+    Source(std::sync::Arc<dyn CiphertextSource>),
+}
+
+/// A ciphertext a backend streams from wherever it keeps it (the
+/// PostgreSQL store: chunks in the database). Its reader blocks: read it
+/// on the blocking thread pool, as the daemon does every ciphertext.
+pub trait CiphertextSource: fmt::Debug + Send + Sync {
+    /// A reader from the first byte; an error if the ciphertext is gone
+    /// or shorter than its row says.
+    fn open(&self) -> std::io::Result<Box<dyn Read + Send>>;
 }
 
 impl StoredCiphertext {
@@ -613,6 +629,7 @@ impl StoredCiphertext {
                 256 * 1024,
                 File::open(p)?,
             ))),
+            Self::Source(s) => s.open(),
         }
     }
 }
@@ -678,19 +695,37 @@ pub trait Store: Send + Sync + 'static {
         busy: HashMap<PartyUri, usize>,
     ) -> StoreFuture<'_, Vec<DeliveryRecord>>;
 
-    /// Extends `owner`'s claims on the pending deliveries `ids` (attempts
-    /// still running) until `lease_until_ms`; returns how many it extended.
-    fn renew_claims(&self, owner: &str, ids: Vec<i64>, lease_until_ms: u64)
-    -> StoreFuture<'_, u64>;
+    /// Extends `owner`'s claims on pending deliveries (attempts still
+    /// running), each named by its id and the fencing token its claim
+    /// returned ([`DeliveryRecord::claim`]), until `lease_until_ms`;
+    /// returns how many it extended (a claim taken over since is not).
+    fn renew_claims(
+        &self,
+        owner: &str,
+        claims: Vec<(i64, u64)>,
+        lease_until_ms: u64,
+    ) -> StoreFuture<'_, u64>;
+
+    /// Releases `owner`'s claims on these deliveries (id and fencing
+    /// token), if they still hold: a claim taken and then not attempted.
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64>;
 
     /// Releases every claim `owner` holds (a single-node daemon at start).
     fn release_claims(&self, owner: &str) -> StoreFuture<'_, u64>;
 
     /// Records an attempt's outcome with the receipts it brought back and
-    /// its audit entries, atomically.
+    /// its audit entries, atomically. Only a pending delivery changes. A
+    /// retry or a failure is recorded only if `claim` is still the
+    /// delivery's fencing token: a worker whose lease lapsed (and whose
+    /// delivery another worker has claimed since) cannot overwrite the live
+    /// claim, and changes nothing but the receipts and audit entries it
+    /// brings, which are facts whoever reports them. A delivery done is
+    /// recorded whatever the token: the next hop took it, and the live
+    /// claim's attempt would only repeat it.
     fn finish_attempt(
         &self,
         delivery: i64,
+        claim: u64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
         audit: Vec<AuditEntry>,
@@ -741,6 +776,18 @@ pub trait Store: Send + Sync + 'static {
     /// plaintext of an inbound message at `now_ms`.
     fn mark_fetched(&self, key: MessageKey, now_ms: u64) -> StoreFuture<'_, ()>;
 
+    /// Binds the store to the facility's pseudonym key by a check value
+    /// derived from it (never the key): the first call keeps it, and a later
+    /// one with another value fails with
+    /// [`StoreError::PseudonymKeyMismatch`]. A shared store needs this:
+    /// every replica must pseudonymize patients with the same key, or
+    /// their records could not be found together. The SQLite store keeps
+    /// the key file beside its database and checks nothing.
+    fn bind_pseudonym_key(&self, check: [u8; 32]) -> StoreFuture<'_, ()> {
+        let _ = check;
+        Box::pin(async { Ok(()) })
+    }
+
     /// How many pending deliveries there are (health, tests, the demo).
     fn pending_count(&self) -> StoreFuture<'_, u64>;
 
@@ -758,6 +805,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The latest checkpoint (frontier, signed form) and the entries after it.
     fn audit_tail(&self) -> StoreFuture<'_, AuditTail>;
+
+    /// Up to `limit` audit log entries from `from` on, in order: seq and
+    /// stored entry bytes (to recompute the tree a checkpoint was signed
+    /// over, a page at a time).
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>>;
 
     /// Stores a checkpoint if it extends the latest one; false if not newer.
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool>;

@@ -30,6 +30,8 @@ use exchange_daemon::{Config, Daemon};
 use tonic::transport::Channel;
 
 pub mod openssl_pki;
+pub mod pg;
+pub mod replicas;
 
 pub const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";
 pub const HOSPITAL: &str = "urn:jp:mhlw:facility:1310000021";
@@ -118,6 +120,9 @@ pub struct Net {
     pub ca: CertificateAuthority,
     pub now: SystemTime,
     revoked: Vec<RevokedSerial>,
+    /// With `EXCHANGE_TEST_STORE=postgres`: each party's database, by name
+    /// (dropped with the network).
+    databases: std::sync::Mutex<std::collections::HashMap<String, Arc<pg::TestDb>>>,
 }
 
 pub fn validity(now: SystemTime) -> Validity {
@@ -135,6 +140,7 @@ impl Net {
             ca,
             now,
             revoked: Vec::new(),
+            databases: std::sync::Mutex::default(),
         };
         net.write_crl();
         net
@@ -264,6 +270,18 @@ max_backoff_ms = 1000
         )
         .unwrap();
         s.push_str(extra);
+        if pg::suites_on_postgres() && !extra.contains("[store]") {
+            let db = Arc::clone(
+                self.databases
+                    .lock()
+                    .unwrap()
+                    .entry(party.name.clone())
+                    .or_insert_with(|| Arc::new(pg::TestDb::new())),
+            );
+            let url = db.url();
+            writeln!(s, "\n[store]\nurl = \"{url}\"").unwrap();
+            std::fs::write(party.dir.join(STORE_URL_FILE), url).unwrap();
+        }
         for p in peers {
             writeln!(
                 s,
@@ -576,19 +594,40 @@ pub struct StoreCounts {
     pub spool_files: usize,
 }
 
+/// Where [`Net::configure`] notes a party's PostgreSQL database.
+const STORE_URL_FILE: &str = "store-url";
+
+/// The URL of `party`'s PostgreSQL database, if it runs on one.
+pub fn store_url(party: &Party) -> Option<String> {
+    std::fs::read_to_string(party.dir.join(STORE_URL_FILE)).ok()
+}
+
 pub fn store_counts(party: &Party) -> StoreCounts {
     let dir = party.data_dir();
+    let files = |d: &str| {
+        std::fs::read_dir(dir.join(d))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    if let Some(url) = store_url(party) {
+        let count = |sql: &str| pg::count(&url, sql);
+        return StoreCounts {
+            messages: count("SELECT count(*) FROM messages"),
+            deliveries: count("SELECT count(*) FROM deliveries"),
+            pending_deliveries: count("SELECT count(*) FROM deliveries WHERE state = 'pending'"),
+            receipts: count("SELECT count(*) FROM receipts"),
+            // Ciphertexts kept in chunks (PostgreSQL has no blob files).
+            blob_files: usize::try_from(count("SELECT count(*) FROM messages WHERE chunked"))
+                .unwrap(),
+            spool_files: files("spool"),
+        };
+    }
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("store.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
     let count = |sql: &str| -> u64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-    let files = |d: &str| {
-        std::fs::read_dir(dir.join(d))
-            .map(|r| r.count())
-            .unwrap_or(0)
-    };
     StoreCounts {
         messages: count("SELECT count(*) FROM messages"),
         deliveries: count("SELECT count(*) FROM deliveries"),

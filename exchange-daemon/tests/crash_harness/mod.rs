@@ -156,6 +156,34 @@ impl Exchanged {
         }
     }
 
+    /// Whether the process was started and not yet ended.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGTERM (a graceful stop: the daemon signs a last checkpoint), then
+    /// waits for the exit; `true` if it exited with status 0 in time.
+    pub async fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent && Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+        false
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
     }
@@ -227,6 +255,12 @@ impl Drop for Exchanged {
 /// Pending deliveries in a party's store, read with a read-only connection
 /// while its daemon runs (None if the store cannot be read right now).
 pub fn pending(party: &Party) -> Option<u64> {
+    if let Some(url) = store_url(party) {
+        return Some(pg::count(
+            &url,
+            "SELECT count(*) FROM deliveries WHERE state = 'pending'",
+        ));
+    }
     let conn = rusqlite::Connection::open_with_flags(
         party.data_dir().join("store.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -241,10 +275,54 @@ pub fn pending(party: &Party) -> Option<u64> {
     .ok()
 }
 
+/// The pending deliveries of a party, described (for a failure report).
+pub fn pending_rows(party: &Party) -> Vec<String> {
+    const SQL: &str = "SELECT id || ' to ' || target || ': attempts ' || attempts \
+         || ', next ' || next_attempt_ms || ', claimed by ' || COALESCE(claimed_by, '-') \
+         || ' until ' || COALESCE(CAST(claim_until_ms AS TEXT), '-') || ' (claim ' || claim \
+         || '), last error ' || COALESCE(last_error, '-') \
+         FROM deliveries WHERE state = 'pending' ORDER BY id";
+    if let Some(url) = store_url(party) {
+        return pg::query(&url, SQL, |r| r.get::<_, String>(0));
+    }
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        party.data_dir().join("store.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare(SQL) else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
 /// Files in a party's `blobs/` that no message row names, rows whose blob
 /// file is missing, and files left in `spool/`.
 pub fn orphans(party: &Party) -> (Vec<String>, Vec<String>, Vec<String>) {
     let dir = party.data_dir();
+    let files = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Some(url) = store_url(party) {
+        // Chunks are rows: a chunk without its message cannot exist (a
+        // foreign key); a message whose chunks do not add up to its length
+        // is the counterpart of a blob file gone missing.
+        let missing = pg::query(
+            &url,
+            "SELECT encode(id, 'hex') FROM messages m WHERE chunked AND ciphertext_len <> \
+             COALESCE((SELECT sum(length(data)) FROM blob_chunks c WHERE c.message_id = m.id), 0)",
+            |r| r.get::<_, String>(0),
+        );
+        return (Vec::new(), missing, files(&dir.join("spool")));
+    }
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("store.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -258,14 +336,6 @@ pub fn orphans(party: &Party) -> (Vec<String>, Vec<String>, Vec<String>) {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let files = |d: &Path| -> Vec<String> {
-        std::fs::read_dir(d)
-            .map(|r| {
-                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let blobs: HashSet<String> = files(&dir.join("blobs")).into_iter().collect();
     let unnamed = blobs.difference(&named).cloned().collect();
     let missing = named.difference(&blobs).cloned().collect();
@@ -275,6 +345,33 @@ pub fn orphans(party: &Party) -> (Vec<String>, Vec<String>, Vec<String>) {
 /// The crash points each role passes through, and how many passes to let
 /// by before the crash (at most) so that it comes at a random one.
 fn crash_points(role: usize) -> &'static [(&'static str, u64)] {
+    if pg::suites_on_postgres() {
+        // The PostgreSQL store's points: after a large ciphertext's chunks
+        // are written, before and after each commit.
+        const PG: [(&str, u64); 3] = [
+            ("store::chunks-written", 4),
+            ("store::before-commit", 40),
+            ("store::after-commit", 40),
+        ];
+        return match role {
+            0 => &[
+                PG[0],
+                PG[1],
+                PG[2],
+                ("client::send-reply", 10),
+                ("delivery::answered", 10),
+                ("peer::receipts-reply", 10),
+            ],
+            1 => &[
+                PG[0],
+                PG[1],
+                PG[2],
+                ("peer::deliver-reply", 10),
+                ("delivery::answered", 10),
+            ],
+            _ => &[PG[0], PG[1], PG[2], ("peer::deliver-reply", 10)],
+        };
+    }
     const STORE: [(&str, u64); 5] = [
         ("store::spool-fsynced", 4),
         ("store::blob-linked", 4),
@@ -560,9 +657,17 @@ pub async fn run(seed: u64, cycles: usize, senders: usize) -> Tally {
         }
         if progress.elapsed() > Duration::from_secs(60) {
             tally.pending_left = left;
-            tally
-                .problems
-                .push(format!("{left} deliveries still pending"));
+            tally.problems.push(format!(
+                "{left} deliveries still pending at {}",
+                exchange_daemon::unix_ms(std::time::SystemTime::now())
+            ));
+            for p in &parties {
+                tally.problems.extend(
+                    pending_rows(p)
+                        .into_iter()
+                        .map(|row| format!("{}: {row}", p.name)),
+                );
+            }
             break;
         }
         sleep(Duration::from_millis(200)).await;
@@ -626,7 +731,13 @@ async fn check(
     // The hospital's inbox, read from its store (every inbound row), each
     // item fetched through the client service and traced to its Send by
     // the payload's first line.
-    let inbox: Vec<Vec<u8>> = {
+    let inbox: Vec<Vec<u8>> = if let Some(url) = store_url(hospital) {
+        pg::query(
+            &url,
+            "SELECT wire_id FROM messages WHERE kind = 'inbound'",
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+    } else {
         let conn = rusqlite::Connection::open_with_flags(
             hospital.data_dir().join("store.sqlite3"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,

@@ -550,10 +550,12 @@ impl Store for SqliteStore {
                     due.extend(turn);
                 }
                 let mut claim = conn.prepare_cached(
-                    "UPDATE deliveries SET claimed_by = ?1, claim_until_ms = ?2 WHERE id = ?3",
+                    "UPDATE deliveries SET claimed_by = ?1, claim_until_ms = ?2, \
+                     claim = claim + 1 WHERE id = ?3 RETURNING claim",
                 )?;
-                for d in &due {
-                    claim.execute(params![owner, until, d.id])?;
+                for d in &mut due {
+                    let token: i64 = claim.query_row(params![owner, until, d.id], |r| r.get(0))?;
+                    d.claim = to_u64(token, "delivery claim")?;
                 }
                 Ok(due)
             })
@@ -564,20 +566,47 @@ impl Store for SqliteStore {
     fn renew_claims(
         &self,
         owner: &str,
-        ids: Vec<i64>,
+        claims: Vec<(i64, u64)>,
         lease_until_ms: u64,
     ) -> StoreFuture<'_, u64> {
         let owner = owner.to_owned();
         Box::pin(async move {
             let until = to_i64(lease_until_ms, "lease_until_ms")?;
+            let claims = claims
+                .into_iter()
+                .map(|(id, token)| Ok((id, to_i64(token, "claim")?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
             self.write(move |conn| {
                 let mut renew = conn.prepare_cached(
                     "UPDATE deliveries SET claim_until_ms = ?3 \
-                     WHERE id = ?2 AND claimed_by = ?1 AND state = 'pending'",
+                     WHERE id = ?2 AND claimed_by = ?1 AND claim = ?4 AND state = 'pending'",
                 )?;
                 let mut n = 0u64;
-                for id in ids {
-                    n += u64::try_from(renew.execute(params![owner, id, until])?).unwrap_or(0);
+                for (id, token) in claims {
+                    n += u64::try_from(renew.execute(params![owner, id, until, token])?)
+                        .unwrap_or(0);
+                }
+                Ok(n)
+            })
+            .await
+        })
+    }
+
+    fn release_claim(&self, owner: &str, claims: Vec<(i64, u64)>) -> StoreFuture<'_, u64> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            let claims = claims
+                .into_iter()
+                .map(|(id, token)| Ok((id, to_i64(token, "claim")?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            self.write(move |conn| {
+                let mut release = conn.prepare_cached(
+                    "UPDATE deliveries SET claimed_by = NULL, claim_until_ms = NULL \
+                     WHERE id = ?1 AND claimed_by = ?2 AND claim = ?3 AND state = 'pending'",
+                )?;
+                let mut n = 0u64;
+                for (id, token) in claims {
+                    n += u64::try_from(release.execute(params![id, owner, token])?).unwrap_or(0);
                 }
                 Ok(n)
             })
@@ -601,11 +630,13 @@ impl Store for SqliteStore {
     fn finish_attempt(
         &self,
         delivery: i64,
+        claim: u64,
         outcome: AttemptOutcome,
         receipts: Vec<NewReceipt>,
         audit: Vec<AuditEntry>,
     ) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let claim = to_i64(claim, "claim")?;
             let receipts = receipts
                 .into_iter()
                 .map(ReceiptRow::new)
@@ -626,8 +657,9 @@ impl Store for SqliteStore {
                 let Some(message) = message else {
                     return Err(StoreError::NotFound(format!("delivery {delivery}")));
                 };
-                // Only a pending delivery changes: a late report from a
-                // worker whose lease lapsed must not reopen a finished one.
+                // Only a pending delivery under this claim changes: a late
+                // report from a worker whose lease lapsed must neither
+                // reopen a finished delivery nor overwrite a live claim.
                 match &outcome {
                     Finish::Done => conn
                         .prepare_cached(
@@ -635,21 +667,21 @@ impl Store for SqliteStore {
                              claimed_by = NULL, claim_until_ms = NULL \
                              WHERE id = ?1 AND state = 'pending'",
                         )?
-                        .execute([delivery])?,
+                        .execute(params![delivery])?,
                     Finish::Retry(error, next) => conn
                         .prepare_cached(
                             "UPDATE deliveries SET attempts = attempts + 1, last_error = ?2, \
                              next_attempt_ms = ?3, claimed_by = NULL, claim_until_ms = NULL \
-                             WHERE id = ?1 AND state = 'pending'",
+                             WHERE id = ?1 AND state = 'pending' AND claim = ?4",
                         )?
-                        .execute(params![delivery, error, next])?,
+                        .execute(params![delivery, error, next, claim])?,
                     Finish::Failed(reason) => conn
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'failed', failure = ?2, \
                              attempts = attempts + 1, claimed_by = NULL, claim_until_ms = NULL \
-                             WHERE id = ?1 AND state = 'pending'",
+                             WHERE id = ?1 AND state = 'pending' AND claim = ?3",
                         )?
-                        .execute(params![delivery, reason])?,
+                        .execute(params![delivery, reason, claim])?,
                 };
                 let message = message_key(&message)?;
                 insert_receipts(conn, &message, &receipts)?;
@@ -852,6 +884,27 @@ impl Store for SqliteStore {
             conn.execute_batch("COMMIT")?;
             tail
         }))
+    }
+
+    fn audit_entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, Vec<u8>)>> {
+        Box::pin(async move {
+            let from = to_i64(from, "audit seq")?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            self.read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT seq, entry FROM audit_log WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+                )?
+                .query_map(params![from, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })?
+                .map(|row| {
+                    let (seq, entry) = row?;
+                    Ok((to_u64(seq, "audit seq")?, entry))
+                })
+                .collect()
+            })
+            .await
+        })
     }
 
     fn add_checkpoint(&self, checkpoint: NewCheckpoint) -> StoreFuture<'_, bool> {

@@ -16,11 +16,11 @@ pub(super) const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphert
      local_client, content_type, purpose, created_ms, expires_ms, received_ms, our_receipt, acked_ms, \
      fetched_ms, wire_id";
 
-/// The last column is the message id of the delivery's message (`message_id`
-/// is its key).
+/// The last column but one is the message id of the delivery's message
+/// (`message_id` is its key); the last, the fencing token of its claim.
 pub(super) const DELIVERY_COLUMNS: &str = "id, message_id, target, kind, payload, state, failure, attempts, \
      next_attempt_ms, last_error, expires_ms, \
-     (SELECT m.wire_id FROM messages m WHERE m.id = message_id)";
+     (SELECT m.wire_id FROM messages m WHERE m.id = message_id), claim";
 
 /// The first target after `?1` (in text order) with pending deliveries: a
 /// step of the skip scan over `deliveries_target_due`.
@@ -202,6 +202,7 @@ pub(super) fn delivery_from_row(
     let last_error: Option<String> = r.get(9)?;
     let expires_ms: i64 = r.get(10)?;
     let wire_id: Option<Vec<u8>> = r.get(11)?;
+    let claim: i64 = r.get(12)?;
     Ok((|| -> Result<DeliveryRecord, StoreError> {
         let kind = match (kind.as_str(), payload) {
             ("envelope", None) => DeliveryKind::Envelope,
@@ -236,6 +237,7 @@ pub(super) fn delivery_from_row(
             next_attempt_ms: to_u64(next_attempt_ms, "next_attempt_ms")?,
             last_error,
             expires_ms: to_u64(expires_ms, "delivery expires_ms")?,
+            claim: to_u64(claim, "delivery claim")?,
         })
     })())
 }

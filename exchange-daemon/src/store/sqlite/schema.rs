@@ -91,6 +91,14 @@
 //! read back without checking them again (NULL in rows from before version
 //! 7, which are verified when read).
 //!
+//! Version 8: index `deliveries_target_due` over pending deliveries by
+//! (`target`, `next_attempt_ms`, `id`).
+//!
+//! Version 9: `deliveries.claim`, the fencing token of a delivery's latest
+//! claim (0: never claimed): each claim increments it, and renewing the
+//! claim or recording the attempt's outcome must present it, so that a
+//! worker whose lease lapsed cannot change a delivery claimed again since.
+//!
 //! Times are Unix milliseconds stored as SQLite integers (i64); a `u64`
 //! above `i64::MAX` is refused on the way in, a negative value read back is
 //! reported as [`StoreError::Corrupt`].
@@ -317,6 +325,10 @@ ALTER TABLE receipts ADD COLUMN verified_ms INTEGER;
     r"
 CREATE INDEX deliveries_target_due ON deliveries (target, next_attempt_ms, id)
     WHERE state = 'pending';
+",
+    // 9: a fencing token per claim.
+    r"
+ALTER TABLE deliveries ADD COLUMN claim INTEGER NOT NULL DEFAULT 0 CHECK (claim >= 0);
 ",
 ];
 

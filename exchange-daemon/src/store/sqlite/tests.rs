@@ -320,6 +320,7 @@ async fn claim_due_respects_next_attempt_lease_and_limit() {
     store
         .finish_attempt(
             ids[0],
+            0,
             AttemptOutcome::Retry {
                 error: "down".into(),
                 next_attempt_ms: 1_000,
@@ -481,12 +482,15 @@ async fn finish_attempt_sets_state_and_attempts() {
         .accept(inline(mid(2), MessageKind::Relay))
         .await
         .unwrap();
-    let d1 = store.claim_due("w", 0, 100, 1).await.unwrap()[0].id;
+    let first = store.claim_due("w", 0, 100, 1).await.unwrap()[0].clone();
+    let d1 = first.id;
+    assert_eq!(first.claim, 1);
     let d2 = store.deliveries(key(mid(2))).await.unwrap()[0].id;
 
     store
         .finish_attempt(
             d1,
+            first.claim,
             AttemptOutcome::Retry {
                 error: "timeout".into(),
                 next_attempt_ms: 5_000,
@@ -502,20 +506,26 @@ async fn finish_attempt_sets_state_and_attempts() {
     assert_eq!(r.next_attempt_ms, 5_000);
     assert_eq!(r.last_error.as_deref(), Some("timeout"));
     // The claim was cleared: due again at 5000 without waiting for the lease.
-    assert_eq!(
-        store.claim_due("x", 5_000, 5_001, 10).await.unwrap().len(),
-        2
-    );
+    let again = store.claim_due("x", 5_000, 5_001, 10).await.unwrap();
+    assert_eq!(again.len(), 2);
+    let token = |id| again.iter().find(|d| d.id == id).unwrap().claim;
+    assert_eq!((token(d1), token(d2)), (2, 1));
 
     store
-        .finish_attempt(d1, AttemptOutcome::Done, vec![], vec![])
+        .finish_attempt(d1, token(d1), AttemptOutcome::Done, vec![], vec![])
         .await
         .unwrap();
     let r = &store.deliveries(key(mid(1))).await.unwrap()[0];
     assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
 
     store
-        .finish_attempt(d2, AttemptOutcome::Failed("refused".into()), vec![], vec![])
+        .finish_attempt(
+            d2,
+            token(d2),
+            AttemptOutcome::Failed("refused".into()),
+            vec![],
+            vec![],
+        )
         .await
         .unwrap();
     let r = &store.deliveries(key(mid(2))).await.unwrap()[0];
@@ -527,6 +537,7 @@ async fn finish_attempt_sets_state_and_attempts() {
     store
         .finish_attempt(
             d1,
+            token(d1),
             AttemptOutcome::Retry {
                 error: "late".into(),
                 next_attempt_ms: 1,
@@ -540,7 +551,7 @@ async fn finish_attempt_sets_state_and_attempts() {
     assert_eq!((r.state.clone(), r.attempts), (DeliveryState::Done, 2));
     assert!(matches!(
         store
-            .finish_attempt(d2 + 100, AttemptOutcome::Done, vec![], vec![])
+            .finish_attempt(d2 + 100, 0, AttemptOutcome::Done, vec![], vec![])
             .await,
         Err(StoreError::NotFound(_))
     ));
@@ -584,6 +595,7 @@ async fn receipts_are_deduplicated_and_forwarded_once() {
     store
         .finish_attempt(
             envelope_delivery,
+            0,
             AttemptOutcome::Done,
             vec![receipt(b"r3", fwd(b"r3")), receipt(b"r1", fwd(b"r1"))],
             vec![],
@@ -684,6 +696,7 @@ async fn one_receipt_per_issuer_and_disposition_is_kept() {
     store
         .finish_attempt(
             envelope_delivery,
+            0,
             AttemptOutcome::Done,
             vec![audited("urn:test:d", "DELIVERED", b"e2")],
             vec![],
@@ -848,10 +861,11 @@ async fn everything_survives_reopen() {
             .unwrap();
         let env = envelope(mid(2), MessageKind::Inbound, spooled(&store, b"blob"), 4);
         store.accept(env).await.unwrap();
-        let d = store.claim_due("w", 0, 100, 1).await.unwrap()[0].id;
+        let d = store.claim_due("w", 0, 100, 1).await.unwrap()[0].clone();
         store
             .finish_attempt(
-                d,
+                d.id,
+                d.claim,
                 AttemptOutcome::Retry {
                     error: "e".into(),
                     next_attempt_ms: 50,
@@ -1356,11 +1370,25 @@ async fn renewed_claims_are_not_taken() {
     assert_eq!(d.len(), 1);
     // Only the owner's claim is renewed.
     assert_eq!(
-        store.renew_claims("b", vec![d[0].id], 5_000).await.unwrap(),
+        store
+            .renew_claims("b", vec![(d[0].id, d[0].claim)], 5_000)
+            .await
+            .unwrap(),
+        0
+    );
+    // Nor under another fencing token.
+    assert_eq!(
+        store
+            .renew_claims("a", vec![(d[0].id, d[0].claim + 1)], 5_000)
+            .await
+            .unwrap(),
         0
     );
     assert_eq!(
-        store.renew_claims("a", vec![d[0].id], 2_000).await.unwrap(),
+        store
+            .renew_claims("a", vec![(d[0].id, d[0].claim)], 2_000)
+            .await
+            .unwrap(),
         1
     );
     assert!(
@@ -1374,6 +1402,60 @@ async fn renewed_claims_are_not_taken() {
         store.claim_due("c", 2_001, 3_000, 10).await.unwrap().len(),
         1
     );
+}
+
+/// A worker whose lease lapsed, and whose delivery another worker claimed
+/// since, reports late: its outcome must not overwrite the live claim (nor
+/// finish the delivery under it), and its renewal must not extend it.
+#[tokio::test]
+async fn a_lapsed_claims_late_report_does_not_touch_the_new_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    store
+        .accept(inline(mid(1), MessageKind::Relay))
+        .await
+        .unwrap();
+    let stale = store.claim_due("a", 10, 600, 10).await.unwrap().remove(0);
+    // a's lease lapses; b claims the delivery.
+    let live = store
+        .claim_due("b", 601, 5_000, 10)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(live.id, stale.id);
+    assert!(live.claim > stale.claim, "{} {}", live.claim, stale.claim);
+    // a reports a failure for good, then a retry: neither lands.
+    for outcome in [
+        AttemptOutcome::Failed("stale".into()),
+        AttemptOutcome::Retry {
+            error: "stale".into(),
+            next_attempt_ms: 0,
+        },
+    ] {
+        store
+            .finish_attempt(stale.id, stale.claim, outcome, vec![], vec![])
+            .await
+            .unwrap();
+    }
+    let row = &store.deliveries(key(mid(1))).await.unwrap()[0];
+    assert_eq!(row.state, DeliveryState::Pending);
+    assert_eq!((row.attempts, row.last_error.as_deref()), (0, None));
+    assert_eq!(row.claim, live.claim);
+    // b's claim still holds: nobody else gets the delivery before 5000.
+    assert!(
+        store
+            .claim_due("c", 700, 9_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // b's outcome is recorded.
+    store
+        .finish_attempt(live.id, live.claim, AttemptOutcome::Done, vec![], vec![])
+        .await
+        .unwrap();
+    let row = &store.deliveries(key(mid(1))).await.unwrap()[0];
+    assert_eq!((row.state.clone(), row.attempts), (DeliveryState::Done, 1));
 }
 
 #[tokio::test]
