@@ -33,7 +33,7 @@ const SETTINGS: &str = "lease_ms = 3000\n\n[limits]\ninline_ciphertext_bytes = 3
 /// is larger than the inline limit (its ciphertext goes to chunks).
 fn payload(task: usize, i: usize) -> Vec<u8> {
     let mut data = format!("replica-payload {task} {i}\n").into_bytes();
-    let len = if i % 3 == 0 { 100_000 } else { 2_000 };
+    let len = if i.is_multiple_of(3) { 100_000 } else { 2_000 };
     let mut x = (task * 1_000 + i) as u32;
     while data.len() < len {
         x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);

@@ -171,9 +171,8 @@ impl PgStore {
             .url
             .parse()
             .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
-        for d in [&options.spool_dir] {
-            std::fs::create_dir_all(d).map_err(|e| io_err("create", d, e))?;
-        }
+        let spool = &options.spool_dir;
+        std::fs::create_dir_all(spool).map_err(|e| io_err("create", spool, e))?;
         clear_spool(&options.spool_dir)?;
         let (mut client, connection) = connect(&config).await?;
         schema::migrate(&mut client).await?;

@@ -331,7 +331,7 @@ pub(super) async fn insert_receipts(
     mut receipts: Vec<ReceiptRow>,
     audits: &mut Audits,
 ) -> Result<usize, StoreError> {
-    receipts.sort_by(|a, b| a.digest.cmp(&b.digest));
+    receipts.sort_by_key(|r| r.digest);
     let message = key.as_bytes().as_slice();
     let insert = conn
         .prepare_cached(
