@@ -156,6 +156,11 @@ impl Exchanged {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process was started and not yet ended.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
