@@ -117,15 +117,18 @@ async fn run(bytes: u64, postgres: bool) {
     let first = SendRequest {
         part: Some(send_request::Part::Start(start)),
     };
-    let stream = futures_util::stream::iter(std::iter::once(first).chain((0..pieces).map(
-        move |n| {
+    let stream =
+        futures_util::stream::iter(std::iter::once(first).chain((0..pieces).map(move |n| {
             let mut p = piece(n);
-            p.truncate(usize::try_from(bytes - n * PIECE as u64).unwrap_or(PIECE).min(PIECE));
+            p.truncate(
+                usize::try_from(bytes - n * PIECE as u64)
+                    .unwrap_or(PIECE)
+                    .min(PIECE),
+            );
             SendRequest {
                 part: Some(send_request::Part::Chunk(p)),
             }
-        },
-    )));
+        })));
     let t0 = Instant::now();
     let mut app = client_of(&net, &clinic, &emr);
     let id = app.send(stream).await.unwrap().into_inner().message_id;
@@ -170,11 +173,19 @@ async fn run(bytes: u64, postgres: bool) {
     let mut expected = Hasher::new();
     for n in 0..pieces {
         let mut p = piece(n);
-        p.truncate(usize::try_from(bytes - n * PIECE as u64).unwrap_or(PIECE).min(PIECE));
+        p.truncate(
+            usize::try_from(bytes - n * PIECE as u64)
+                .unwrap_or(PIECE)
+                .min(PIECE),
+        );
         expected.update(&p);
     }
     assert_eq!(got, bytes);
-    assert_eq!(digest.finish(), expected.finish(), "the payload came back changed");
+    assert_eq!(
+        digest.finish(),
+        expected.finish(),
+        "the payload came back changed"
+    );
 
     let mib = bytes as f64 / (1024.0 * 1024.0);
     let rate = |d: Duration| mib / d.as_secs_f64();
@@ -195,10 +206,7 @@ async fn run(bytes: u64, postgres: bool) {
     );
     for (name, p) in [("clinic", &c), ("hospital", &h)] {
         let kib = p.pid().map_or(0, peak_rss_kib);
-        println!(
-            "peak RSS {name:>8}: {:>7.1} MiB",
-            kib as f64 / 1024.0
-        );
+        println!("peak RSS {name:>8}: {:>7.1} MiB", kib as f64 / 1024.0);
     }
     if let (Some((a0, b0)), Some((a, b))) = (before, dbs.as_ref()) {
         let gib = bytes as f64 / (1u64 << 30) as f64;

@@ -26,8 +26,8 @@
 //!   replica's [`Store::failure`] resolves and it stops (its supervisor
 //!   restarts it): it never runs without holding its name.
 //! * The audit log stays one Merkle log for the facility: appends take the
-//!   audit head's row lock last in their transaction (see [`write`]).
-//! * Large ciphertexts are kept in the database in chunks (see [`blobs`]);
+//!   audit head's row lock last in their transaction, just before it commits.
+//! * Large ciphertexts are kept in the database in chunks of [`CHUNK`] bytes;
 //!   spool files are local scratch (a directory of the replica's own).
 //!
 //! The connection pool holds at most `[store] max_connections`
