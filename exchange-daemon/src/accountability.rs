@@ -37,7 +37,7 @@ use crate::error::{Error, StoreError};
 use crate::node::Node;
 use crate::store::{
     MessageKey, MessageMeta, MessageRecord, NewCheckpoint, NewProvision, ProvisionDirection,
-    SchemaNeed,
+    SchemaNeed, StoreLocation,
 };
 
 /// The facility secret's file name in the data directory.
@@ -83,20 +83,42 @@ pub fn load_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
 /// `data_dir` has no audit entry yet. A store that already has entries
 /// refuses to start without its key: a new key would silently make every
 /// earlier pseudonym unsearchable (restore the key from a backup).
+///
+/// This looks at the SQLite store in `data_dir`; a daemon on another store
+/// calls [`load_or_create_subject_key_at`].
 pub fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
+    load_or_create_subject_key_at(data_dir, &StoreLocation::Dir(data_dir.to_owned()))
+}
+
+/// [`load_or_create_subject_key`] for the store at `store` (a PostgreSQL
+/// database, or the SQLite store in a data directory): the key file is in
+/// `data_dir` either way. A store without a schema yet counts as one
+/// without entries; a database that cannot be reached is an error.
+pub fn load_or_create_subject_key_at(
+    data_dir: &Path,
+    store: &StoreLocation,
+) -> Result<SubjectKey, Error> {
     let path = data_dir.join(SUBJECT_KEY_FILE);
     if path.exists() {
         return load_subject_key(data_dir);
     }
-    if let Ok(store) = crate::store::open_read_only(data_dir, SchemaNeed::Current) {
+    let location = store;
+    let opened = match crate::store::open_read_only(location, SchemaNeed::Current) {
+        Ok(store) => Some(store),
+        // No store yet (or, for a directory, none this build reads).
+        Err(StoreError::NotFound(_)) => None,
+        Err(_) if matches!(location, StoreLocation::Dir(_)) => None,
+        // A database that cannot be asked now: no key is made on a guess.
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(store) = opened {
         let entries = store.audit_len()?.unwrap_or(0);
         if entries > 0 {
             return Err(Error::Config(format!(
-                "{} is missing but the store in {} already holds {entries} audit entries: \
+                "{} is missing but the store in {location} already holds {entries} audit entries: \
                  restore the facility's pseudonym key from a backup (a new key would make \
                  every earlier patient pseudonym unsearchable)",
                 path.display(),
-                data_dir.display()
             )));
         }
     }
@@ -664,16 +686,17 @@ pub(crate) async fn run(node: std::sync::Arc<Node>, mut stop: watch::Receiver<bo
     }
 }
 
-/// The provision records about one patient in the store in `data_dir`
+/// The provision records about one patient in the store at `store`
 /// (read-only; works beside a running daemon): the disclosure report's
-/// content. The identifier is pseudonymised with the facility's key and
-/// looked up by pseudonym; it is not stored or logged.
+/// content. The identifier is pseudonymised with the facility's key (read
+/// from `data_dir`) and looked up by pseudonym; it is not stored or logged.
 pub fn provision_report(
     data_dir: &Path,
+    store: &StoreLocation,
     subject: &SubjectId,
 ) -> Result<Vec<crate::store::ProvisionRecord>, Error> {
     let key = load_subject_key(data_dir)?;
-    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
+    let store = crate::store::open_read_only(store, SchemaNeed::Current)?;
     Ok(store.provisions_for(&pseudonym(&key, subject))?)
 }
 
@@ -696,7 +719,7 @@ pub struct ExportSummary {
     pub not_yet_checkpointed: u64,
 }
 
-/// Writes the audit log of the store in `data_dir` (read-only; works
+/// Writes the audit log of the store at `store` (read-only; works
 /// beside a running daemon) as an export file (`exchange_core::audit`
 /// format): the entries dated in `[from_ms, to_ms)` (all if both are
 /// `None`), each with its inclusion proof, witnesses at the range's ends,
@@ -710,7 +733,7 @@ pub struct ExportSummary {
 /// [`Error::Core`] carrying the consistency error, and nothing is written
 /// after the header.
 pub fn export_audit(
-    data_dir: &Path,
+    store: &StoreLocation,
     from_ms: Option<u64>,
     to_ms: Option<u64>,
     witnesses: &[SignedCheckpoint],
@@ -725,11 +748,11 @@ pub fn export_audit(
             "the start of the range must be before its end".into(),
         ));
     }
-    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
+    let location = store;
+    let store = crate::store::open_read_only(location, SchemaNeed::Current)?;
     let Some(latest) = store.latest_checkpoint()? else {
         return Err(Error::NotFound(format!(
-            "no signed audit checkpoint in {} yet (a running daemon signs one within {} s; a stopped one signed its last at shutdown)",
-            data_dir.display(),
+            "no signed audit checkpoint in {location} yet (a running daemon signs one within {} s; a stopped one signed its last at shutdown)",
             CHECKPOINT_INTERVAL.as_secs()
         )));
     };
