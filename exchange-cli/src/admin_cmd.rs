@@ -70,8 +70,8 @@ pub(crate) struct VerifyStoreArgs {
     /// The facility's PostgreSQL store, when its daemon has `[store] url`
     /// (postgres://user@host:port/database, or key=value form): the rows
     /// are read there, read-only, in one transaction. A password in the
-    /// URL is visible to other local users: prefer trust or peer
-    /// authentication for this tool.
+    /// URL is visible to other local users (in the process list):
+    /// prefer peer authentication over a Unix socket (host=/run/postgresql).
     #[arg(long, value_name = "URL", conflicts_with = "config")]
     store: Option<String>,
     /// CA certificate (trust anchor); repeat for several.

@@ -187,8 +187,8 @@ enum Command {
         /// The facility's PostgreSQL store, when its daemon has `[store] url`
         /// (postgres://user@host:port/database, or key=value form): the rows
         /// are read there, read-only, in one transaction. A password in the
-        /// URL is visible to other local users: prefer trust or peer
-        /// authentication for this tool.
+        /// URL is visible to other local users (in the process list):
+        /// prefer peer authentication over a Unix socket (host=/run/postgresql).
         #[arg(long, value_name = "URL")]
         store: Option<String>,
         /// The patient identifier, [SYSTEM|]VALUE as given to `exchange send --subject`.
@@ -349,8 +349,8 @@ enum AuditCommand {
         /// The facility's PostgreSQL store, when its daemon has `[store] url`
         /// (postgres://user@host:port/database, or key=value form): the rows
         /// are read there, read-only, in one transaction. A password in the
-        /// URL is visible to other local users: prefer trust or peer
-        /// authentication for this tool.
+        /// URL is visible to other local users (in the process list):
+        /// prefer peer authentication over a Unix socket (host=/run/postgresql).
         #[arg(long, value_name = "URL", conflicts_with = "data")]
         store: Option<String>,
         /// Only entries at or after this time (RFC 3339).
