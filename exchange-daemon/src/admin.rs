@@ -8,6 +8,12 @@
 //! the daemon's writer), and [`restore`] only writes a directory that holds
 //! no store yet.
 //!
+//! [`verify_store`] reads a PostgreSQL store too (in one `REPEATABLE READ
+//! READ ONLY` transaction, see [`crate::store::StoreLocation`]); backup and
+//! restore are of SQLite stores only (a PostgreSQL store is backed up with
+//! the database's own tools, `pg_dump`, with the data directory's
+//! `pseudonym.key`).
+//!
 //! # Backup archive format
 //!
 //! A POSIX ustar archive (`tar`), mode 0600, whose members are, in order:
@@ -158,8 +164,8 @@ pub struct RestoreSummary {
 // ---------------------------------------------------------------------------
 // Backup.
 
-/// Takes a consistent online backup of the store in `data_dir` into the new
-/// archive `out` (see the module documentation for the format).
+/// Takes a consistent online backup of the SQLite store in `data_dir` into
+/// the new archive `out` (see the module documentation for the format).
 ///
 /// Works while a daemon runs on the directory: the database is opened
 /// read-only without the store lock and copied with `VACUUM INTO` in one

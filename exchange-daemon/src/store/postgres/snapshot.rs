@@ -41,6 +41,9 @@ use crate::store::{
 /// Rows one page of a walk reads.
 pub const PAGE: i64 = 512;
 
+/// How long a connection may take unless the URL says (`connect_timeout`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A statement parameter, moved to the connection's thread.
 type Param = Box<dyn ToSql + Send + Sync>;
 
@@ -150,9 +153,13 @@ impl PgSnapshot {
     /// Connects to the store at `url` and checks its schema version (see
     /// [`crate::store::open_read_only`]), then opens the read transaction.
     pub fn open(url: &str, schema: SchemaNeed) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            // A tool should say the server is unreachable, not hang.
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let (opened_tx, opened_rx) = mpsc::sync_channel(1);
         let (requests, requests_rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
