@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use exchange_core::trust::TrustStore;
 use exchange_daemon::admin::{self, VerifyStoreReport};
 use exchange_daemon::config::Config;
+use exchange_daemon::store::StoreLocation;
 
 use crate::error::{CliError, Result};
 use crate::files;
@@ -23,8 +24,12 @@ pub(crate) enum AdminCommand {
     /// and a manifest of SHA-256 digests. Never overwrites FILE.
     Backup {
         /// The store directory (`data_dir` of exchanged.toml).
-        #[arg(long, value_name = "DIR")]
-        data: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "store")]
+        data: Option<PathBuf>,
+        /// A PostgreSQL store: refused (this backup is of SQLite stores;
+        /// back up a PostgreSQL store with pg_dump, and pseudonym.key with it).
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
         /// The archive to create.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -36,8 +41,12 @@ pub(crate) enum AdminCommand {
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
         /// The store directory to create (must not exist, or be empty).
-        #[arg(long, value_name = "DIR")]
-        data: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "store")]
+        data: Option<PathBuf>,
+        /// A PostgreSQL store: refused (restore a PostgreSQL store with
+        /// pg_restore).
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
     },
     /// Re-verify everything stored (read-only; the daemon may run): every
     /// envelope's signature and sender chain, every ciphertext's SHA-256,
@@ -49,7 +58,8 @@ pub(crate) enum AdminCommand {
 /// Where the store is and what to trust.
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyStoreArgs {
-    /// The store directory.
+    /// The facility's data directory (`data_dir` of exchanged.toml): the
+    /// checkpoint it keeps, and the SQLite store unless --store is given.
     #[arg(
         long,
         value_name = "DIR",
@@ -57,6 +67,13 @@ pub(crate) struct VerifyStoreArgs {
         conflicts_with = "config"
     )]
     data: Option<PathBuf>,
+    /// The facility's PostgreSQL store, when its daemon has `[store] url`
+    /// (postgres://user@host:port/database, or key=value form): the rows
+    /// are read there, read-only, in one transaction. A password in the
+    /// URL is visible to other local users (in the process list):
+    /// prefer peer authentication over a Unix socket (host=/run/postgresql).
+    #[arg(long, value_name = "URL", conflicts_with = "config")]
+    store: Option<String>,
     /// CA certificate (trust anchor); repeat for several.
     #[arg(
         long,
@@ -68,7 +85,8 @@ pub(crate) struct VerifyStoreArgs {
     /// CRL; repeat for several. With none, revocation is not checked.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     crl: Vec<PathBuf>,
-    /// Take the store directory, anchors and CRLs from the daemon's configuration.
+    /// Take the data directory, the store (`[store] url` if set), anchors
+    /// and CRLs from the daemon's configuration.
     #[arg(long, value_name = "exchanged.toml")]
     config: Option<PathBuf>,
 }
@@ -76,14 +94,27 @@ pub(crate) struct VerifyStoreArgs {
 /// Runs an `exchange admin` command.
 pub(crate) fn run(command: AdminCommand) -> Result<()> {
     match command {
-        AdminCommand::Backup { data, out } => backup(&data, &out),
-        AdminCommand::Restore { from, data } => restore(&from, &data),
+        AdminCommand::Backup { data, store, out } => backup(&sqlite_only(data, store)?, &out),
+        AdminCommand::Restore { from, data, store } => restore(&from, &sqlite_only(data, store)?),
         AdminCommand::VerifyStore(args) => verify_store(&args),
     }
 }
 
 fn admin_err(what: String) -> impl FnOnce(exchange_daemon::Error) -> CliError {
     move |source| CliError::Admin { what, source }
+}
+
+/// The store directory of a SQLite-only command; `--store URL` is refused.
+fn sqlite_only(data: Option<PathBuf>, store: Option<String>) -> Result<PathBuf> {
+    if store.is_some() {
+        return Err(CliError::Usage(
+            "exchange admin backup and restore handle SQLite stores only: back up a PostgreSQL \
+             store with pg_dump (and restore it with pg_restore), and keep the data directory's \
+             pseudonym.key with it"
+                .into(),
+        ));
+    }
+    data.ok_or_else(|| CliError::Usage("--data is required".into()))
 }
 
 fn backup(data: &Path, out: &Path) -> Result<()> {
@@ -112,13 +143,18 @@ fn restore(from: &Path, data: &Path) -> Result<()> {
 }
 
 fn verify_store(args: &VerifyStoreArgs) -> Result<()> {
-    let (dir, trust, note) = match &args.config {
+    let (dir, location, trust, note) = match &args.config {
         Some(path) => {
             let config = Config::load(path)
                 .map_err(admin_err(format!("configuration {}", path.display())))?;
             let trust = admin::config_trust(&config)
                 .map_err(admin_err(format!("trust of {}", path.display())))?;
-            (config.path(&config.data_dir), trust, "")
+            (
+                config.path(&config.data_dir),
+                StoreLocation::of_config(&config),
+                trust,
+                "",
+            )
         }
         None => {
             let dir = args
@@ -130,23 +166,24 @@ fn verify_store(args: &VerifyStoreArgs) -> Result<()> {
             } else {
                 ""
             };
-            (dir, trust(&args.ca, &args.crl)?, note)
+            let location = crate::store_location(Some(dir.clone()), args.store.clone())?;
+            (dir, location, trust(&args.ca, &args.crl)?, note)
         }
     };
-    let report = admin::verify_store(&dir, &trust)
-        .map_err(admin_err(format!("verify-store {}", dir.display())))?;
-    print_report(&dir, &report, note);
+    let report = admin::verify_store(&dir, &location, &trust)
+        .map_err(admin_err(format!("verify-store {location}")))?;
+    print_report(&location, &report, note);
     if report.is_ok() {
         Ok(())
     } else {
         Err(CliError::StoreProblems {
-            dir,
+            store: location.to_string(),
             count: report.failures.len(),
         })
     }
 }
 
-fn print_report(dir: &Path, report: &VerifyStoreReport, note: &str) {
+fn print_report(location: &StoreLocation, report: &VerifyStoreReport, note: &str) {
     for f in &report.failures {
         println!("FAILED {f}");
     }
@@ -160,7 +197,7 @@ fn print_report(dir: &Path, report: &VerifyStoreReport, note: &str) {
     } else {
         "FAILURES"
     };
-    println!("store {}: {verdict}: {report}{note}", dir.display());
+    println!("store {location}: {verdict}: {report}{note}");
 }
 
 /// Anchors from every `--ca`, CRLs from every `--crl` (then required for

@@ -11,7 +11,7 @@ use clap::ValueEnum;
 use exchange_core::envelope::SubjectId;
 use exchange_core::receipt::SignedReceipt;
 use exchange_daemon::accountability;
-use exchange_daemon::store::{ProvisionDirection, ProvisionRecord};
+use exchange_daemon::store::{ProvisionDirection, ProvisionRecord, StoreLocation};
 
 use crate::envelope_cmd::DEFAULT_SUBJECT_SYSTEM;
 use crate::error::{CliError, Result};
@@ -45,20 +45,22 @@ pub(crate) fn parse_subject(s: &str) -> Result<SubjectId> {
     })
 }
 
-fn daemon_err(what: &Path) -> impl FnOnce(exchange_daemon::Error) -> CliError {
-    let what = what.display().to_string();
+fn daemon_err(what: &StoreLocation) -> impl FnOnce(exchange_daemon::Error) -> CliError {
+    let what = what.to_string();
     move |source| CliError::Daemon { what, source }
 }
 
-/// `exchange provisions`: the disclosure report for one patient.
+/// `exchange provisions`: the disclosure report for one patient (the
+/// pseudonym key from `data`, the records from `store`).
 pub(crate) fn provisions(
     data: &Path,
+    store: &StoreLocation,
     subject: &str,
     format: ReportFormat,
     receipts_dir: Option<&Path>,
 ) -> Result<()> {
     let id = parse_subject(subject)?;
-    let records = accountability::provision_report(data, &id).map_err(daemon_err(data))?;
+    let records = accountability::provision_report(data, store, &id).map_err(daemon_err(store))?;
     let mut files_written = Vec::new();
     if let Some(dir) = receipts_dir {
         files::create_dir(dir)?;
@@ -72,7 +74,7 @@ pub(crate) fn provisions(
         }
     }
     let out = match format {
-        ReportFormat::Text => text_report(data, &id, &records, &files_written),
+        ReportFormat::Text => text_report(store, &id, &records, &files_written),
         ReportFormat::Json => json_report(&id, &records)?,
         ReportFormat::Csv => csv_report(&records)?,
     };
@@ -102,7 +104,7 @@ fn receipt_file_b64(r: &ProvisionRecord) -> Result<String> {
 }
 
 fn text_report(
-    data: &Path,
+    store: &StoreLocation,
     id: &SubjectId,
     records: &[ProvisionRecord],
     receipt_files: &[PathBuf],
@@ -113,7 +115,7 @@ fn text_report(
         "Disclosure report (第三者提供記録 / 確認記録) for patient {} ({})",
         id.value, id.system
     );
-    let _ = writeln!(t, "store: {}", data.display());
+    let _ = writeln!(t, "store: {store}");
     let _ = writeln!(t, "records: {}", records.len());
     for (i, r) in records.iter().enumerate() {
         let _ = writeln!(t);
@@ -235,7 +237,7 @@ fn csv_report(records: &[ProvisionRecord]) -> Result<String> {
 /// `exchange audit export`: the audit log (or a time range of it) with
 /// inclusion proofs and the latest signed checkpoint, to `out` or stdout.
 pub(crate) fn export(
-    data: &Path,
+    store: &StoreLocation,
     from: Option<&str>,
     to: Option<&str>,
     witnesses: &[PathBuf],
@@ -249,11 +251,10 @@ pub(crate) fn export(
         exchange_daemon::Error::Core(exchange_core::Error::Audit(
             exchange_core::AuditError::ConsistencyProof,
         )) if !witnesses.is_empty() => CliError::Usage(format!(
-            "{}: the audit log does not extend a witnessed checkpoint: it was rewritten after that checkpoint was exported",
-            data.display()
+            "{store}: the audit log does not extend a witnessed checkpoint: it was rewritten after that checkpoint was exported"
         )),
         e => CliError::Daemon {
-            what: data.display().to_string(),
+            what: store.to_string(),
             source: e,
         },
     };
@@ -269,7 +270,7 @@ pub(crate) fn export(
             }
             let tmp = files::temp_for(path)?;
             let summary = accountability::export_audit(
-                data,
+                store,
                 from_ms,
                 to_ms,
                 &witnessed,
@@ -286,7 +287,7 @@ pub(crate) fn export(
         None => {
             let stdout = std::io::stdout();
             let out = crate::out::PipeAware(stdout.lock());
-            accountability::export_audit(data, from_ms, to_ms, &witnessed, out)
+            accountability::export_audit(store, from_ms, to_ms, &witnessed, out)
                 .map_err(export_err)?
         }
     };

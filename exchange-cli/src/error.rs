@@ -104,10 +104,10 @@ pub(crate) enum CliError {
         source: exchange_daemon::Error,
     },
     /// `exchange admin verify-store` found failures (listed on stdout).
-    #[error("store {}: {count} check(s) failed (listed above)", dir.display())]
+    #[error("store {store}: {count} check(s) failed (listed above)")]
     StoreProblems {
-        /// The store directory.
-        dir: PathBuf,
+        /// The store (directory, or URL without its password).
+        store: String,
         /// How many failures.
         count: usize,
     },

@@ -42,7 +42,9 @@ use clap::{Parser, Subcommand};
 
 use crate::client_cmd::{ConnArgs, SendArgs};
 use crate::envelope_cmd::SealArgs;
-use crate::error::Result;
+use exchange_daemon::store::StoreLocation;
+
+use crate::error::{CliError, Result};
 
 #[derive(Parser)]
 #[command(
@@ -178,9 +180,17 @@ enum Command {
     /// (確認記録) about one patient in a facility's store, with the signed
     /// receipts as evidence.
     Provisions {
-        /// The facility's data directory (`data_dir` of exchanged.toml).
+        /// The facility's data directory (`data_dir` of exchanged.toml): the
+        /// pseudonym key, and the SQLite store unless --store is given.
         #[arg(long)]
         data: PathBuf,
+        /// The facility's PostgreSQL store, when its daemon has `[store] url`
+        /// (postgres://user@host:port/database, or key=value form): the rows
+        /// are read there, read-only, in one transaction. A password in the
+        /// URL is visible to other local users (in the process list):
+        /// prefer peer authentication over a Unix socket (host=/run/postgresql).
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
         /// The patient identifier, [SYSTEM|]VALUE as given to `exchange send --subject`.
         #[arg(long)]
         subject: String,
@@ -332,9 +342,17 @@ enum AuditCommand {
     /// Export the audit log (JSON lines: entries with inclusion proofs, the
     /// latest signed checkpoint); works while the daemon runs.
     Export {
-        /// The facility's data directory (`data_dir` of exchanged.toml).
-        #[arg(long)]
-        data: PathBuf,
+        /// The facility's data directory (`data_dir` of exchanged.toml),
+        /// which holds its SQLite store.
+        #[arg(long, value_name = "DIR", required_unless_present = "store")]
+        data: Option<PathBuf>,
+        /// The facility's PostgreSQL store, when its daemon has `[store] url`
+        /// (postgres://user@host:port/database, or key=value form): the rows
+        /// are read there, read-only, in one transaction. A password in the
+        /// URL is visible to other local users (in the process list):
+        /// prefer peer authentication over a Unix socket (host=/run/postgresql).
+        #[arg(long, value_name = "URL", conflicts_with = "data")]
+        store: Option<String>,
         /// Only entries at or after this time (RFC 3339).
         #[arg(long)]
         from: Option<String>,
@@ -516,12 +534,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Audit { command } => match command {
             AuditCommand::Export {
                 data,
+                store,
                 from,
                 to,
                 witnesses,
                 out,
             } => audit_cmd::export(
-                &data,
+                &store_location(data, store)?,
                 from.as_deref(),
                 to.as_deref(),
                 &witnesses,
@@ -535,10 +554,14 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Provisions {
             data,
+            store,
             subject,
             format,
             receipts,
-        } => audit_cmd::provisions(&data, &subject, format, receipts.as_deref()),
+        } => {
+            let location = store_location(Some(data.clone()), store)?;
+            audit_cmd::provisions(&data, &location, &subject, format, receipts.as_deref())
+        }
         Command::Admin { command } => admin_cmd::run(command),
         Command::Demo { dir, burst } => block_on(demo::run(dir.as_deref(), burst)),
     }
@@ -563,5 +586,18 @@ fn main() -> ExitCode {
         }
         // The reader of standard output went away: end quietly, as cat does.
         Err(status) => ExitCode::from(status),
+    }
+}
+
+/// Where an offline command reads the store: `--store URL` (PostgreSQL) if
+/// given, else the SQLite store in `--data DIR`.
+pub(crate) fn store_location(
+    data: Option<PathBuf>,
+    store: Option<String>,
+) -> Result<StoreLocation> {
+    match (store, data) {
+        (Some(url), _) => Ok(StoreLocation::Url(url)),
+        (None, Some(dir)) => Ok(StoreLocation::Dir(dir)),
+        (None, None) => Err(CliError::Usage("--data or --store is required".into())),
     }
 }

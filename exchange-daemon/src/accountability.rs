@@ -31,10 +31,10 @@ use exchange_core::envelope::SubjectId;
 use exchange_core::identity::Certificate;
 
 use crate::error::{Error, StoreError};
-use crate::store::SchemaNeed;
+use crate::store::{SchemaNeed, StoreLocation};
 
 /// The facility secret's file name in the data directory.
-pub(crate) const SUBJECT_KEY_FILE: &str = "pseudonym.key";
+pub const SUBJECT_KEY_FILE: &str = "pseudonym.key";
 
 /// How often the checkpointer signs a new checkpoint when the log grew.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
@@ -67,26 +67,41 @@ pub fn load_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
     Ok(SubjectKey::from_bytes(key))
 }
 
-/// Reads the facility's pseudonym key, creating it (32 random bytes, mode
-/// 0600, written to a temporary file, fsynced, then linked into place so a
-/// concurrent start cannot clobber it) if there is none and the store in
-/// `data_dir` has no audit entry yet. A store that already has entries
-/// refuses to start without its key: a new key would silently make every
-/// earlier pseudonym unsearchable (restore the key from a backup).
-pub(crate) fn load_or_create_subject_key(data_dir: &Path) -> Result<SubjectKey, Error> {
+/// Reads the facility's pseudonym key from `data_dir`, creating it (32
+/// random bytes, mode 0600, written to a temporary file, fsynced, then
+/// linked into place so a concurrent start cannot clobber it) if there is
+/// none and the store at `store` (a PostgreSQL database, or the SQLite
+/// store in a data directory) has no audit entry yet. A store that already
+/// has entries refuses to start without its key: a new key would silently
+/// make every earlier pseudonym unsearchable (restore the key from a
+/// backup, or copy it from another replica). A store without a schema yet
+/// counts as one without entries; a database that cannot be reached is an
+/// error.
+pub fn load_or_create_subject_key_at(
+    data_dir: &Path,
+    store: &StoreLocation,
+) -> Result<SubjectKey, Error> {
     let path = data_dir.join(SUBJECT_KEY_FILE);
     if path.exists() {
         return load_subject_key(data_dir);
     }
-    if let Ok(store) = crate::store::open_read_only(data_dir, SchemaNeed::Current) {
+    let location = store;
+    let opened = match crate::store::open_read_only(location, SchemaNeed::Current) {
+        Ok(store) => Some(store),
+        // No store yet (or, for a directory, none this build reads).
+        Err(StoreError::NotFound(_)) => None,
+        Err(_) if matches!(location, StoreLocation::Dir(_)) => None,
+        // A database that cannot be asked now: no key is made on a guess.
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(store) = opened {
         let entries = store.audit_len()?.unwrap_or(0);
         if entries > 0 {
             return Err(Error::Config(format!(
-                "{} is missing but the store in {} already holds {entries} audit entries: \
+                "{} is missing but the store in {location} already holds {entries} audit entries: \
                  restore the facility's pseudonym key from a backup (a new key would make \
                  every earlier patient pseudonym unsearchable)",
                 path.display(),
-                data_dir.display()
             )));
         }
     }
@@ -215,16 +230,17 @@ pub(crate) fn write_kept_checkpoint(data_dir: &Path, signed: &[u8]) -> Result<()
     Ok(())
 }
 
-/// The provision records about one patient in the store in `data_dir`
+/// The provision records about one patient in the store at `store`
 /// (read-only; works beside a running daemon): the disclosure report's
-/// content. The identifier is pseudonymised with the facility's key and
-/// looked up by pseudonym; it is not stored or logged.
+/// content. The identifier is pseudonymised with the facility's key (read
+/// from `data_dir`) and looked up by pseudonym; it is not stored or logged.
 pub fn provision_report(
     data_dir: &Path,
+    store: &StoreLocation,
     subject: &SubjectId,
 ) -> Result<Vec<crate::store::ProvisionRecord>, Error> {
     let key = load_subject_key(data_dir)?;
-    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
+    let store = crate::store::open_read_only(store, SchemaNeed::Current)?;
     Ok(store.provisions_for(&pseudonym(&key, subject))?)
 }
 
@@ -247,7 +263,7 @@ pub struct ExportSummary {
     pub not_yet_checkpointed: u64,
 }
 
-/// Writes the audit log of the store in `data_dir` (read-only; works
+/// Writes the audit log of the store at `store` (read-only; works
 /// beside a running daemon) as an export file (`exchange_core::audit`
 /// format): the entries dated in `[from_ms, to_ms)` (all if both are
 /// `None`), each with its inclusion proof, witnesses at the range's ends,
@@ -261,7 +277,7 @@ pub struct ExportSummary {
 /// [`Error::Core`] carrying the consistency error, and nothing is written
 /// after the header.
 pub fn export_audit(
-    data_dir: &Path,
+    store: &StoreLocation,
     from_ms: Option<u64>,
     to_ms: Option<u64>,
     witnesses: &[SignedCheckpoint],
@@ -276,11 +292,11 @@ pub fn export_audit(
             "the start of the range must be before its end".into(),
         ));
     }
-    let store = crate::store::open_read_only(data_dir, SchemaNeed::Current)?;
+    let location = store;
+    let store = crate::store::open_read_only(location, SchemaNeed::Current)?;
     let Some(latest) = store.latest_checkpoint()? else {
         return Err(Error::NotFound(format!(
-            "no signed audit checkpoint in {} yet (a running daemon signs one within {} s; a stopped one signed its last at shutdown)",
-            data_dir.display(),
+            "no signed audit checkpoint in {location} yet (a running daemon signs one within {} s; a stopped one signed its last at shutdown)",
             CHECKPOINT_INTERVAL.as_secs()
         )));
     };

@@ -8,6 +8,12 @@
 //! the daemon's writer), and [`restore`] only writes a directory that holds
 //! no store yet.
 //!
+//! [`verify_store`] reads a PostgreSQL store too (in one `REPEATABLE READ
+//! READ ONLY` transaction, see [`crate::store::StoreLocation`]); backup and
+//! restore are of SQLite stores only (a PostgreSQL store is backed up with
+//! the database's own tools, `pg_dump`, with the data directory's
+//! `pseudonym.key`).
+//!
 //! # Backup archive format
 //!
 //! A POSIX ustar archive (`tar`), mode 0600, whose members are, in order:
@@ -51,8 +57,8 @@ use crate::store::sqlite::{
     valid_blob_name,
 };
 use crate::store::{
-    RawAuditEntry, RawCheckpoint, RawMessage, RawProvision, RawReceipt, ReadOnlyStore, RowCounts,
-    SchemaNeed,
+    CiphertextChunk, RawAuditEntry, RawCheckpoint, RawMessage, RawProvision, RawReceipt,
+    ReadOnlyStore, RowCounts, SchemaNeed, StoreLocation,
 };
 
 const DB_FILE: &str = "store.sqlite3";
@@ -158,8 +164,8 @@ pub struct RestoreSummary {
 // ---------------------------------------------------------------------------
 // Backup.
 
-/// Takes a consistent online backup of the store in `data_dir` into the new
-/// archive `out` (see the module documentation for the format).
+/// Takes a consistent online backup of the SQLite store in `data_dir` into
+/// the new archive `out` (see the module documentation for the format).
 ///
 /// Works while a daemon runs on the directory: the database is opened
 /// read-only without the store lock and copied with `VACUUM INTO` in one
@@ -680,6 +686,9 @@ pub struct VerifyStoreReport {
     pub inline_ciphertexts_verified: u64,
     /// Blob files whose length and SHA-256 matched their head.
     pub blob_ciphertexts_verified: u64,
+    /// Chunked ciphertexts (PostgreSQL) whose chunks are all there and
+    /// whose length and SHA-256 matched their head.
+    pub chunked_ciphertexts_verified: u64,
     /// Bytes of ciphertext read and hashed.
     pub ciphertext_bytes: u64,
     /// Stored receipts examined (`receipts` rows and each message's own receipt).
@@ -724,16 +733,23 @@ impl VerifyStoreReport {
 impl fmt::Display for VerifyStoreReport {
     /// One line saying what was checked.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A store has blob files (SQLite) or chunks (PostgreSQL).
+        let (large, kind) = if self.chunked_ciphertexts_verified > 0 {
+            (self.chunked_ciphertexts_verified, "chunked")
+        } else {
+            (self.blob_ciphertexts_verified, "blob files")
+        };
         write!(
             f,
-            "schema {}: {} message(s): {} head(s), {} ciphertext(s) ({} inline, {} blob files, {} bytes) \
+            "schema {}: {} message(s): {} head(s), {} ciphertext(s) ({} inline, {large} {kind}, {} bytes) \
              verified; {} of {} receipt(s) verified",
             self.schema_version,
             self.messages,
             self.heads_verified,
-            self.inline_ciphertexts_verified + self.blob_ciphertexts_verified,
+            self.inline_ciphertexts_verified
+                + self.blob_ciphertexts_verified
+                + self.chunked_ciphertexts_verified,
             self.inline_ciphertexts_verified,
-            self.blob_ciphertexts_verified,
             self.ciphertext_bytes,
             self.receipts_verified,
             self.receipts
@@ -764,22 +780,27 @@ pub fn config_trust(config: &Config) -> Result<TrustStore, Error> {
     crate::node::trust_store(config, &config.trust.anchors, &config.trust.crls)
 }
 
-/// Re-verifies everything in the store in `data_dir`, read-only (it may run
-/// beside the daemon): every envelope head (signature and sender chain at
+/// Re-verifies everything in the store at `store`, read-only (it may run
+/// beside the daemon), with the checkpoint kept in `data_dir`: every envelope head (signature and sender chain at
 /// the time it was received, against `trust`'s CRLs of today, as the daemon
 /// does before serving it), every ciphertext against its head's length and
-/// SHA-256 (inline rows and blob files, streamed), every stored receipt
+/// SHA-256 (inline rows, blob files and chunks, streamed), every stored receipt
 /// (signature, issuer chain at its issue time, and that it is about that
-/// message's head), every provision record's receipt, missing blob files,
-/// and the audit log (each entry against its leaf hash, the tree against
-/// every signed checkpoint).
+/// message's head), every provision record's receipt, missing blob files
+/// and missing chunks (chunks that do not add up to the message's
+/// ciphertext length), and the audit log (each entry against its leaf
+/// hash, the tree against every signed checkpoint).
 ///
 /// It does not stop at the first failure: the report lists each one.
 /// `Err` only when the store cannot be read at all.
-pub fn verify_store(data_dir: &Path, trust: &TrustStore) -> Result<VerifyStoreReport, Error> {
+pub fn verify_store(
+    data_dir: &Path,
+    store: &StoreLocation,
+    trust: &TrustStore,
+) -> Result<VerifyStoreReport, Error> {
     // Every read until `end_snapshot` sees one snapshot, taken at the
     // first read (after the kept checkpoint below is read).
-    let mut store = crate::store::open_read_only(data_dir, SchemaNeed::AnyKnown)?;
+    let mut store = crate::store::open_read_only(store, SchemaNeed::AnyKnown)?;
     let mut report = VerifyStoreReport::default();
     // Read before the snapshot: a running daemon replaces the file only
     // after the checkpoint it holds is committed.
@@ -893,11 +914,16 @@ fn scrub(
             None => {
                 let bytes = store.inline_ciphertext(&id_bytes)?;
                 match (bytes, &head) {
-                    (None, _) => report.fail(
-                        Some(id),
-                        "ciphertext",
-                        "neither inline ciphertext nor blob file",
-                    ),
+                    (None, _) => match store.ciphertext_chunks(&id_bytes)? {
+                        Some(chunks) => {
+                            verify_chunks(chunks, id, ciphertext_len, head.as_ref(), report)?;
+                        }
+                        None => report.fail(
+                            Some(id),
+                            "ciphertext",
+                            "neither inline ciphertext nor blob file nor chunks",
+                        ),
+                    },
                     (Some(bytes), Some(h)) => {
                         let mut v = h.ciphertext_verifier();
                         match v.update(&bytes).and_then(|()| v.finish()) {
@@ -957,6 +983,58 @@ fn scrub(
     report.audit_entries = store.audit_len()?;
     report.failures.extend(verify_audit_log(store, trust, kept));
     Ok(named)
+}
+
+/// A chunked ciphertext (PostgreSQL): the chunks must be numbered 0, 1,
+/// 2 … and add up to the `ciphertext_len` column (else chunks are missing,
+/// the equivalent of a missing blob file), and, when the head verified,
+/// their bytes must be the ciphertext it signed.
+fn verify_chunks(
+    chunks: crate::store::Rows<'_, CiphertextChunk>,
+    id: MessageId,
+    ciphertext_len: i64,
+    head: Option<&VerifiedHead>,
+    report: &mut VerifyStoreReport,
+) -> Result<(), StoreError> {
+    let what = "ciphertext (chunked)";
+    let mut verifier = head.map(VerifiedHead::ciphertext_verifier);
+    let mut total = 0u64;
+    let mut expected = 0i64;
+    let mut broken: Option<String> = None;
+    for chunk in chunks {
+        let CiphertextChunk { n, data } = chunk?;
+        if n != expected {
+            broken.get_or_insert_with(|| format!("chunk {expected} is missing (next is {n})"));
+        }
+        expected = n.saturating_add(1);
+        total += data.len() as u64;
+        if let Some(v) = &mut verifier
+            && let Err(e) = v.update(&data)
+        {
+            broken.get_or_insert_with(|| e.to_string());
+            verifier = None;
+        }
+    }
+    report.ciphertext_bytes += total;
+    if u64::try_from(ciphertext_len).ok() != Some(total) {
+        report.fail(
+            Some(id),
+            what,
+            format!("chunks missing: the chunks hold {total} bytes of {ciphertext_len}"),
+        );
+        return Ok(());
+    }
+    if let Some(problem) = broken {
+        report.fail(Some(id), what, problem);
+        return Ok(());
+    }
+    if let Some(v) = verifier {
+        match v.finish() {
+            Ok(()) => report.chunked_ciphertexts_verified += 1,
+            Err(e) => report.fail(Some(id), what, e),
+        }
+    }
+    Ok(())
 }
 
 fn verify_head(

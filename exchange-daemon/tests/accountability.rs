@@ -1,4 +1,5 @@
-//! Accountability on real daemons (real TLS on loopback, real SQLite):
+//! Accountability on real daemons (real TLS on loopback, real SQLite or
+//! PostgreSQL):
 //! every access and transfer in the audit log with patient pseudonyms only,
 //! signed checkpoints over the Merkle tree, provision records on both sides
 //! of the boundary, and the retention purge recorded.
@@ -19,7 +20,6 @@ use exchange_core::receipt::{Disposition, SignedReceipt};
 use exchange_daemon::accountability::{self, load_subject_key};
 use exchange_daemon::proto::{AckRequest, FetchRequest, ListInboxRequest};
 use exchange_daemon::store::ProvisionDirection;
-use exchange_daemon::store::sqlite::open_read_only;
 
 const PATIENT: &str = "P-000123";
 const PATIENT_SYSTEM: &str = "urn:oid:1.2.392.100495.20.3.51.11310000013";
@@ -31,32 +31,19 @@ fn patient() -> SubjectId {
     }
 }
 
-/// Every audit entry of the store in `dir`, verified against its stored
+/// Every audit entry of `party`'s store, verified against its stored
 /// leaf hash, in order.
-fn audit_log(dir: &Path) -> Vec<AuditEntry> {
-    let conn = open_read_only(dir).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT seq, entry, leaf_hash FROM audit_log ORDER BY seq")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    rows.into_iter()
+fn audit_log(party: &Party) -> Vec<AuditEntry> {
+    read_store(party)
+        .audit_entries(None, None)
+        .map(Result::unwrap)
         .enumerate()
-        .map(|(i, (seq, bytes, leaf))| {
-            let e = AuditEntry::from_json(&bytes).unwrap();
-            assert_eq!(seq as usize, i, "seq numbers are dense from 0");
+        .map(|(i, row)| {
+            let e = AuditEntry::from_json(&row.entry).unwrap();
+            assert_eq!(row.seq as usize, i, "seq numbers are dense from 0");
             assert_eq!(e.seq, i as u64);
-            assert_eq!(e.to_canonical_json(), bytes, "stored in canonical form");
-            assert_eq!(e.leaf_hash().to_vec(), leaf);
+            assert_eq!(e.to_canonical_json(), row.entry, "stored in canonical form");
+            assert_eq!(e.leaf_hash().to_vec(), row.leaf_hash);
             e
         })
         .collect()
@@ -64,14 +51,7 @@ fn audit_log(dir: &Path) -> Vec<AuditEntry> {
 
 /// The latest stored checkpoint, verified with `party`'s identity certificate.
 fn latest_checkpoint(party: &Party) -> exchange_core::audit::Checkpoint {
-    let conn = open_read_only(&party.data_dir()).unwrap();
-    let signed: Vec<u8> = conn
-        .query_row(
-            "SELECT signed FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let signed = read_store(party).latest_checkpoint().unwrap().unwrap();
     let cert = Certificate::from_pem(&std::fs::read(party.file("identity.pem")).unwrap())
         .unwrap()
         .remove(0);
@@ -94,20 +74,6 @@ fn find<'a>(
                 && message.is_none_or(|m| e.message_id.as_deref() == Some(m))
         })
         .collect()
-}
-
-/// Every byte stored under `dir` (database, WAL, blobs, key).
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(all_bytes(&p));
-        } else {
-            out.extend(std::fs::read(&p).unwrap());
-        }
-    }
-    out
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -218,7 +184,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     );
 
     // The clinic: start, send, forward, both receipts, status reads, stop.
-    let log = audit_log(&clinic.data_dir());
+    let log = audit_log(&clinic);
     assert_eq!(log.first().unwrap().action, AuditAction::Start);
     assert_eq!(log.last().unwrap().action, AuditAction::Stop);
     let sent = find(&log, AuditAction::Send, AuditOutcome::Ok, Some(&mid));
@@ -247,7 +213,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     assert!(log.windows(2).all(|w| w[0].time_ms <= w[1].time_ms));
 
     // The hospital: receive, list, fetch, ack, the refused fetch.
-    let log = audit_log(&hospital.data_dir());
+    let log = audit_log(&hospital);
     let got = find(&log, AuditAction::Receive, AuditOutcome::Ok, Some(&mid));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].actor, format!("peer:{CLINIC}"));
@@ -278,7 +244,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     // Signed checkpoints cover the whole log, and their root is the Merkle
     // root of exactly these entries.
     for party in [&clinic, &hospital] {
-        let log = audit_log(&party.data_dir());
+        let log = audit_log(party);
         let cp = latest_checkpoint(party);
         assert_eq!(
             cp.tree_size,
@@ -293,7 +259,7 @@ async fn every_access_and_transfer_is_audited_under_signed_checkpoints() {
     // Patient identifiers are nowhere in clear in either store: not in an
     // index, not in the log (the envelope carries them sealed).
     for party in [&clinic, &hospital] {
-        let bytes = all_bytes(&party.data_dir());
+        let bytes = stored_bytes(party);
         assert!(
             !contains(&bytes, PATIENT.as_bytes()),
             "{} leaks the id",
@@ -310,17 +276,28 @@ async fn the_audit_log_is_append_only_in_the_database() {
     net.configure(&clinic, &[], &[], "");
     let c = start(&clinic).await;
     c.shutdown().await;
-    let conn = rusqlite::Connection::open(clinic.data_dir().join("store.sqlite3")).unwrap();
-    let before = audit_log(&clinic.data_dir());
+    let before = audit_log(&clinic);
     assert_eq!(before.len(), 2, "start and stop: {before:?}");
-    for sql in [
-        "UPDATE audit_log SET entry = x'00' WHERE seq = 0",
-        "DELETE FROM audit_log WHERE seq = 1",
-    ] {
-        let e = conn.execute(sql, []).unwrap_err();
-        assert!(e.to_string().contains("append-only"), "{sql}: {e}");
+    let statements = [
+        format!(
+            "UPDATE audit_log SET entry = {} WHERE seq = 0",
+            bytes_sql(&clinic, b"\0")
+        ),
+        "DELETE FROM audit_log WHERE seq = 1".to_owned(),
+        "DELETE FROM audit_log".to_owned(),
+    ];
+    for sql in &statements {
+        let e = match store_url(&clinic) {
+            Some(url) => common::pg::try_execute(&url, sql).unwrap_err(),
+            None => {
+                let conn =
+                    rusqlite::Connection::open(clinic.data_dir().join("store.sqlite3")).unwrap();
+                conn.execute(sql, []).unwrap_err().to_string()
+            }
+        };
+        assert!(e.contains("append-only"), "{sql}: {e}");
     }
-    assert_eq!(audit_log(&clinic.data_dir()), before);
+    assert_eq!(audit_log(&clinic), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +314,7 @@ async fn refused_peers_are_audited_with_the_reason() {
     let e = deliver(&mut peer, &head, &ct).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     h.shutdown().await;
-    let log = audit_log(&hospital.data_dir());
+    let log = audit_log(&hospital);
     let mid = head.header_unverified().unwrap().message_id.to_string();
     // The entry names the id the head claims (in its detail: an id is
     // linked to patients only by a verified envelope we accepted).
@@ -385,7 +362,12 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
     // the record.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let provided = loop {
-        let r = accountability::provision_report(&clinic.data_dir(), &patient()).unwrap();
+        let r = accountability::provision_report(
+            &clinic.data_dir(),
+            &store_location(&clinic),
+            &patient(),
+        )
+        .unwrap();
         if !r.is_empty() || tokio::time::Instant::now() > deadline {
             break r;
         }
@@ -422,14 +404,14 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
         value: "P-999".into(),
     };
     assert!(
-        accountability::provision_report(&clinic.data_dir(), &stranger)
+        accountability::provision_report(&clinic.data_dir(), &store_location(&clinic), &stranger)
             .unwrap()
             .is_empty()
     );
 
     // The moment responsibility passed is in the clinic's log too, with
     // the patient's pseudonym.
-    let log = audit_log(&clinic.data_dir());
+    let log = audit_log(&clinic);
     let passed = find(
         &log,
         AuditAction::Provision,
@@ -443,7 +425,7 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
         "{detail}"
     );
     assert_eq!(passed[0].subjects, vec![pseudonym_hex(&clinic.data_dir())]);
-    let log = audit_log(&payer.data_dir());
+    let log = audit_log(&payer);
     let recorded = find(
         &log,
         AuditAction::Provision,
@@ -454,7 +436,9 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
     assert!(recorded[0].detail.as_deref().unwrap().contains(CLINIC));
 
     // The recipient's record of receipt: from the clinic, with its own receipt.
-    let received = accountability::provision_report(&payer.data_dir(), &patient()).unwrap();
+    let received =
+        accountability::provision_report(&payer.data_dir(), &store_location(&payer), &patient())
+            .unwrap();
     assert_eq!(received.len(), 1);
     let r = &received[0];
     assert_eq!(r.direction, ProvisionDirection::Received);
@@ -470,12 +454,8 @@ async fn provision_records_are_kept_on_both_sides_of_the_boundary() {
 
     // The agent cannot read the envelope: no provision record, no
     // pseudonyms in its log, but its relay is recorded.
-    let conn = open_read_only(&agent.data_dir()).unwrap();
-    let n: i64 = conn
-        .query_row("SELECT count(*) FROM provisions", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(n, 0);
-    let log = audit_log(&agent.data_dir());
+    assert_eq!(read_store(&agent).counts().unwrap().provisions, Some(0));
+    let log = audit_log(&agent);
     let relayed = find(
         &log,
         AuditAction::Relay,
@@ -545,7 +525,7 @@ async fn retention_purges_old_envelopes_and_records_the_purge() {
     );
     c.shutdown().await;
 
-    let log = audit_log(&clinic.data_dir());
+    let log = audit_log(&clinic);
     let purges = find(&log, AuditAction::Purge, AuditOutcome::Ok, None);
     assert_eq!(purges.len(), 1, "{purges:?}");
     let detail = purges[0].detail.as_deref().unwrap();
@@ -553,7 +533,9 @@ async fn retention_purges_old_envelopes_and_records_the_purge() {
     assert!(!detail.contains(&pending_id.to_string()), "{detail}");
     assert_eq!(purges[0].actor, "daemon");
     // The provision record outlives the envelope.
-    let report = accountability::provision_report(&clinic.data_dir(), &patient()).unwrap();
+    let report =
+        accountability::provision_report(&clinic.data_dir(), &store_location(&clinic), &patient())
+            .unwrap();
     assert_eq!(report.len(), 1);
     assert_eq!(report[0].message_id, done_id);
     // So do the Send entries about it.
@@ -595,7 +577,9 @@ async fn verify_store_detects_a_rewritten_audit_entry_and_provision_receipt() {
     h.shutdown().await;
 
     let trust = net_trust(&net);
-    let report = exchange_daemon::admin::verify_store(&clinic.data_dir(), &trust).unwrap();
+    let report =
+        exchange_daemon::admin::verify_store(&clinic.data_dir(), &store_location(&clinic), &trust)
+            .unwrap();
     assert!(report.is_ok(), "{:?}", report.failures);
     assert!(report.audit_entries.unwrap() > 3);
     assert_eq!(report.provision_receipts_verified, 1);
@@ -603,26 +587,25 @@ async fn verify_store_detects_a_rewritten_audit_entry_and_provision_receipt() {
     // An insider with write access to the database: drops the triggers,
     // rewrites entry 1 (with a consistent leaf hash) and swaps the
     // provision record's receipt for another one.
-    let conn = rusqlite::Connection::open(clinic.data_dir().join("store.sqlite3")).unwrap();
-    conn.execute_batch("DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;")
-        .unwrap();
-    let bytes: Vec<u8> = conn
-        .query_row("SELECT entry FROM audit_log WHERE seq = 1", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let bytes = read_store(&clinic).audit_entry(1).unwrap();
     let mut e = AuditEntry::from_json(&bytes).unwrap();
     e.actor = "client:urn:local:clinic:someone-else".into();
-    conn.execute(
-        "UPDATE audit_log SET entry = ?1, leaf_hash = ?2 WHERE seq = 1",
-        rusqlite::params![e.to_canonical_json(), e.leaf_hash().to_vec()],
-    )
-    .unwrap();
-    conn.execute("UPDATE provisions SET receipt = x'0a00'", [])
-        .unwrap();
-    drop(conn);
+    let rewrite = format!(
+        "UPDATE audit_log SET entry = {}, leaf_hash = {} WHERE seq = 1; \
+         UPDATE provisions SET receipt = {};",
+        bytes_sql(&clinic, &e.to_canonical_json()),
+        bytes_sql(&clinic, &e.leaf_hash()),
+        bytes_sql(&clinic, &[0x0a, 0x00]),
+    );
+    tamper(
+        &clinic,
+        &format!("DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete; {rewrite}"),
+        &format!("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only; {rewrite}"),
+    );
 
-    let report = exchange_daemon::admin::verify_store(&clinic.data_dir(), &trust).unwrap();
+    let report =
+        exchange_daemon::admin::verify_store(&clinic.data_dir(), &store_location(&clinic), &trust)
+            .unwrap();
     assert!(!report.is_ok());
     let failures: Vec<String> = report
         .failures

@@ -1,12 +1,10 @@
 //! The audit log stays exportable and its signed history stays honest, on
-//! real daemons (real TLS on loopback, real SQLite): entries about messages
+//! real daemons (real TLS on loopback, real SQLite or PostgreSQL): entries about messages
 //! naming thousands of patients, hostile free text from peers and local
 //! clients, and a database rewritten behind the daemon's back.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
-
-use std::path::Path;
 
 use common::*;
 use exchange_core::audit::{AuditEntry, ExportReport, MAX_ENTRY_LEN, verify_export};
@@ -14,13 +12,12 @@ use exchange_core::envelope::EnvelopeHead;
 use exchange_core::identity::Certificate;
 use exchange_daemon::accountability::export_audit;
 use exchange_daemon::proto::SubjectIdentifier;
-use exchange_daemon::store::sqlite::open_read_only;
 
 /// Exports the whole audit log of `party`'s store and verifies the export
 /// with `party`'s identity certificate.
 fn export_and_verify(party: &Party) -> ExportReport {
     let mut out = Vec::new();
-    export_audit(&party.data_dir(), None, None, &[], &mut out)
+    export_audit(&store_location(party), None, None, &[], &mut out)
         .unwrap_or_else(|e| panic!("{}: audit export failed: {e}", party.uri));
     let cert = Certificate::from_pem(&std::fs::read(party.file("identity.pem")).unwrap())
         .unwrap()
@@ -30,15 +27,11 @@ fn export_and_verify(party: &Party) -> ExportReport {
 }
 
 /// Every stored entry, each within the limits a verifier applies.
-fn stored_entries(dir: &Path) -> Vec<AuditEntry> {
-    let conn = open_read_only(dir).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT entry FROM audit_log ORDER BY seq")
-        .unwrap();
-    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(|b| {
-            let b = b.unwrap();
+fn stored_entries(party: &Party) -> Vec<AuditEntry> {
+    read_store(party)
+        .audit_entries(None, None)
+        .map(|row| {
+            let b = row.unwrap().entry;
             assert!(b.len() <= MAX_ENTRY_LEN, "an entry of {} bytes", b.len());
             AuditEntry::from_json(&b).unwrap()
         })
@@ -77,7 +70,7 @@ async fn a_message_naming_5000_patients_leaves_an_exportable_audit_log() {
     for party in [&clinic, &hospital] {
         let report = export_and_verify(party);
         assert!(report.is_ok(), "{}: {:?}", party.uri, report.problems);
-        let entries = stored_entries(&party.data_dir());
+        let entries = stored_entries(party);
         let mid = exchange_core::MessageId::from_slice(&id)
             .unwrap()
             .to_string();
@@ -90,8 +83,12 @@ async fn a_message_naming_5000_patients_leaves_an_exportable_audit_log() {
             "{}: the message is in the log",
             party.uri
         );
-        let scrub =
-            exchange_daemon::admin::verify_store(&party.data_dir(), &net_trust(&net)).unwrap();
+        let scrub = exchange_daemon::admin::verify_store(
+            &party.data_dir(),
+            &store_location(party),
+            &net_trust(&net),
+        )
+        .unwrap();
         assert!(scrub.is_ok(), "{}: {:?}", party.uri, scrub.failures);
         // The 5,000 pseudonyms are referred to, not copied into each entry.
         for e in &about {
@@ -166,7 +163,7 @@ async fn a_hostile_head_with_a_1_mib_party_uri_leaves_an_exportable_audit_log() 
 
     let report = export_and_verify(&hospital);
     assert!(report.is_ok(), "{:?}", report.problems);
-    let entries = stored_entries(&hospital.data_dir());
+    let entries = stored_entries(&hospital);
     let refused: Vec<&AuditEntry> = entries
         .iter()
         .filter(|e| e.outcome == exchange_core::audit::AuditOutcome::Rejected)
@@ -207,7 +204,7 @@ async fn a_1_mib_purpose_from_a_local_client_leaves_an_exportable_audit_log() {
 
     let report = export_and_verify(&clinic);
     assert!(report.is_ok(), "{:?}", report.problems);
-    let entries = stored_entries(&clinic.data_dir());
+    let entries = stored_entries(&clinic);
     let refused: Vec<&AuditEntry> = entries
         .iter()
         .filter(|e| e.outcome == exchange_core::audit::AuditOutcome::Rejected)
@@ -223,64 +220,69 @@ async fn a_1_mib_purpose_from_a_local_client_leaves_an_exportable_audit_log() {
 }
 
 /// The tree sizes of the stored checkpoints, ascending.
-fn checkpoint_sizes(dir: &Path) -> Vec<i64> {
-    let conn = open_read_only(dir).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT tree_size FROM audit_checkpoints ORDER BY tree_size")
-        .unwrap();
-    stmt.query_map([], |r| r.get(0))
+fn checkpoint_sizes(party: &Party) -> Vec<i64> {
+    read_store(party)
+        .checkpoints()
         .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+        .iter()
+        .map(|c| c.tree_size)
+        .collect()
+}
+
+/// The statements that let an insider change or delete audit log rows
+/// (the triggers that forbid it dropped or disabled), then `then`.
+fn with_audit_log_writable(party: &Party, then: &str) {
+    tamper(
+        party,
+        &format!("DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete; {then}"),
+        &format!("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only; {then}"),
+    );
+}
+
+/// Rewrites audit entry `seq`'s detail, with a consistent leaf hash, and
+/// runs `then` after it.
+fn rewrite_entry(party: &Party, seq: u64, detail: &str, then: &str) {
+    let bytes = read_store(party).audit_entry(seq).unwrap();
+    let mut e = AuditEntry::from_json(&bytes).unwrap();
+    e.detail = Some(detail.into());
+    with_audit_log_writable(
+        party,
+        &format!(
+            "UPDATE audit_log SET entry = {}, leaf_hash = {} WHERE seq = {seq}; {then}",
+            bytes_sql(party, &e.to_canonical_json()),
+            bytes_sql(party, &e.leaf_hash()),
+        ),
+    );
 }
 
 /// An insider with write access to the database rewrites entry 1 with a
 /// consistent leaf hash, rewrites the latest checkpoint row's (unsigned)
 /// frontier to match, and deletes the older checkpoints.
-fn rewrite_history(dir: &Path) {
+fn rewrite_history(party: &Party) {
     use exchange_core::audit::Frontier;
 
-    let conn = rusqlite::Connection::open(dir.join("store.sqlite3")).unwrap();
-    conn.execute_batch("DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;")
-        .unwrap();
-    let bytes: Vec<u8> = conn
-        .query_row("SELECT entry FROM audit_log WHERE seq = 1", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let mut e = AuditEntry::from_json(&bytes).unwrap();
+    let store = read_store(party);
+    let latest = *checkpoint_sizes(party).last().unwrap();
+    let mut e = AuditEntry::from_json(&store.audit_entry(1).unwrap()).unwrap();
     e.detail = Some("nothing happened here".into());
-    conn.execute(
-        "UPDATE audit_log SET entry = ?1, leaf_hash = ?2 WHERE seq = 1",
-        rusqlite::params![e.to_canonical_json(), e.leaf_hash().to_vec()],
-    )
-    .unwrap();
-    let latest: i64 = conn
-        .query_row("SELECT MAX(tree_size) FROM audit_checkpoints", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
     let mut frontier = Frontier::new();
-    let mut stmt = conn
-        .prepare("SELECT leaf_hash FROM audit_log WHERE seq < ?1 ORDER BY seq")
-        .unwrap();
-    for h in stmt
-        .query_map([latest], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
+    for (seq, h) in store
+        .audit_leaf_hashes(u64::try_from(latest).unwrap())
+        .enumerate()
     {
-        frontier.push(h.unwrap().try_into().unwrap());
+        frontier.push(if seq == 1 { e.leaf_hash() } else { h.unwrap() });
     }
-    drop(stmt);
-    conn.execute(
-        "UPDATE audit_checkpoints SET frontier = ?1 WHERE tree_size = ?2",
-        rusqlite::params![frontier.to_bytes(), latest],
-    )
-    .unwrap();
-    conn.execute(
-        "DELETE FROM audit_checkpoints WHERE tree_size < ?1",
-        [latest],
-    )
-    .unwrap();
+    drop(store);
+    rewrite_entry(
+        party,
+        1,
+        "nothing happened here",
+        &format!(
+            "UPDATE audit_checkpoints SET frontier = {} WHERE tree_size = {latest}; \
+             DELETE FROM audit_checkpoints WHERE tree_size < {latest};",
+            bytes_sql(party, &frontier.to_bytes())
+        ),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,37 +293,40 @@ async fn the_daemon_refuses_to_sign_over_a_rewritten_history_and_verify_store_re
     start(&clinic).await.shutdown().await;
     start(&clinic).await.shutdown().await;
     let dir = clinic.data_dir();
-    assert!(checkpoint_sizes(&dir).len() >= 2);
+    let store = store_location(&clinic);
+    assert!(checkpoint_sizes(&clinic).len() >= 2);
     let trust = net_trust(&net);
-    let report = exchange_daemon::admin::verify_store(&dir, &trust).unwrap();
+    let report = exchange_daemon::admin::verify_store(&dir, &store, &trust).unwrap();
     assert!(report.is_ok(), "{:?}", report.failures);
 
-    rewrite_history(&dir);
-    let signed_before = checkpoint_sizes(&dir);
+    rewrite_history(&clinic);
+    let signed_before = checkpoint_sizes(&clinic);
     match exchange_daemon::Daemon::start(clinic.config()).await {
         Err(e) => assert!(e.to_string().contains("audit"), "{e}"),
         Ok(d) => {
             d.shutdown().await;
             // What the insider does next: remove the one row that still
             // disagrees with the rewritten log.
-            let conn = rusqlite::Connection::open(dir.join("store.sqlite3")).unwrap();
-            conn.execute(
-                "DELETE FROM audit_checkpoints WHERE tree_size <= ?1",
-                [signed_before.last().unwrap()],
-            )
-            .unwrap();
-            drop(conn);
-            let report = exchange_daemon::admin::verify_store(&dir, &trust).unwrap();
+            let delete = format!(
+                "DELETE FROM audit_checkpoints WHERE tree_size <= {}",
+                signed_before.last().unwrap()
+            );
+            tamper(&clinic, &delete, &delete);
+            let report = exchange_daemon::admin::verify_store(&dir, &store, &trust).unwrap();
             panic!(
                 "the daemon started and signed over the rewritten log: checkpoints {:?} -> {:?}; verify-store failures after the cleanup: {:?}",
                 signed_before,
-                checkpoint_sizes(&dir),
+                checkpoint_sizes(&clinic),
                 report.failures
             );
         }
     }
-    assert_eq!(checkpoint_sizes(&dir), signed_before, "nothing was signed");
-    let report = exchange_daemon::admin::verify_store(&dir, &trust).unwrap();
+    assert_eq!(
+        checkpoint_sizes(&clinic),
+        signed_before,
+        "nothing was signed"
+    );
+    let report = exchange_daemon::admin::verify_store(&dir, &store, &trust).unwrap();
     assert!(!report.is_ok());
     assert!(
         report
@@ -340,26 +345,16 @@ async fn deleting_every_checkpoint_row_is_detected_at_start_and_by_verify_store(
     net.configure(&clinic, &[], &[], "");
     start(&clinic).await.shutdown().await;
     let dir = clinic.data_dir();
-    let conn = rusqlite::Connection::open(dir.join("store.sqlite3")).unwrap();
-    conn.execute_batch("DROP TRIGGER audit_log_no_update;")
-        .unwrap();
-    let bytes: Vec<u8> = conn
-        .query_row("SELECT entry FROM audit_log WHERE seq = 0", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let mut e = AuditEntry::from_json(&bytes).unwrap();
-    e.detail = Some("started elsewhere".into());
-    conn.execute(
-        "UPDATE audit_log SET entry = ?1, leaf_hash = ?2 WHERE seq = 0",
-        rusqlite::params![e.to_canonical_json(), e.leaf_hash().to_vec()],
-    )
-    .unwrap();
-    conn.execute("DELETE FROM audit_checkpoints", []).unwrap();
-    drop(conn);
+    let store = store_location(&clinic);
+    rewrite_entry(
+        &clinic,
+        0,
+        "started elsewhere",
+        "DELETE FROM audit_checkpoints",
+    );
 
     let trust = net_trust(&net);
-    let report = exchange_daemon::admin::verify_store(&dir, &trust).unwrap();
+    let report = exchange_daemon::admin::verify_store(&dir, &store, &trust).unwrap();
     assert!(
         report.failures.iter().any(|f| f.what.contains("audit")),
         "the deleted checkpoints go unnoticed: {:?}",
@@ -369,7 +364,7 @@ async fn deleting_every_checkpoint_row_is_detected_at_start_and_by_verify_store(
         panic!("the daemon started over a log whose signed checkpoints were deleted");
     };
     assert!(e.to_string().contains("audit"), "{e}");
-    assert!(checkpoint_sizes(&dir).is_empty(), "nothing was signed");
+    assert!(checkpoint_sizes(&clinic).is_empty(), "nothing was signed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,17 +376,18 @@ async fn a_kept_checkpoint_behind_the_database_is_checked_against_the_entries() 
     net.configure(&clinic, &[], &[], "");
     start(&clinic).await.shutdown().await;
     let dir = clinic.data_dir();
+    let store = store_location(&clinic);
     let kept = dir.join(exchange_daemon::accountability::CHECKPOINT_FILE);
     let older = std::fs::read(&kept).unwrap();
     start(&clinic).await.shutdown().await;
     assert_ne!(std::fs::read(&kept).unwrap(), older);
     std::fs::write(&kept, &older).unwrap();
     let trust = net_trust(&net);
-    let report = exchange_daemon::admin::verify_store(&dir, &trust).unwrap();
+    let report = exchange_daemon::admin::verify_store(&dir, &store, &trust).unwrap();
     assert!(report.is_ok(), "{:?}", report.failures);
     // The daemon starts, signs, and the file moves forward again.
     start(&clinic).await.shutdown().await;
-    let latest = *checkpoint_sizes(&dir).last().unwrap();
+    let latest = *checkpoint_sizes(&clinic).last().unwrap();
     let cp = exchange_core::audit::SignedCheckpoint::from_bytes(&std::fs::read(&kept).unwrap())
         .unwrap()
         .unverified()
@@ -399,22 +395,7 @@ async fn a_kept_checkpoint_behind_the_database_is_checked_against_the_entries() 
     assert_eq!(cp.tree_size as i64, latest);
 
     // The same older file over an altered first entry is refused.
-    let conn = rusqlite::Connection::open(dir.join("store.sqlite3")).unwrap();
-    conn.execute_batch("DROP TRIGGER audit_log_no_update;")
-        .unwrap();
-    let bytes: Vec<u8> = conn
-        .query_row("SELECT entry FROM audit_log WHERE seq = 0", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let mut e = AuditEntry::from_json(&bytes).unwrap();
-    e.detail = Some("started elsewhere".into());
-    conn.execute(
-        "UPDATE audit_log SET entry = ?1, leaf_hash = ?2 WHERE seq = 0",
-        rusqlite::params![e.to_canonical_json(), e.leaf_hash().to_vec()],
-    )
-    .unwrap();
-    drop(conn);
+    rewrite_entry(&clinic, 0, "started elsewhere", "");
     std::fs::write(&kept, &older).unwrap();
     let Err(e) = exchange_daemon::Daemon::start(clinic.config()).await else {
         panic!("the daemon started over an altered entry");

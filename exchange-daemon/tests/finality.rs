@@ -286,13 +286,7 @@ async fn stored_head(
 }
 
 fn provision_rows(party: &Party) -> u64 {
-    let conn = rusqlite::Connection::open_with_flags(
-        party.data_dir().join("store.sqlite3"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.query_row("SELECT count(*) FROM provisions", [], |r| r.get(0))
-        .unwrap()
+    read_store(party).counts().unwrap().provisions.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

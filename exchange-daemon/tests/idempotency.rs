@@ -47,14 +47,10 @@ async fn a_send_retried_after_a_lost_answer_is_stored_once() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     call.abort();
-    let stored: Vec<MessageId> = {
-        let conn = exchange_daemon::store::sqlite::open_read_only(&clinic.data_dir()).unwrap();
-        let mut stmt = conn.prepare("SELECT id FROM messages").unwrap();
-        stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
-            .unwrap()
-            .map(|b| MessageId::from_slice(&b.unwrap()).unwrap())
-            .collect()
-    };
+    let stored: Vec<MessageId> = read_store(&clinic)
+        .messages()
+        .map(|m| MessageId::from_slice(&m.unwrap().message_id).unwrap())
+        .collect();
     assert_eq!(stored.len(), 1);
 
     // The application retries, twice, with the same key and request.

@@ -5,6 +5,11 @@
 //! Real daemons, real TLS on loopback, real resets (the calling task is
 //! dropped, so the stream is cancelled) at delays spread over the moments
 //! after the last slice.
+//!
+//! On PostgreSQL (`EXCHANGE_TEST_STORE=postgres`) large ciphertexts are
+//! chunks in the database, not files: there `blobs/` does not exist, every
+//! chunked message's chunks must add up to its length, and `spool/` must
+//! be empty all the same.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -21,29 +26,56 @@ const STEP: Duration = Duration::from_micros(250);
 const LARGE: usize = 300 * 1024;
 const INLINE_LIMIT: &str = "\n[limits]\ninline_ciphertext_bytes = 4096\n";
 
-fn open(party: &Party) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(
-        party.data_dir().join("store.sqlite3"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap()
+/// The files in `dir` of `party`'s data directory (none if it is missing).
+fn files(party: &Party, dir: &str) -> HashSet<String> {
+    match std::fs::read_dir(party.data_dir().join(dir)) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+        Err(e) => panic!("{dir}: {e}"),
+    }
 }
 
-fn files(party: &Party, dir: &str) -> HashSet<String> {
-    std::fs::read_dir(party.data_dir().join(dir))
+/// The blob files rows name (none on PostgreSQL).
+fn named_blobs(party: &Party) -> HashSet<String> {
+    read_store(party)
+        .named_blobs()
         .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .into_iter()
+        .map(|b| b.name)
         .collect()
 }
 
-fn named_blobs(party: &Party) -> HashSet<String> {
-    open(party)
-        .prepare("SELECT blob FROM messages WHERE blob IS NOT NULL")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+/// Messages whose ciphertext is kept outside their row: blob files on
+/// SQLite (counted on disk), chunked on PostgreSQL.
+fn large_ciphertexts(party: &Party) -> usize {
+    if store_url(party).is_some() {
+        usize::try_from(read_store(party).counts().unwrap().blobs).unwrap()
+    } else {
+        files(party, "blobs").len()
+    }
+}
+
+/// Chunked messages whose chunks do not add up to their length (none
+/// unless chunks were lost; always none on SQLite).
+fn incomplete_chunked(party: &Party) -> i64 {
+    if store_url(party).is_none() {
+        return 0;
+    }
+    store_ints(
+        party,
+        "SELECT count(*) FROM messages m WHERE chunked AND ciphertext_len <> \
+         (SELECT COALESCE(sum(length(c.data)), 0) FROM blob_chunks c WHERE c.message_id = m.id)",
+    )[0]
+}
+
+fn outbound(party: &Party) -> u64 {
+    let n = store_ints(
+        party,
+        "SELECT count(*) FROM messages WHERE kind = 'outbound'",
+    )[0];
+    u64::try_from(n).unwrap()
 }
 
 /// Waits (up to 5 s, for transfers still finishing) until `blobs/` holds
@@ -56,6 +88,12 @@ async fn assert_no_orphans(party: &Party) {
         let named = named_blobs(party);
         let spool = files(party, "spool");
         if on_disk == named && spool.is_empty() {
+            assert_eq!(
+                incomplete_chunked(party),
+                0,
+                "{}: chunks missing",
+                party.name
+            );
             return;
         }
         assert!(
@@ -149,7 +187,7 @@ async fn a_deliver_reset_while_its_blob_is_adopted_leaves_no_orphan_and_a_retry_
         TRIALS as usize
     );
     assert_no_orphans(&hospital).await;
-    assert_eq!(files(&hospital, "blobs").len(), TRIALS as usize);
+    assert_eq!(large_ciphertexts(&hospital), TRIALS as usize);
     eprintln!("{reset_stored} of {TRIALS} reset deliveries were stored before the retries");
     h.shutdown().await;
 }
@@ -206,16 +244,10 @@ async fn a_send_reset_while_its_blob_is_adopted_leaves_no_orphan_and_a_retry_sto
         ids.insert(id);
     }
     assert_eq!(ids.len(), TRIALS as usize);
-    let stored: u64 = open(&clinic)
-        .query_row(
-            "SELECT count(*) FROM messages WHERE kind = 'outbound'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored = outbound(&clinic);
     assert_eq!(stored, u64::from(TRIALS));
     assert_no_orphans(&clinic).await;
-    assert_eq!(files(&clinic, "blobs").len(), TRIALS as usize);
+    assert_eq!(large_ciphertexts(&clinic), TRIALS as usize);
     c.shutdown().await;
 }
 
@@ -231,15 +263,7 @@ async fn a_send_that_ends_at_another_length_than_it_declared_stores_nothing() {
     net.configure(&clinic, &[&hospital], &[&emr], INLINE_LIMIT);
     let c = start(&clinic).await;
     let mut app = client_of(&net, &clinic, &emr);
-    let outbound = || -> u64 {
-        open(&clinic)
-            .query_row(
-                "SELECT count(*) FROM messages WHERE kind = 'outbound'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
+    let outbound = || outbound(&clinic);
     let large = LARGE as u64;
     for (declared, sent) in [(large, 0), (large, LARGE - 1), (large, LARGE + 1), (10, 9)] {
         let mut start = referral_start(&[&hospital], &[], "treatment");

@@ -1,5 +1,5 @@
 //! Provision records and status on real daemons (real TLS on loopback, real
-//! SQLite): messages naming many patients, several recipients behind a
+//! SQLite or PostgreSQL): messages naming many patients, several recipients behind a
 //! third-party relay, receipts whose issuer is revoked later, roles fixed by
 //! contract in the configuration, the latest signed state per hop, and
 //! audit entries that only a verified envelope links to patients.
@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -19,7 +18,6 @@ use exchange_core::route::HopRole;
 use exchange_daemon::accountability;
 use exchange_daemon::proto::{ReturnReceiptsRequest, SubjectIdentifier};
 use exchange_daemon::store::ProvisionDirection;
-use exchange_daemon::store::sqlite::open_read_only;
 
 const SYSTEM: &str = "urn:oid:1.2.392.100495.20.3.51.11310000013";
 
@@ -39,32 +37,24 @@ fn subjects(range: std::ops::Range<usize>) -> Vec<SubjectIdentifier> {
         .collect()
 }
 
-fn audit_log(dir: &Path) -> Vec<AuditEntry> {
-    let conn = open_read_only(dir).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT entry FROM audit_log ORDER BY seq")
-        .unwrap();
-    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(|b| AuditEntry::from_json(&b.unwrap()).unwrap())
+fn audit_log(party: &Party) -> Vec<AuditEntry> {
+    audit_entries(party)
+        .iter()
+        .map(|e| AuditEntry::from_json(e.as_bytes()).unwrap())
         .collect()
 }
 
 /// How many patients the provision record of `message` in `direction` names.
-fn provision_subject_count(dir: &Path, message: MessageId, direction: &str) -> Vec<i64> {
-    let conn = open_read_only(dir).unwrap();
-    let mut stmt = conn
-        .prepare(
+fn provision_subject_count(party: &Party, message: MessageId, direction: &str) -> Vec<i64> {
+    store_ints(
+        party,
+        &format!(
             "SELECT (SELECT count(*) FROM provision_subjects s WHERE s.provision_id = p.id) \
-             FROM provisions p WHERE p.message_id = ?1 AND p.direction = ?2 ORDER BY p.id",
-        )
-        .unwrap();
-    stmt.query_map(rusqlite::params![message.as_bytes(), direction], |r| {
-        r.get(0)
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+             FROM provisions p WHERE p.message_id = {} AND p.direction = '{direction}' \
+             ORDER BY p.id",
+            bytes_sql(party, message.as_bytes())
+        ),
+    )
 }
 
 /// Polls `f` until it returns `Some` (20 s at most).
@@ -119,9 +109,7 @@ async fn messages_naming_many_patients_are_delivered_with_every_patient_recorded
     // The origin's records of provision follow the receipts.
     eventually("every provision record at the clinic", || {
         sent.iter()
-            .all(|(id, _, _)| {
-                !provision_subject_count(&clinic.data_dir(), *id, "provided").is_empty()
-            })
+            .all(|(id, _, _)| !provision_subject_count(&clinic, *id, "provided").is_empty())
             .then_some(())
     })
     .await;
@@ -131,19 +119,23 @@ async fn messages_naming_many_patients_are_delivered_with_every_patient_recorded
     for (id, from, n) in &sent {
         // Each record names every patient of its message, at both ends.
         assert_eq!(
-            provision_subject_count(&hospital.data_dir(), *id, "received"),
+            provision_subject_count(&hospital, *id, "received"),
             vec![*n as i64],
             "the hospital's record of receipt for {id}"
         );
         assert_eq!(
-            provision_subject_count(&clinic.data_dir(), *id, "provided"),
+            provision_subject_count(&clinic, *id, "provided"),
             vec![*n as i64],
             "the clinic's record of provision for {id}"
         );
         // And a patient's disclosure report finds it, first and last.
         for i in [*from, from + n - 1] {
-            let report =
-                accountability::provision_report(&hospital.data_dir(), &subject(i)).unwrap();
+            let report = accountability::provision_report(
+                &hospital.data_dir(),
+                &store_location(&hospital),
+                &subject(i),
+            )
+            .unwrap();
             assert!(
                 report
                     .iter()
@@ -153,7 +145,12 @@ async fn messages_naming_many_patients_are_delivered_with_every_patient_recorded
         }
     }
     // A patient named in three messages has three records of receipt.
-    let report = accountability::provision_report(&hospital.data_dir(), &subject(3)).unwrap();
+    let report = accountability::provision_report(
+        &hospital.data_dir(),
+        &store_location(&hospital),
+        &subject(3),
+    )
+    .unwrap();
     let ids: Vec<MessageId> = report.iter().map(|r| r.message_id).collect();
     assert_eq!(ids.len(), 3, "{ids:?}");
     for (id, from, n) in &sent {
@@ -173,15 +170,15 @@ async fn a_store_failure_at_the_recipient_is_reported_as_such_not_as_a_transport
     let h = start(&hospital).await;
     // The hospital's store refuses to keep messages (as a full or damaged
     // disk would), behind the running daemon's back.
-    {
-        let conn = rusqlite::Connection::open(hospital.data_dir().join("store.sqlite3")).unwrap();
-        conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        conn.execute_batch(
-            "CREATE TRIGGER broken BEFORE INSERT ON messages \
-             BEGIN SELECT RAISE(ABORT, 'simulated store failure'); END;",
-        )
-        .unwrap();
-    }
+    tamper(
+        &hospital,
+        "CREATE TRIGGER broken BEFORE INSERT ON messages \
+         BEGIN SELECT RAISE(ABORT, 'simulated store failure'); END;",
+        "CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'simulated store failure'; END; $$; \
+         CREATE TRIGGER broken BEFORE INSERT ON messages \
+         FOR EACH ROW EXECUTE FUNCTION broken();",
+    );
     let mut app = client_of(&net, &clinic, &emr);
     let id = send(
         &mut app,
@@ -200,7 +197,7 @@ async fn a_store_failure_at_the_recipient_is_reported_as_such_not_as_a_transport
         hop.last_error.contains("peer-internal") && hop.last_error.contains(HOSPITAL),
         "{hop:?}"
     );
-    let log = audit_log(&clinic.data_dir());
+    let log = audit_log(&clinic);
     let failed: Vec<_> = log
         .iter()
         .filter(|e| {
@@ -217,7 +214,7 @@ async fn a_store_failure_at_the_recipient_is_reported_as_such_not_as_a_transport
         "{failed:?}"
     );
     // The recipient recorded each refusal with its cause.
-    let log = audit_log(&hospital.data_dir());
+    let log = audit_log(&hospital);
     let refused: Vec<_> = log
         .iter()
         .filter(|e| e.action == AuditAction::Receive && e.outcome == AuditOutcome::Rejected)
@@ -288,7 +285,12 @@ async fn each_recipient_behind_a_third_party_relay_gets_its_own_provision_record
         "{status:#?}"
     );
     let records = eventually("two records of provision", || {
-        let r = accountability::provision_report(&t.clinic.data_dir(), &subject(1)).unwrap();
+        let r = accountability::provision_report(
+            &t.clinic.data_dir(),
+            &store_location(&t.clinic),
+            &subject(1),
+        )
+        .unwrap();
         (r.len() >= 2).then_some(r)
     })
     .await;
@@ -309,10 +311,10 @@ async fn each_recipient_behind_a_third_party_relay_gets_its_own_provision_record
         assert_eq!(r.role, "THIRD_PARTY");
     }
     assert_eq!(
-        provision_subject_count(&t.clinic.data_dir(), mid, "provided"),
+        provision_subject_count(&t.clinic, mid, "provided"),
         vec![3, 3]
     );
-    let log = audit_log(&t.clinic.data_dir());
+    let log = audit_log(&t.clinic);
     let passed = log
         .iter()
         .filter(|e| e.action == AuditAction::Provision && e.outcome == AuditOutcome::Ok)
@@ -356,7 +358,12 @@ async fn a_receipt_whose_issuer_is_revoked_later_stays_evidence_and_others_still
     })
     .await;
     let records = eventually("both records of provision", || {
-        let r = accountability::provision_report(&clinic.data_dir(), &subject(0)).unwrap();
+        let r = accountability::provision_report(
+            &clinic.data_dir(),
+            &store_location(&clinic),
+            &subject(0),
+        )
+        .unwrap();
         (r.len() >= 2).then_some(r)
     })
     .await;
@@ -612,7 +619,7 @@ async fn refusals_of_unverified_claims_are_not_linked_to_a_stored_patient() {
     c.shutdown().await;
     h.shutdown().await;
 
-    let log = audit_log(&hospital.data_dir());
+    let log = audit_log(&hospital);
     let mine = |e: &&AuditEntry| e.actor == format!("peer:{PAYER}");
     let refused: Vec<&AuditEntry> = log.iter().filter(mine).collect();
     assert_eq!(refused.len(), 3, "{log:?}");
@@ -699,7 +706,7 @@ async fn roles_come_from_the_contract_in_the_configuration_not_from_the_applicat
     a.shutdown().await;
     p.shutdown().await;
     // Each refusal is in the clinic's audit log with its reason.
-    let log = audit_log(&clinic.data_dir());
+    let log = audit_log(&clinic);
     let refused = log
         .iter()
         .filter(|e| {

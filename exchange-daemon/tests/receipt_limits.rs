@@ -18,36 +18,35 @@ use exchange_daemon::error::status_reason;
 use exchange_daemon::proto::{
     AckRequest, FetchRequest, ListInboxRequest, ReturnReceiptsRequest, fetch_response,
 };
-use exchange_daemon::store::sqlite::open_read_only;
 use tonic::Code;
 
 /// Rows of `party`'s audit log.
 fn audit_len(party: &Party) -> i64 {
-    open_read_only(&party.data_dir())
-        .unwrap()
-        .query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
-        .unwrap()
+    i64::try_from(read_store(party).audit_len().unwrap().unwrap()).unwrap()
 }
 
 /// The (issuer, disposition) of every receipt `party` stores for `id`.
 fn receipts_of(party: &Party, id: &[u8]) -> Vec<(String, String)> {
-    let conn = open_read_only(&party.data_dir()).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT issuer, disposition FROM receipts WHERE message_id = ?1 ORDER BY seq")
-        .unwrap();
-    stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+    store_texts(
+        party,
+        &format!(
+            "SELECT issuer, disposition FROM receipts WHERE message_id = {} ORDER BY seq",
+            bytes_sql(party, id)
+        ),
+    )
+    .into_iter()
+    .map(|mut row| {
+        let disposition = row.pop().unwrap();
+        (row.pop().unwrap(), disposition)
+    })
+    .collect()
 }
 
 /// Audit entries of `party` with `reason`.
 fn audited_with_reason(party: &Party, reason: &str) -> usize {
-    let conn = open_read_only(&party.data_dir()).unwrap();
-    let mut stmt = conn.prepare("SELECT entry FROM audit_log").unwrap();
-    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(|e| exchange_core::audit::AuditEntry::from_json(&e.unwrap()).unwrap())
+    audit_entries(party)
+        .iter()
+        .map(|e| exchange_core::audit::AuditEntry::from_json(e.as_bytes()).unwrap())
         .filter(|e| e.reason.as_deref() == Some(reason))
         .count()
 }
@@ -240,14 +239,10 @@ async fn a_downstream_hop_cannot_multiply_its_receipts() {
         exchange_daemon::proto::ProvisionState::Passed
     );
     assert_eq!(status.provisions[0].boundary, PAYER);
-    let conn = open_read_only(&clinic.data_dir()).unwrap();
-    let unrecorded: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM receipts WHERE verified_ms IS NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let unrecorded = store_ints(
+        &clinic,
+        "SELECT count(*) FROM receipts WHERE verified_ms IS NULL",
+    )[0];
     assert_eq!(
         unrecorded, 0,
         "every stored receipt records its verification"

@@ -14,7 +14,6 @@ use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
 use exchange_core::receipt::{Disposition, SignedReceipt};
 use exchange_daemon::error::{RECEIPT_METADATA, status_reason};
 use exchange_daemon::proto::{FetchRequest, ListInboxRequest};
-use exchange_daemon::store::sqlite::open_read_only;
 use exchange_daemon::{Config, Daemon};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -65,15 +64,11 @@ async fn wait_purged(daemon: &Daemon, id: MessageId) {
     }
 }
 
-/// The audit log of the store in `party`'s data directory (read-only).
+/// The audit log of `party`'s store (read-only).
 fn audit_log(party: &Party) -> Vec<AuditEntry> {
-    let conn = open_read_only(&party.data_dir()).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT entry FROM audit_log ORDER BY seq")
-        .unwrap();
-    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(|e| AuditEntry::from_json(&e.unwrap()).unwrap())
+    audit_entries(party)
+        .iter()
+        .map(|e| AuditEntry::from_json(e.as_bytes()).unwrap())
         .collect()
 }
 
@@ -91,15 +86,14 @@ fn purges(party: &Party, outcome: AuditOutcome) -> Vec<AuditEntry> {
 async fn purge_ran(party: &Party) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let conn = open_read_only(&party.data_dir()).unwrap();
-        let (entries, covered): (i64, i64) = conn
-            .query_row(
-                "SELECT (SELECT count(*) FROM audit_log), \
-                 (SELECT COALESCE(MAX(tree_size), 0) FROM audit_checkpoints)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
+        // One snapshot: the count and the checkpoints of one state.
+        let store = read_store(party);
+        let entries = i64::try_from(store.audit_len().unwrap().unwrap()).unwrap();
+        let covered = store
+            .checkpoints()
+            .unwrap()
+            .last()
+            .map_or(0, |c| c.tree_size);
         if covered > 0 && covered == entries {
             return;
         }
@@ -342,15 +336,11 @@ async fn purge_does_nothing_when_the_clock_jumped_far_ahead_of_the_store() {
 
     // Seen from the store, the clock has jumped 400 days forward: every
     // time it holds is 400 days before now.
-    {
-        let conn = rusqlite::Connection::open(hospital.data_dir().join("store.sqlite3")).unwrap();
-        let shift = i64::try_from(400 * DAY_MS).unwrap();
-        conn.execute(
-            "UPDATE messages SET received_ms = received_ms - ?1, created_ms = created_ms - ?1",
-            [shift],
-        )
-        .unwrap();
-    }
+    let shift = 400 * DAY_MS;
+    let sql = format!(
+        "UPDATE messages SET received_ms = received_ms - {shift}, created_ms = created_ms - {shift}"
+    );
+    tamper(&hospital, &sql, &sql);
     net.configure(
         &hospital,
         &[&clinic],

@@ -13,7 +13,6 @@ use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
 use exchange_daemon::error::status_reason;
 use exchange_daemon::proto::peer_client::PeerClient;
 use exchange_daemon::proto::{DeliverRequest, ListInboxRequest, StatusRequest, deliver_request};
-use exchange_daemon::store::sqlite::open_read_only;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -89,14 +88,9 @@ async fn a_stalled_transfer_is_abandoned_its_spool_removed_and_the_refusal_audit
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     h.shutdown().await;
-    let conn = open_read_only(&hospital.data_dir()).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT entry FROM audit_log ORDER BY seq")
-        .unwrap();
-    let log: Vec<AuditEntry> = stmt
-        .query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(|b| AuditEntry::from_json(&b.unwrap()).unwrap())
+    let log: Vec<AuditEntry> = audit_entries(&hospital)
+        .iter()
+        .map(|e| AuditEntry::from_json(e.as_bytes()).unwrap())
         .collect();
     assert!(
         log.iter().any(|e| e.action == AuditAction::Receive

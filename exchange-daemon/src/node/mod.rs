@@ -373,8 +373,10 @@ impl Node {
             .iter()
             .map(|c| Ok((PartyUri::new(c.party.clone())?, c.clone())))
             .collect::<Result<HashMap<_, _>, Error>>()?;
-        let subject_key =
-            crate::accountability::load_or_create_subject_key(&config.path(&config.data_dir))?;
+        let subject_key = crate::accountability::load_or_create_subject_key_at(
+            &config.path(&config.data_dir),
+            &crate::store::StoreLocation::of_config(&config),
+        )?;
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             config,

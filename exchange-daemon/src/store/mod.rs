@@ -847,22 +847,114 @@ pub enum SchemaNeed {
     AnyKnown,
 }
 
-/// Opens the store in `data_dir` read-only, without taking its lock: for
+/// Where the offline tools read a store's rows: the SQLite store in a data
+/// directory, or a PostgreSQL database. The files beside the store (the
+/// pseudonym key, the kept checkpoint, the identity) are in the data
+/// directory either way.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The SQLite store in this data directory.
+    Dir(PathBuf),
+    /// The PostgreSQL store at this URL (`postgres://user@host:port/database`
+    /// or the key=value form).
+    Url(String),
+}
+
+impl StoreLocation {
+    /// Where the daemon configured by `config` keeps its store: its
+    /// `[store] url` if set, else its data directory.
+    pub fn of_config(config: &crate::config::Config) -> Self {
+        match &config.store.url {
+            Some(url) => Self::Url(url.clone()),
+            None => Self::Dir(config.path(&config.data_dir)),
+        }
+    }
+}
+
+impl fmt::Display for StoreLocation {
+    /// The directory, or the URL without its password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+            Self::Url(url) => f.write_str(&postgres::redacted_url(url)),
+        }
+    }
+}
+
+impl fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dir(dir) => f.debug_tuple("Dir").field(dir).finish(),
+            Self::Url(_) => f.debug_tuple("Url").field(&self.to_string()).finish(),
+        }
+    }
+}
+
+/// Opens the store at `location` read-only, without taking its lock: for
 /// the offline tools (audit export, provision reports, verify-store,
 /// backup) that run beside a live daemon and never block its writes.
-/// Refuses a directory without a store and a schema this build does not
+/// Refuses a location without a store and a schema this build does not
 /// know (see [`SchemaNeed`]).
 pub fn open_read_only(
-    data_dir: &std::path::Path,
+    location: &StoreLocation,
     schema: SchemaNeed,
 ) -> Result<Box<dyn ReadOnlyStore>, StoreError> {
-    Ok(Box::new(sqlite::SqliteSnapshot::open(data_dir, schema)?))
+    Ok(match location {
+        StoreLocation::Dir(dir) => Box::new(sqlite::SqliteSnapshot::open(dir, schema)?),
+        StoreLocation::Url(url) => Box::new(postgres::PgSnapshot::open(url, schema)?),
+    })
 }
 
 /// Rows of a walk over a [`ReadOnlyStore`], read in bounded pages: memory
 /// stays constant however many rows there are. A walk stops after its
 /// first error.
 pub type Rows<'a, T> = Box<dyn Iterator<Item = Result<T, StoreError>> + 'a>;
+
+/// A walk that reads its rows a page at a time: `fetch` returns the next
+/// page (keeping its own position), fewer than `page_size` rows at the end.
+pub(crate) fn paged<'a, T: 'a>(
+    page_size: i64,
+    fetch: impl FnMut() -> Result<Vec<T>, StoreError> + 'a,
+) -> Rows<'a, T> {
+    Box::new(Paged {
+        page: Vec::new().into_iter(),
+        page_size,
+        fetch,
+        done: false,
+    })
+}
+
+struct Paged<T, F> {
+    page: std::vec::IntoIter<T>,
+    page_size: i64,
+    fetch: F,
+    done: bool,
+}
+
+impl<T, F: FnMut() -> Result<Vec<T>, StoreError>> Iterator for Paged<T, F> {
+    type Item = Result<T, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(row) = self.page.next() {
+                return Some(Ok(row));
+            }
+            if self.done {
+                return None;
+            }
+            match (self.fetch)() {
+                Ok(page) => {
+                    self.done = i64::try_from(page.len()).map_or(true, |n| n < self.page_size);
+                    self.page = page.into_iter();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
 
 /// A read-only view of a store for the offline tools: what the audit
 /// export, the provision report, verify-store and backup read. Every read
@@ -872,6 +964,11 @@ pub type Rows<'a, T> = Box<dyn Iterator<Item = Result<T, StoreError>> + 'a>;
 ///
 /// The `Raw…` rows are the values as stored, unchecked: verify-store
 /// reports what is wrong with them instead of failing on the first one.
+///
+/// Large ciphertexts are blob files beside a SQLite store (the `blob…`
+/// methods) and numbered chunks in a PostgreSQL store
+/// ([`ciphertext_chunks`](Self::ciphertext_chunks)); a store of one kind
+/// has none of the other.
 pub trait ReadOnlyStore {
     /// The store's schema version.
     fn schema_version(&self) -> Result<u32, StoreError>;
@@ -901,8 +998,24 @@ pub trait ReadOnlyStore {
     fn messages(&self) -> Rows<'_, RawMessage>;
 
     /// The inline ciphertext of the message with key `key` (`None`: its
-    /// ciphertext is a blob file). An error if there is no such row.
+    /// ciphertext is a blob file or chunked). An error if there is no such
+    /// row.
     fn inline_ciphertext(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The chunks of the message with key `key` whose ciphertext the store
+    /// keeps in the database in numbered pieces (PostgreSQL), in order, a
+    /// chunk at a time (memory stays that of one chunk); `None` if its
+    /// ciphertext is not chunked (inline, or a blob file). The chunks are
+    /// as stored: whether they are numbered 0, 1, 2 … and add up to the
+    /// message's `ciphertext_len` is the caller's to check. By default (a
+    /// store without chunks) `None`.
+    fn ciphertext_chunks(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<Rows<'_, CiphertextChunk>>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
 
     /// The receipts kept for the message with key `key`, in the order
     /// received.
@@ -972,7 +1085,8 @@ pub struct RowCounts {
     pub receipts: u64,
     /// Deliveries in the work queue (any state).
     pub deliveries: u64,
-    /// Envelopes whose ciphertext is a blob file.
+    /// Envelopes whose ciphertext is a blob file (SQLite) or chunked
+    /// (PostgreSQL).
     pub blobs: u64,
     /// Audit log entries (`None`: the schema has no audit log).
     pub audit_entries: Option<u64>,
@@ -1008,6 +1122,16 @@ pub struct RawMessage {
     pub received_ms: i64,
     /// The receipt we issued on accepting it.
     pub our_receipt: Option<Vec<u8>>,
+}
+
+/// A piece of a chunked ciphertext as stored (see
+/// [`ReadOnlyStore::ciphertext_chunks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CiphertextChunk {
+    /// Its number (the first is 0).
+    pub n: i64,
+    /// Its bytes.
+    pub data: Vec<u8>,
 }
 
 /// A kept receipt as stored.

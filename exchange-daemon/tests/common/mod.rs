@@ -25,6 +25,7 @@ use exchange_daemon::proto::peer_client::PeerClient;
 use exchange_daemon::proto::{
     MessageStatus, SendRequest, SendStart, StatusRequest, SubjectIdentifier, send_request,
 };
+use exchange_daemon::store::{ReadOnlyStore, SchemaNeed, StoreLocation};
 use exchange_daemon::tls::{self, TlsIdentity};
 use exchange_daemon::{Config, Daemon};
 use tonic::transport::Channel;
@@ -602,6 +603,112 @@ pub fn store_url(party: &Party) -> Option<String> {
     std::fs::read_to_string(party.dir.join(STORE_URL_FILE)).ok()
 }
 
+/// Where the offline tools read `party`'s store: its PostgreSQL database
+/// if it runs on one, else its data directory.
+pub fn store_location(party: &Party) -> StoreLocation {
+    match store_url(party) {
+        Some(url) => StoreLocation::Url(url),
+        None => StoreLocation::Dir(party.data_dir()),
+    }
+}
+
+/// `party`'s store, read-only, as the offline tools read it (one
+/// consistent view until `end_snapshot`).
+pub fn read_store(party: &Party) -> Box<dyn ReadOnlyStore> {
+    exchange_daemon::store::open_read_only(&store_location(party), SchemaNeed::Current).unwrap()
+}
+
+/// Runs statements on `party`'s store behind the daemon's back (to damage
+/// it on purpose): `sqlite` on its SQLite database, or `postgres` on its
+/// PostgreSQL database.
+pub fn tamper(party: &Party, sqlite: &str, postgres: &str) {
+    match store_url(party) {
+        Some(url) => pg::execute(&url, postgres),
+        None => {
+            let conn = rusqlite::Connection::open(party.data_dir().join("store.sqlite3")).unwrap();
+            conn.busy_timeout(Duration::from_secs(10)).unwrap();
+            conn.execute_batch(sqlite).unwrap();
+        }
+    }
+}
+
+/// Runs `sql`, a query whose one column is an integer (`bigint` on
+/// PostgreSQL), on `party`'s store; its values.
+pub fn store_ints(party: &Party, sql: &str) -> Vec<i64> {
+    match store_url(party) {
+        Some(url) => pg::query(&url, sql, |r| r.get(0)),
+        None => {
+            let conn = rusqlite::Connection::open_with_flags(
+                party.data_dir().join("store.sqlite3"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+    }
+}
+
+/// Runs `sql`, a query whose columns are all text, on `party`'s store;
+/// its rows.
+pub fn store_texts(party: &Party, sql: &str) -> Vec<Vec<String>> {
+    fn pg_row(r: &tokio_postgres::Row) -> Vec<String> {
+        (0..r.len()).map(|i| r.get(i)).collect()
+    }
+    match store_url(party) {
+        Some(url) => pg::query(&url, sql, pg_row),
+        None => {
+            let conn = rusqlite::Connection::open_with_flags(
+                party.data_dir().join("store.sqlite3"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let mut stmt = conn.prepare(sql).unwrap();
+            let n = stmt.column_count();
+            stmt.query_map([], |r| (0..n).map(|i| r.get(i)).collect())
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+    }
+}
+
+/// `bytes` as an SQL literal of `party`'s store (for [`tamper`]).
+pub fn bytes_sql(party: &Party, bytes: &[u8]) -> String {
+    if store_url(party).is_some() {
+        format!("'\\x{}'::bytea", hex::encode(bytes))
+    } else {
+        format!("x'{}'", hex::encode(bytes))
+    }
+}
+
+/// Every byte `party` stores: the files of its data directory (database,
+/// WAL, blobs, keys) and, on PostgreSQL, every value of every row of its
+/// database (`bytea` as stored, the rest as text).
+pub fn stored_bytes(party: &Party) -> Vec<u8> {
+    fn files(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files(&p));
+            } else {
+                out.extend(std::fs::read(&p).unwrap());
+            }
+        }
+        out
+    }
+    let mut out = files(&party.data_dir());
+    if let Some(url) = store_url(party) {
+        out.extend(pg::all_values(&url));
+    }
+    out
+}
+
 pub fn store_counts(party: &Party) -> StoreCounts {
     let dir = party.data_dir();
     let files = |d: &str| {
@@ -795,18 +902,8 @@ where
 
 /// The audit log entries of a party's store (their canonical JSON), in order.
 pub fn audit_entries(party: &Party) -> Vec<String> {
-    let conn = rusqlite::Connection::open_with_flags(
-        party.data_dir().join("store.sqlite3"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.prepare("SELECT entry FROM audit_log ORDER BY seq")
-        .unwrap()
-        .query_map([], |r| {
-            let v: Vec<u8> = r.get(0)?;
-            Ok(String::from_utf8_lossy(&v).into_owned())
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    read_store(party)
+        .audit_entries(None, None)
+        .map(|row| String::from_utf8_lossy(&row.unwrap().entry).into_owned())
+        .collect()
 }

@@ -144,3 +144,72 @@ pub fn query<T: Send + 'static>(
     .join()
     .unwrap()
 }
+
+/// Runs `sql` (statements without results) on the database at `url`.
+pub fn execute(url: &str, sql: &str) {
+    try_execute(url, sql).unwrap();
+}
+
+/// Every value of every row of every table of the database at `url`
+/// (`bytea` as stored, the rest as text), concatenated.
+pub fn all_values(url: &str) -> Vec<u8> {
+    let columns = query(
+        url,
+        "SELECT table_name::text, column_name::text, data_type::text FROM information_schema.columns \
+         WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+        |r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+            )
+        },
+    );
+    let mut out = Vec::new();
+    for (table, column, ty) in columns {
+        let values: Vec<Vec<u8>> = if ty == "bytea" {
+            query(
+                url,
+                &format!("SELECT \"{column}\" FROM \"{table}\" WHERE \"{column}\" IS NOT NULL"),
+                |r| r.get(0),
+            )
+        } else {
+            query(
+                url,
+                &format!(
+                    "SELECT \"{column}\"::text FROM \"{table}\" WHERE \"{column}\" IS NOT NULL"
+                ),
+                |r| r.get::<_, String>(0).into_bytes(),
+            )
+        };
+        out.extend(values.concat());
+    }
+    out
+}
+
+/// Runs `sql` (statements without results) on the database at `url`; the
+/// server's message if it fails.
+pub fn try_execute(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let task = tokio::spawn(conn);
+            let r = client.batch_execute(&sql).await.map_err(|e| {
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+            });
+            drop(client);
+            let _ = task.await;
+            r
+        })
+    })
+    .join()
+    .unwrap()
+}

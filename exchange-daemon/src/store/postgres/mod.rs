@@ -37,6 +37,7 @@ mod blobs;
 mod purge;
 mod rows;
 pub mod schema;
+mod snapshot;
 mod write;
 
 use std::collections::HashMap;
@@ -68,6 +69,7 @@ use write::{
 
 pub use blobs::CHUNK;
 pub use schema::{MIGRATIONS, supported_schema_version};
+pub use snapshot::{PAGE as SNAPSHOT_PAGE, PgSnapshot, redacted_url};
 
 /// A transaction on a pooled connection: every statement runs in one.
 pub(crate) type Conn<'a> = deadpool_postgres::Transaction<'a>;

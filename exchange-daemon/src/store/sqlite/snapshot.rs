@@ -16,7 +16,7 @@ use super::{BLOBS_DIR, DB_FILE, MIGRATIONS, configure, io_err, provisions_for, v
 use crate::error::StoreError;
 use crate::store::{
     NamedBlob, ProvisionRecord, RawAuditEntry, RawCheckpoint, RawMessage, RawProvision, RawReceipt,
-    ReadOnlyStore, RowCounts, Rows, SchemaNeed,
+    ReadOnlyStore, RowCounts, Rows, SchemaNeed, paged,
 };
 
 /// Rows one page of a walk reads.
@@ -196,7 +196,7 @@ impl ReadOnlyStore for SqliteSnapshot {
     fn messages(&self) -> Rows<'_, RawMessage> {
         let conn = &self.conn;
         let mut after: Option<(i64, Vec<u8>)> = None;
-        paged(move || {
+        paged(PAGE, move || {
             // From schema 6 on, `id` is the row's local key and `wire_id`
             // the message id its envelope carries; before, they were one.
             let wire_id = if schema_version(conn)? >= 6 {
@@ -285,7 +285,7 @@ impl ReadOnlyStore for SqliteSnapshot {
              WHERE id >= ?1 ORDER BY id LIMIT ?2"
         );
         let mut next = Some(i64::MIN);
-        Ok(Some(paged(move || {
+        Ok(Some(paged(PAGE, move || {
             let Some(from) = next else {
                 return Ok(Vec::new());
             };
@@ -321,7 +321,7 @@ impl ReadOnlyStore for SqliteSnapshot {
         let conn = &self.conn;
         let to = to.map(saturating_i64);
         let mut next = Some(from.map_or(i64::MIN, saturating_i64));
-        paged(move || {
+        paged(PAGE, move || {
             let Some(from) = next else {
                 return Ok(Vec::new());
             };
@@ -357,7 +357,7 @@ impl ReadOnlyStore for SqliteSnapshot {
         let conn = &self.conn;
         let to = saturating_i64(to);
         let mut next = Some(i64::MIN);
-        let rows = paged(move || {
+        let rows = paged(PAGE, move || {
             let Some(from) = next else {
                 return Ok(Vec::new());
             };
@@ -452,47 +452,6 @@ impl ReadOnlyStore for SqliteSnapshot {
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?)
-    }
-}
-
-/// A walk that reads its rows a page at a time: `fetch` returns the next
-/// page (keeping its own position), fewer than [`PAGE`] rows at the end.
-fn paged<'a, T: 'a>(fetch: impl FnMut() -> Result<Vec<T>, StoreError> + 'a) -> Rows<'a, T> {
-    Box::new(Paged {
-        page: Vec::new().into_iter(),
-        fetch,
-        done: false,
-    })
-}
-
-struct Paged<T, F> {
-    page: std::vec::IntoIter<T>,
-    fetch: F,
-    done: bool,
-}
-
-impl<T, F: FnMut() -> Result<Vec<T>, StoreError>> Iterator for Paged<T, F> {
-    type Item = Result<T, StoreError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(row) = self.page.next() {
-                return Some(Ok(row));
-            }
-            if self.done {
-                return None;
-            }
-            match (self.fetch)() {
-                Ok(page) => {
-                    self.done = i64::try_from(page.len()).map_or(true, |n| n < PAGE);
-                    self.page = page.into_iter();
-                }
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
-            }
-        }
     }
 }
 

@@ -1498,7 +1498,11 @@ async fn a_snapshot_walks_every_row_across_pages() {
         assert_eq!(a.await.unwrap().unwrap(), Accepted::Stored);
     }
 
-    let snap = crate::store::open_read_only(dir.path(), crate::store::SchemaNeed::Current).unwrap();
+    let snap = crate::store::open_read_only(
+        &crate::store::StoreLocation::Dir(dir.path().to_owned()),
+        crate::store::SchemaNeed::Current,
+    )
+    .unwrap();
     let all: Vec<i64> = snap
         .audit_entries(None, None)
         .map(|r| r.unwrap().seq)
