@@ -258,8 +258,14 @@ async fn a_transfer_outlasting_its_lease_is_attempted_once() {
         ids.push(id);
     }
     for id in &ids {
+        // The hop's own record of the attempt, not only the message's
+        // state: the hospital also sends its receipt back on its own
+        // (ReturnReceipts), which may arrive before the slow answer does.
         let status = wait_status(&mut app, id, |s| {
             s.state() == exchange_daemon::proto::MessageState::Delivered
+                && s.hops
+                    .iter()
+                    .all(|h| h.state() == exchange_daemon::proto::HopDeliveryState::Delivered)
         })
         .await;
         assert_eq!(status.hops[0].attempts, 1, "{status:#?}");

@@ -30,6 +30,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+mod values;
 
 use std::collections::HashMap;
 use std::fmt;

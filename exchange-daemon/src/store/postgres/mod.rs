@@ -22,7 +22,8 @@
 //! * Each replica has a name (`delivery.node_name`), unique among the running
 //!   replicas of a database: a replica holds a session advisory lock for its
 //!   name on a connection of its own for as long as it runs, and a second
-//!   one under the same name is refused. If that connection is lost, the
+//!   one under the same name is refused (after waiting five seconds for a
+//!   predecessor's session to end). If that connection is lost, the
 //!   replica's [`Store::failure`] resolves and it stops (its supervisor
 //!   restarts it): it never runs without holding its name.
 //! * The audit log stays one Merkle log for the facility: appends take the
@@ -76,6 +77,10 @@ pub(crate) type Conn<'a> = deadpool_postgres::Transaction<'a>;
 
 /// The advisory lock key (first half) of a replica's name.
 const NODE_LOCK: i32 = 0x6578_6368; // "exch"
+
+/// How often opening tries to take the replica's name (250 ms apart)
+/// before it is refused as taken.
+const NAME_TRIES: u32 = 20;
 
 /// PostgreSQL's errors as the store reports them: the server's message and
 /// SQLSTATE when it sent one, else the driver's.
@@ -190,13 +195,23 @@ impl PgStore {
             .await
             .map_err(pg_error)?
             .get(0);
-        let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&NODE_LOCK, &id])
-            .await
-            .map_err(pg_error)?
-            .get(0);
-        if !locked {
-            return Err(StoreError::NodeNameTaken(name));
+        // A predecessor under this name that has just stopped may still
+        // have its session for a moment: wait a little for it to end.
+        let mut tries = 0;
+        loop {
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&NODE_LOCK, &id])
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            if locked {
+                break;
+            }
+            tries += 1;
+            if tries >= NAME_TRIES {
+                return Err(StoreError::NodeNameTaken(name));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
         let (lost_tx, name_lost) = tokio::sync::watch::channel(None);
         // The client must live as long as the lock: it is moved into the
@@ -451,16 +466,8 @@ impl Store for PgStore {
                     }
                     after = target;
                 }
-                // Targets take turns, as in the SQLite store.
-                let mut due = Vec::new();
-                while due.len() < limit && !queues.is_empty() {
-                    let mut turn: Vec<DeliveryRecord> =
-                        queues.iter_mut().filter_map(Iterator::next).collect();
-                    queues.retain(|q| !q.as_slice().is_empty());
-                    turn.sort_by_key(|d| (d.next_attempt_ms, d.id));
-                    turn.truncate(limit - due.len());
-                    due.extend(turn);
-                }
+                // Targets take turns (oldest first within each turn).
+                let mut due = crate::store::values::take_turns(queues, limit);
                 let claim = tx
                     .prepare_cached(&format!(
                         "UPDATE deliveries SET claimed_by = $1, \

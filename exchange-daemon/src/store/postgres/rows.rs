@@ -7,6 +7,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{Conn, pg_error};
 use crate::error::StoreError;
+pub(super) use crate::store::values::{message_id, message_key, party, to_i64, to_u64};
 use crate::store::{
     DeliveryKind, DeliveryRecord, DeliveryState, MessageKey, MessageKind, MessageRecord,
     PurgedRecord,
@@ -24,30 +25,6 @@ pub(super) const DELIVERY_COLUMNS: &str = "d.id, d.message_id, d.target, d.kind,
 /// The database's clock in Unix milliseconds: leases are reckoned by it,
 /// so that replicas whose clocks differ agree on when a lease lapses.
 pub(super) const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
-
-/// A `u64` for a `bigint` column (which holds at most `i64::MAX`).
-pub(super) fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} exceeds i64::MAX")))
-}
-
-/// A `bigint` column read back as `u64`: negative means corrupt.
-pub(super) fn to_u64(v: i64, what: &'static str) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative ({v})")))
-}
-
-pub(super) fn message_id(b: &[u8]) -> Result<MessageId, StoreError> {
-    MessageId::from_slice(b).map_err(|_| StoreError::Corrupt("message id is not 16 bytes".into()))
-}
-
-pub(super) fn message_key(b: &[u8]) -> Result<MessageKey, StoreError> {
-    <[u8; 16]>::try_from(b)
-        .map(MessageKey::from_bytes)
-        .map_err(|_| StoreError::Corrupt("message key is not 16 bytes".into()))
-}
-
-pub(super) fn party(s: String, what: &str) -> Result<PartyUri, StoreError> {
-    PartyUri::new(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
 
 pub(super) fn digest(b: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
     <[u8; 32]>::try_from(b).map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))

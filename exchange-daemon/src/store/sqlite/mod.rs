@@ -538,17 +538,8 @@ impl Store for SqliteStore {
                     }
                     after = target;
                 }
-                // Targets take turns: every target's first item (oldest
-                // first), then every target's second, and so on.
-                let mut due = Vec::new();
-                while due.len() < limit && !queues.is_empty() {
-                    let mut turn: Vec<DeliveryRecord> =
-                        queues.iter_mut().filter_map(Iterator::next).collect();
-                    queues.retain(|q| !q.as_slice().is_empty());
-                    turn.sort_by_key(|d| (d.next_attempt_ms, d.id));
-                    turn.truncate(limit - due.len());
-                    due.extend(turn);
-                }
+                // Targets take turns (oldest first within each turn).
+                let mut due = crate::store::values::take_turns(queues, limit);
                 let mut claim = conn.prepare_cached(
                     "UPDATE deliveries SET claimed_by = ?1, claim_until_ms = ?2, \
                      claim = claim + 1 WHERE id = ?3 RETURNING claim",

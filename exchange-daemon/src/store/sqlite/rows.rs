@@ -7,6 +7,7 @@ use exchange_core::{MessageId, PartyUri};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::error::StoreError;
+pub(super) use crate::store::values::{message_id, message_key, party, to_i64, to_u64};
 use crate::store::{
     AuditTail, DeliveryKind, DeliveryRecord, DeliveryState, MessageKey, MessageKind, MessageRecord,
     ProvisionDirection, ProvisionRecord, PurgedRecord,
@@ -242,34 +243,10 @@ pub(super) fn delivery_from_row(
     })())
 }
 
-pub(super) fn message_id(b: &[u8]) -> Result<MessageId, StoreError> {
-    MessageId::from_slice(b).map_err(|_| StoreError::Corrupt("message id is not 16 bytes".into()))
-}
-
-pub(super) fn message_key(b: &[u8]) -> Result<MessageKey, StoreError> {
-    <[u8; 16]>::try_from(b)
-        .map(MessageKey::from_bytes)
-        .map_err(|_| StoreError::Corrupt("message key is not 16 bytes".into()))
-}
-
 pub(super) fn message_kind(s: &str) -> Result<MessageKind, StoreError> {
     MessageKind::parse(s).ok_or_else(|| {
         StoreError::Corrupt(format!("message kind {:?}", s.escape_debug().to_string()))
     })
-}
-
-pub(super) fn party(s: String, what: &str) -> Result<PartyUri, StoreError> {
-    PartyUri::new(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-/// A `u64` for an INTEGER column (which holds at most `i64::MAX`).
-pub(super) fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} exceeds i64::MAX")))
-}
-
-/// An INTEGER column read back as `u64`: negative means corrupt.
-pub(super) fn to_u64(v: i64, what: &'static str) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative ({v})")))
 }
 
 pub(super) fn check_len(actual: Option<u64>, declared: u64) -> Result<(), StoreError> {
