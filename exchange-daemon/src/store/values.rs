@@ -51,3 +51,53 @@ pub(crate) fn take_turns(
     }
     due
 }
+
+/// A subject set as an audit entry refers to it and as the store keeps it.
+pub(crate) struct SubjectSetRows {
+    /// The reference the entry carries.
+    pub(crate) reference: exchange_core::audit::SubjectSet,
+    /// The pseudonyms, as bytes.
+    pub(crate) set: Vec<[u8; 32]>,
+    /// The set's digest: the key it is kept under in `audit_subject_sets`.
+    pub(crate) digest: Vec<u8>,
+}
+
+/// The subject set an audit entry naming these pseudonyms (64 hex digits
+/// each) refers to.
+pub(crate) fn subject_set(subjects: &[String]) -> Result<SubjectSetRows, StoreError> {
+    let set = subjects
+        .iter()
+        .map(|h| {
+            let mut p = [0u8; 32];
+            hex::decode_to_slice(h, &mut p)
+                .map_err(|_| StoreError::Invalid("audit subject is not 64 hex digits".into()))?;
+            Ok(p)
+        })
+        .collect::<Result<Vec<[u8; 32]>, StoreError>>()?;
+    let reference = exchange_core::audit::SubjectSet::of(&set);
+    let digest = hex::decode(&reference.sha256)
+        .map_err(|_| StoreError::Invalid("subject set digest".into()))?;
+    Ok(SubjectSetRows {
+        reference,
+        set,
+        digest,
+    })
+}
+
+/// Resolves with the reason once `failed` holds one; never if its sender
+/// is dropped (the store was closed normally). See
+/// [`Store::failure`](super::Store::failure).
+pub(crate) fn failure_of(
+    mut failed: tokio::sync::watch::Receiver<Option<String>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>> {
+    Box::pin(async move {
+        let why = failed
+            .wait_for(Option::is_some)
+            .await
+            .map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    })
+}

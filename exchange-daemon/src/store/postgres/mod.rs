@@ -750,18 +750,7 @@ impl Store for PgStore {
     }
 
     fn failure(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
-        let mut lost = self.name_lost.clone();
-        Box::pin(async move {
-            let why = lost
-                .wait_for(Option::is_some)
-                .await
-                .map(|why| why.clone().unwrap_or_default());
-            match why {
-                Ok(why) => why,
-                // The store was dropped.
-                Err(_) => std::future::pending().await,
-            }
-        })
+        super::values::failure_of(self.name_lost.clone())
     }
 
     fn acknowledge(

@@ -8,7 +8,7 @@
 //! therefore collected in an [`Audits`] list as the operation goes and
 //! appended at its end.
 
-use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS, SubjectSet};
+use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS};
 use exchange_core::suite::sha256;
 
 use super::rows::{DB_NOW_MS, col, find_message, load_purged, query_map, to_i64, to_u64};
@@ -468,20 +468,11 @@ async fn fill_subjects(
         .await?;
     }
     if entry.subjects.len() > MAX_INLINE_SUBJECTS {
-        let set = entry
-            .subjects
-            .iter()
-            .map(|h| {
-                let mut p = [0u8; 32];
-                hex::decode_to_slice(h, &mut p).map_err(|_| {
-                    StoreError::Invalid("audit subject is not 64 hex digits".into())
-                })?;
-                Ok(p)
-            })
-            .collect::<Result<Vec<[u8; 32]>, StoreError>>()?;
-        let reference = SubjectSet::of(&set);
-        let digest = hex::decode(&reference.sha256)
-            .map_err(|_| StoreError::Invalid("subject set digest".into()))?;
+        let crate::store::values::SubjectSetRows {
+            reference,
+            set,
+            digest,
+        } = crate::store::values::subject_set(&entry.subjects)?;
         let insert = conn
             .prepare_cached(
                 "INSERT INTO audit_subject_sets (digest, pseudonym) VALUES ($1, $2) \

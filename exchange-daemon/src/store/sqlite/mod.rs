@@ -788,18 +788,7 @@ impl Store for SqliteStore {
     }
 
     fn failure(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
-        let mut failed = self.writer_failed.clone();
-        Box::pin(async move {
-            let why = failed
-                .wait_for(Option::is_some)
-                .await
-                .map(|why| why.clone().unwrap_or_default());
-            match why {
-                Ok(why) => why,
-                // The store was closed normally.
-                Err(_) => std::future::pending().await,
-            }
-        })
+        super::values::failure_of(self.writer_failed.clone())
     }
 
     fn acknowledge(

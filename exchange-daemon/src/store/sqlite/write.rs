@@ -2,7 +2,7 @@
 //! inside each operation's savepoint, and the rows they insert (the new
 //! records with their values converted for SQLite).
 
-use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS, SubjectSet};
+use exchange_core::audit::{AuditEntry, MAX_INLINE_SUBJECTS};
 use exchange_core::suite::sha256;
 use exchange_core::{MessageId, PartyUri};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -352,20 +352,11 @@ pub(super) fn append_audit(
             .collect::<Result<_, StoreError>>()?;
     }
     if entry.subjects.len() > MAX_INLINE_SUBJECTS {
-        let set = entry
-            .subjects
-            .iter()
-            .map(|h| {
-                let mut p = [0u8; 32];
-                hex::decode_to_slice(h, &mut p).map_err(|_| {
-                    StoreError::Invalid("audit subject is not 64 hex digits".into())
-                })?;
-                Ok(p)
-            })
-            .collect::<Result<Vec<[u8; 32]>, StoreError>>()?;
-        let reference = SubjectSet::of(&set);
-        let digest = hex::decode(&reference.sha256)
-            .map_err(|_| StoreError::Invalid("subject set digest".into()))?;
+        let crate::store::values::SubjectSetRows {
+            reference,
+            set,
+            digest,
+        } = crate::store::values::subject_set(&entry.subjects)?;
         let known = conn
             .prepare_cached("SELECT 1 FROM audit_subject_sets WHERE digest = ?1 LIMIT 1")?
             .query_row([&digest], |_| Ok(()))
