@@ -12,7 +12,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use exchange_core::envelope::{InnerMetadata, SubjectId};
 use exchange_core::receipt::Disposition;
@@ -504,7 +503,7 @@ impl Client for ClientService {
                 };
                 tokio::select! {
                     () = wait => {}
-                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = tokio::time::sleep(node.config.delivery.status_poll()) => {}
                     () = tx.closed() => return,
                 }
             }

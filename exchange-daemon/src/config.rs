@@ -438,6 +438,12 @@ pub struct DeliveryConfig {
     /// only a crashed or stuck worker's claims lapse.
     #[serde(default = "default_lease")]
     pub lease_ms: u64,
+    /// How often a status watch (`WatchStatus`) reads its message's status
+    /// again when no change woke it (ms). Changes this daemon makes, and on
+    /// PostgreSQL those its fellow replicas announce, wake it at once; this
+    /// poll is the fallback for a change missed under load.
+    #[serde(default = "default_status_poll")]
+    pub status_poll_ms: u64,
 }
 
 fn default_concurrency() -> usize {
@@ -473,6 +479,9 @@ fn default_node() -> String {
 fn default_lease() -> u64 {
     120_000
 }
+fn default_status_poll() -> u64 {
+    2_000
+}
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -488,6 +497,7 @@ impl Default for DeliveryConfig {
             connect_timeout_ms: default_connect_timeout(),
             node_name: default_node(),
             lease_ms: default_lease(),
+            status_poll_ms: default_status_poll(),
         }
     }
 }
@@ -496,6 +506,11 @@ impl DeliveryConfig {
     /// How long a claim on a delivery lasts.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// How often a status watch polls (see `status_poll_ms`).
+    pub(crate) fn status_poll(&self) -> Duration {
+        Duration::from_millis(self.status_poll_ms)
     }
 
     /// The connect timeout.
@@ -683,9 +698,11 @@ impl Config {
                 d.lease_ms
             )));
         }
-        if self.delivery.concurrency == 0 || self.delivery.initial_backoff_ms == 0 {
+        if d.concurrency == 0 || d.initial_backoff_ms == 0 || d.status_poll_ms == 0 {
             return Err(Error::Config(
-                "delivery.concurrency and delivery.initial_backoff_ms must be positive".into(),
+                "delivery.concurrency, delivery.initial_backoff_ms and delivery.status_poll_ms \
+                 must be positive"
+                    .into(),
             ));
         }
         let l = &self.limits;

@@ -14,8 +14,7 @@ use tonic::transport::Server;
 use crate::client_service::ClientService;
 use crate::config::{Config, Profile};
 use crate::error::{Error, StoreError};
-use crate::node::Node;
-use crate::node::{audit, deliver};
+use crate::node::{self, Node, audit, deliver};
 use crate::peer::PeerService;
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
@@ -397,6 +396,7 @@ impl Daemon {
             rx.clone(),
         )));
         tasks.push(tokio::spawn(deliver::run(node.clone(), rx.clone())));
+        tasks.push(tokio::spawn(node::follow_changes(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(reload_trust(node.clone(), rx.clone())));
         tasks.push(tokio::spawn(audit::run(node.clone(), rx)));
         node.audit(vec![node.entry(

@@ -455,6 +455,13 @@ client = "127.0.0.1:7444"
         crl,
     ));
     config_error(parse("[network]\nprofile = \"internet\"", crl));
+
+    // A status watch that never polls again is refused; a slow one is not.
+    let m = config_error(parse("[delivery]\nstatus_poll_ms = 0", crl));
+    assert!(m.contains("delivery.status_poll_ms"), "{m}");
+    let c = parse("[delivery]\nstatus_poll_ms = 600000", crl).unwrap();
+    assert_eq!(c.delivery.status_poll_ms, 600_000);
+    assert_eq!(parse("", crl).unwrap().delivery.status_poll_ms, 2_000);
 }
 
 // 7. Over the size limit, from a peer and from a local client.

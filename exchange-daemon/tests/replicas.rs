@@ -4,7 +4,8 @@
 //! reached by its peers through a TCP front that spreads connections over
 //! the live replicas. One replica of each side is SIGKILLed under load;
 //! every accepted message must still reach the hospital exactly once,
-//! intact, with its DELIVERED receipt back at the clinic.
+//! intact, with its DELIVERED receipt back at the clinic. And a change one
+//! replica takes in reaches a status watch on another at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -19,7 +20,9 @@ use common::pg::{TestDb, count, query};
 use common::replicas::{front, replica_settings, replicas_of};
 use common::*;
 use crash_harness::Exchanged;
-use exchange_daemon::proto::{FetchRequest, MessageState, StatusRequest, fetch_response};
+use exchange_daemon::proto::{
+    AckRequest, FetchRequest, MessageState, StatusRequest, fetch_response,
+};
 use tokio::time::{Instant, sleep};
 
 const REPLICAS: usize = 3;
@@ -288,4 +291,88 @@ async fn a_replica_of_each_side_killed_under_load_loses_and_duplicates_nothing()
     eprintln!(
         "replicas: {total} sent, all delivered once; killed clinic-0 and hospital-1 after {killed_after} sends with {pending_at_kill} deliveries pending"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_taken_by_one_replica_wakes_a_status_watch_on_another() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:jp:example:app:emr-01");
+    let his = net.client("his", "urn:jp:example:app:his-01");
+    let db = TestDb::new();
+    let clinics = replicas_of(&net, &clinic, 2);
+    // Status watches poll once in ten minutes: within this test only an
+    // announced change can reach them.
+    for (r, p) in clinics.iter().enumerate() {
+        let settings = replica_settings(&format!("clinic-{r}"), &db, "status_poll_ms = 600000\n");
+        net.configure(p, &[&hospital], &[&emr], &settings);
+    }
+    // The hospital knows the clinic by its second replica's address only:
+    // every receipt it sends back on its own is taken in there.
+    net.configure(&hospital, &[&clinics[1]], &[&his], "");
+    let _hospital = start(&hospital).await;
+    let _replicas = (start(&clinics[0]).await, start(&clinics[1]).await);
+
+    // Sent through the first replica, and watched there.
+    let mut app = client_of(&net, &clinics[0], &emr);
+    let id = send(
+        &mut app,
+        referral_start(&[&hospital], &[], "treatment"),
+        b"a referral watched on one replica",
+    )
+    .await
+    .unwrap();
+    let mut watch = app
+        .watch_status(StatusRequest {
+            message_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_state = async || {
+        let status = tokio::time::timeout(Duration::from_secs(60), watch.message())
+            .await
+            .expect("no status change within 60 s")
+            .unwrap()
+            .expect("the watch ended early");
+        status.state()
+    };
+    let mut seen = vec![next_state().await];
+    // The hospital reads the message and says it has processed it; its
+    // PROCESSED receipt goes to the second replica.
+    let mut reader = client_of(&net, &hospital, &his);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fetched = reader
+            .fetch(FetchRequest {
+                message_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        if let Ok(stream) = fetched {
+            let mut stream = stream.into_inner();
+            while stream.message().await.unwrap().is_some() {}
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reached the hospital");
+        sleep(Duration::from_millis(50)).await;
+    }
+    reader
+        .ack(AckRequest {
+            message_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    while *seen.last().unwrap() != MessageState::Processed {
+        let state = next_state().await;
+        assert_ne!(state, MessageState::Failed, "{seen:?}");
+        seen.push(state);
+    }
+    let processed_on_the_other: u64 = count(
+        &db.url(),
+        "SELECT count(*) FROM receipts WHERE disposition = 'PROCESSED'",
+    );
+    assert_eq!(processed_on_the_other, 1);
 }

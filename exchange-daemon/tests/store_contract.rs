@@ -10,16 +10,16 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use common::pg::{TestDb, count};
+use common::pg::{TestDb, count, execute};
 use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
 use exchange_core::suite::{merkle_leaf_hash, sha256};
 use exchange_core::{MessageId, PartyUri};
 use exchange_daemon::StoreError;
-use exchange_daemon::store::postgres::{CHUNK, PgOptions, PgStore};
+use exchange_daemon::store::postgres::{CHUNK, MIGRATIONS, PgOptions, PgStore};
 use exchange_daemon::store::sqlite::SqliteStore;
 use exchange_daemon::store::{
     Accepted, AttemptOutcome, Ciphertext, DeliveryKind, DeliveryState, MessageKey, MessageKind,
-    NewDelivery, NewEnvelope, NewReceipt, PurgePolicy, SendKey, Store,
+    NewDelivery, NewEnvelope, NewReceipt, PurgePolicy, SendKey, Store, StoreChange,
 };
 
 /// A store under test, with what keeps it alive.
@@ -636,4 +636,125 @@ async fn leases_are_reckoned_by_the_database_clock() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The next `n` changes `rx` hears (each within ten seconds).
+async fn next_changes(
+    rx: &mut tokio::sync::broadcast::Receiver<StoreChange>,
+    n: usize,
+) -> Vec<StoreChange> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await {
+            Ok(Ok(change)) => got.push(change),
+            Ok(Err(e)) => panic!("after {got:?}: {e}"),
+            Err(_) => panic!("after {got:?}: no change announced within 10 s"),
+        }
+    }
+    got
+}
+
+async fn key_of(s: &dyn Store, n: u32) -> MessageKey {
+    s.find(uri("urn:test:a"), mid(n))
+        .await
+        .unwrap()
+        .unwrap()
+        .key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_announced_to_every_replica_and_claims_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let a = replica(&db, "a", dir.path()).await.unwrap();
+    let b = replica(&db, "b", dir.path()).await.unwrap();
+    let mut heard = a.changes().expect("a PostgreSQL replica hears changes");
+    let mut heard_by_b = b.changes().unwrap();
+    let now = || exchange_daemon::unix_ms(std::time::SystemTime::now());
+
+    // Stored work is announced.
+    b.accept(inline(mid(1), "urn:test:a")).await.unwrap();
+    let k1 = key_of(&b, 1).await;
+    // Claiming and renewing are not; an attempt counted is, as the
+    // message's change, but a retry due later is not work yet.
+    let t = now();
+    let d1 = b.claim_due("b", t, t + 60_000, 10).await.unwrap().remove(0);
+    assert_eq!(
+        b.renew_claims("b", vec![(d1.id, d1.claim)], t + 90_000)
+            .await
+            .unwrap(),
+        1
+    );
+    let retry = AttemptOutcome::Retry {
+        error: "peer down".into(),
+        next_attempt_ms: t + 3_600_000,
+    };
+    b.finish_attempt(d1.id, d1.claim, retry, vec![], vec![])
+        .await
+        .unwrap();
+    // A claim given back is work again for whoever is idle.
+    b.accept(inline(mid(2), "urn:test:a")).await.unwrap();
+    let k2 = key_of(&b, 2).await;
+    let t = now();
+    let d2 = b.claim_due("b", t, t + 60_000, 10).await.unwrap();
+    assert_eq!(d2.len(), 1, "only the second message is due");
+    b.release_claim("b", vec![(d2[0].id, d2[0].claim)])
+        .await
+        .unwrap();
+    // A receipt is a change of its message, whoever stores it (a too).
+    a.add_receipts(k1, vec![receipt("urn:test:r1", b"r1", false)])
+        .await
+        .unwrap();
+    // A delivery done is.
+    let t = now();
+    let d2 = b.claim_due("b", t, t + 60_000, 10).await.unwrap().remove(0);
+    b.finish_attempt(d2.id, d2.claim, AttemptOutcome::Done, vec![], vec![])
+        .await
+        .unwrap();
+
+    // Both replicas hear the same, in commit order, whichever made them.
+    use StoreChange::{Message, Work};
+    let expected = vec![Work, Message(k1), Work, Work, Message(k1), Message(k2)];
+    assert_eq!(next_changes(&mut heard, 6).await, expected);
+    assert_eq!(next_changes(&mut heard_by_b, 6).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_first_schema_is_migrated_and_keeps_its_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let url = db.url();
+    // A database as the first release left it, with a message waiting.
+    execute(
+        &url,
+        "CREATE TABLE exchange_schema (id integer PRIMARY KEY CHECK (id = 1), \
+         version integer NOT NULL); INSERT INTO exchange_schema VALUES (1, 1)",
+    );
+    execute(&url, MIGRATIONS[0]);
+    {
+        let old = replica(&db, "a", dir.path()).await.unwrap();
+        assert_eq!(
+            count(&url, "SELECT version::bigint FROM exchange_schema"),
+            MIGRATIONS.len() as u64
+        );
+        old.accept(inline(mid(1), "urn:test:a")).await.unwrap();
+    }
+    execute(&url, "UPDATE exchange_schema SET version = 1");
+    execute(
+        &url,
+        "DROP TRIGGER deliveries_announce ON deliveries; \
+         DROP TRIGGER receipts_announce ON receipts; \
+         DROP FUNCTION exchange_announce_delivery(); DROP FUNCTION exchange_announce_receipt()",
+    );
+    // Opened by this build: migrated, the waiting message kept, and its
+    // changes announced.
+    let a = replica(&db, "a", dir.path()).await.unwrap();
+    assert_eq!(
+        count(&url, "SELECT version::bigint FROM exchange_schema"),
+        MIGRATIONS.len() as u64
+    );
+    assert_eq!(a.pending_count().await.unwrap(), 1);
+    let mut heard = a.changes().unwrap();
+    a.accept(inline(mid(2), "urn:test:a")).await.unwrap();
+    assert_eq!(next_changes(&mut heard, 1).await, vec![StoreChange::Work]);
 }

@@ -38,7 +38,9 @@ use exchange_core::audit::{AuditAction, AuditOutcome};
 use crate::clock::{Clock, SystemClock, from_unix_ms, unix_ms};
 use crate::config::{ClientConfig, Config};
 use crate::error::Error;
-use crate::store::{MessageKey, MessageKind, MessageRecord, NewDelivery, NewReceipt, Store};
+use crate::store::{
+    MessageKey, MessageKind, MessageRecord, NewDelivery, NewReceipt, Store, StoreChange,
+};
 use crate::tls::{self, SharedTrust, TlsIdentity};
 
 pub(crate) mod audit;
@@ -148,9 +150,9 @@ pub struct Node {
     pub(crate) peers: HashMap<PartyUri, Peer>,
     pub(crate) clients: HashMap<PartyUri, ClientConfig>,
     channels: Mutex<HashMap<PartyUri, Channel>>,
-    /// Woken when new work is stored.
+    /// Woken when new work is stored (here, or by a fellow replica).
     pub(crate) work: Notify,
-    /// Message ids whose status changed.
+    /// Message ids whose status changed (here, or at a fellow replica).
     pub(crate) events: broadcast::Sender<MessageKey>,
     /// Heads sealed and verified here, until their first delivery attempts.
     sealed: SealedHeads,
@@ -741,6 +743,36 @@ impl Node {
                 contracted: contracted.as_str().to_owned(),
             }),
             _ => Ok(contracted),
+        }
+    }
+}
+
+/// Passes on the changes the store announces (its other writers', the
+/// facility's fellow replicas): due work wakes the delivery loop, a
+/// message's change wakes its status watches. Returns at `stop`, or at once
+/// when the store announces nothing (this daemon is its only writer).
+pub(crate) async fn follow_changes(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Some(mut changes) = node.store.changes() else {
+        return;
+    };
+    loop {
+        let change = tokio::select! {
+            change = changes.recv() => change,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match change {
+            Ok(StoreChange::Work) => node.work.notify_one(),
+            Ok(StoreChange::Message(key)) => {
+                // No watch listening is not an error.
+                let _ = node.events.send(key);
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // Some are lost: look for work now; the watches' polls
+                // find the rest.
+                tracing::debug!(missed, "store changes missed");
+                node.work.notify_one();
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -635,6 +635,18 @@ impl StoredCiphertext {
     }
 }
 
+/// A change to the store, announced to the replicas that share it (see
+/// [`Store::changes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreChange {
+    /// A delivery is due and unclaimed: stored, or given back by a replica
+    /// that let its claim go.
+    Work,
+    /// A message's delivery state changed or a receipt for it was stored:
+    /// its status may read differently.
+    Message(MessageKey),
+}
+
 /// The durable store.
 pub trait Store: Send + Sync + 'static {
     /// A new spool file for a large ciphertext (see [`Ciphertext::Spooled`]).
@@ -762,6 +774,16 @@ pub trait Store: Send + Sync + 'static {
     /// that its supervisor restarts it. Never resolves by default.
     fn failure(&self) -> Pin<Box<dyn Future<Output = String> + Send + '_>> {
         Box::pin(std::future::pending())
+    }
+
+    /// Changes that other writers of this store (the facility's other
+    /// replicas) made, as they commit: the daemon wakes its delivery loop
+    /// and its status watches on them instead of waiting for its next
+    /// poll. `None` (the default) when this daemon is the store's only
+    /// writer and wakes itself. A receiver that falls behind misses
+    /// changes (the polls then catch up); it never blocks the store.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<StoreChange>> {
+        None
     }
 
     /// Marks an inbound message acknowledged at `now_ms`, keeping our

@@ -26,6 +26,11 @@
 //!   predecessor's session to end). If that connection is lost, the
 //!   replica's [`Store::failure`] resolves and it stops (its supervisor
 //!   restarts it): it never runs without holding its name.
+//! * The same connection listens for the changes the schema's triggers
+//!   announce (see [`schema`]), whichever replica made them: they reach
+//!   [`Store::changes`], so that a delivery stored or given back by one
+//!   replica is claimed at once by an idle one, and a receipt taken by one
+//!   replica wakes the status watches on all of them.
 //! * The audit log stays one Merkle log for the facility: appends take the
 //!   audit head's row lock last in their transaction, just before it commits.
 //! * Large ciphertexts are kept in the database in chunks of [`CHUNK`] bytes;
@@ -53,8 +58,8 @@ use tokio_postgres::NoTls;
 use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, DeliveryRecord, MessageKey, MessageKind,
     MessageRecord, NewCheckpoint, NewEnvelope, NewReceipt, ProvisionDirection, ProvisionRecord,
-    PurgePolicy, PurgeSummary, ReceiptRecord, SendKeyRecord, SpoolFile, Store, StoreFuture,
-    StoredCiphertext,
+    PurgePolicy, PurgeSummary, ReceiptRecord, SendKeyRecord, SpoolFile, Store, StoreChange,
+    StoreFuture, StoredCiphertext,
 };
 use crate::error::StoreError;
 use crate::store::sqlite::{create_private, io_err};
@@ -81,6 +86,10 @@ const NODE_LOCK: i32 = 0x6578_6368; // "exch"
 /// How often opening tries to take the replica's name (250 ms apart)
 /// before it is refused as taken.
 const NAME_TRIES: u32 = 20;
+
+/// Announced changes held for a slow listener; beyond this it misses
+/// some (and its polls catch up).
+const CHANGES_BUFFER: usize = 1024;
 
 /// PostgreSQL's errors as the store reports them: the server's message and
 /// SQLSTATE when it sent one, else the driver's.
@@ -137,6 +146,8 @@ pub struct PgStore {
     /// Resolves (with the reason) when the connection holding this
     /// replica's name is lost.
     name_lost: tokio::sync::watch::Receiver<Option<String>>,
+    /// The changes other replicas announce, heard on the name connection.
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
     /// Ends the name connection when the store is dropped.
     _name_holder: tokio::task::JoinHandle<()>,
 }
@@ -155,9 +166,11 @@ impl Drop for PgStore {
     }
 }
 
-/// Opens a plain connection and drives it in a task of its own.
+/// Opens a plain connection and drives it in a task of its own, which
+/// passes the changes announced on it to `changes`.
 async fn connect(
     config: &tokio_postgres::Config,
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
 ) -> Result<
     (
         tokio_postgres::Client,
@@ -166,8 +179,49 @@ async fn connect(
     StoreError,
 > {
     let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
-    let task = tokio::spawn(async move { connection.await.err().map(|e| e.to_string()) });
+    let task = tokio::spawn(drive(connection, changes));
     Ok((client, task))
+}
+
+/// Drives a connection until it ends (with the error that ended it, if
+/// one did), passing on the changes announced on it.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
+) -> Option<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                match parse_change(n.channel(), n.payload()) {
+                    // No receiver (nothing listens yet) is not an error.
+                    Some(change) => drop(changes.send(change)),
+                    None => tracing::warn!(
+                        channel = n.channel(),
+                        "ignoring an unknown change announcement"
+                    ),
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(e.to_string()),
+            None => return None,
+        }
+    }
+}
+
+/// A change as the schema's triggers announce it (see [`schema`]).
+fn parse_change(channel: &str, payload: &str) -> Option<StoreChange> {
+    if channel != schema::CHANGES_CHANNEL {
+        return None;
+    }
+    if payload == "w" {
+        return Some(StoreChange::Work);
+    }
+    let key = <[u8; 16]>::try_from(hex::decode(payload.strip_prefix('m')?).ok()?).ok()?;
+    Some(StoreChange::Message(MessageKey::from_bytes(key)))
 }
 
 impl PgStore {
@@ -181,7 +235,8 @@ impl PgStore {
         let spool = &options.spool_dir;
         std::fs::create_dir_all(spool).map_err(|e| io_err("create", spool, e))?;
         clear_spool(&options.spool_dir)?;
-        let (mut client, connection) = connect(&config).await?;
+        let (changes, _) = tokio::sync::broadcast::channel(CHANGES_BUFFER);
+        let (mut client, connection) = connect(&config, changes.clone()).await?;
         schema::migrate(&mut client).await?;
         let name = options.node_name.clone();
         let id: i32 = client
@@ -213,6 +268,11 @@ impl PgStore {
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
+        // The name connection also hears the other replicas' changes.
+        client
+            .batch_execute(&format!("LISTEN {}", schema::CHANGES_CHANNEL))
+            .await
+            .map_err(pg_error)?;
         let (lost_tx, name_lost) = tokio::sync::watch::channel(None);
         // The client must live as long as the lock: it is moved into the
         // task that watches its connection.
@@ -246,6 +306,7 @@ impl PgStore {
             pool,
             spool: options.spool_dir,
             name_lost,
+            changes,
             _name_holder: holder,
         })
     }
@@ -751,6 +812,10 @@ impl Store for PgStore {
 
     fn failure(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
         super::values::failure_of(self.name_lost.clone())
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<StoreChange>> {
+        Some(self.changes.subscribe())
     }
 
     fn acknowledge(

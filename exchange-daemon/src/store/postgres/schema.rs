@@ -26,6 +26,16 @@
 //!   are never reused.
 //!
 //! Times are Unix milliseconds in `bigint` columns.
+//!
+//! Triggers announce changes on the channel [`CHANGES_CHANNEL`], delivered
+//! to listeners when the writing transaction commits (PostgreSQL folds
+//! repeats within one transaction):
+//!
+//! * `w`: a delivery is due and unclaimed, because it was stored or a
+//!   replica gave its claim back (a retry scheduled for later is not
+//!   announced; the delivery loop's poll finds it);
+//! * `m` and a message key in hex: a delivery of that message changed
+//!   state or counted another attempt, or a receipt for it was stored.
 
 use tokio_postgres::Client;
 
@@ -234,7 +244,39 @@ CREATE TABLE nodes (
     seen_ms bigint NOT NULL
 );
 ",
+    // 2: changes announced to the replicas (see the module documentation).
+    r"
+CREATE FUNCTION exchange_announce_delivery() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.state = 'pending' AND NEW.claimed_by IS NULL
+       AND (TG_OP = 'INSERT' OR OLD.claimed_by IS NOT NULL)
+       AND NEW.next_attempt_ms <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint THEN
+        PERFORM pg_notify('exchange_changes', 'w');
+    END IF;
+    IF TG_OP = 'UPDATE' AND (NEW.state <> OLD.state OR NEW.attempts <> OLD.attempts) THEN
+        PERFORM pg_notify('exchange_changes', 'm' || encode(NEW.message_id, 'hex'));
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER deliveries_announce AFTER INSERT OR UPDATE ON deliveries
+    FOR EACH ROW EXECUTE FUNCTION exchange_announce_delivery();
+
+CREATE FUNCTION exchange_announce_receipt() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('exchange_changes', 'm' || encode(NEW.message_id, 'hex'));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER receipts_announce AFTER INSERT ON receipts
+    FOR EACH ROW EXECUTE FUNCTION exchange_announce_receipt();
+",
 ];
+
+/// The channel on which the schema's triggers announce changes.
+pub(super) const CHANGES_CHANNEL: &str = "exchange_changes";
 
 /// The newest schema version this build knows (and writes).
 pub fn supported_schema_version() -> u32 {
