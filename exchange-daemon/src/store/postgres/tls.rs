@@ -53,8 +53,15 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream}
 use crate::error::{DbTlsError, StoreError};
 
 /// TLS files for the connections to PostgreSQL (`[store] ca`, `cert`,
-/// `key`); see the module documentation for how they combine with the
-/// URL's `sslmode`.
+/// `key`; the URL's libpq `sslrootcert`, `sslcert`, `sslkey` say the same,
+/// and naming a file in both places is refused).
+///
+/// With a CA, every connection is TLS and the server's chain and host name
+/// are verified against it (`sslmode=disable` is then refused). Without
+/// one, connections are plain text, and only to this machine (loopback,
+/// Unix socket) unless the URL says `sslmode=disable`; `sslmode=require`,
+/// `verify-ca` or `verify-full` without a CA is refused. There is no
+/// fallback from TLS to plain text and no unverified TLS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PgTls {
     /// PEM file of the CA certificates the server's certificate must chain
