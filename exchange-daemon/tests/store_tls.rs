@@ -412,3 +412,46 @@ fn unusable_tls_settings_are_configuration_errors() {
     // The default for this machine stays plain and needs no CA.
     config_with_store(d, "url = \"postgres://127.0.0.1/x\"").unwrap();
 }
+
+/// `exchanged` with `[store] ca`: the daemon keeps its store over TLS
+/// (every connection it holds, the first start's read of the store for
+/// its pseudonym key included), and with a CA that did not issue the
+/// server's certificate it does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_a_store_ca_connects_over_tls_only() {
+    let pg = TlsCluster::start();
+    pg.create_db("tls_daemon", "postgres");
+    let net = common::Net::new();
+    let party = net.party("clinic", "urn:test:clinic");
+    let url = pg.url("postgres", "tls_daemon", "");
+
+    net.configure(
+        &party,
+        &[],
+        &[],
+        &format!(
+            "\n[store]\nurl = \"{url}\"\nca = \"{}\"\n",
+            pg.other_ca().display()
+        ),
+    );
+    match exchange_daemon::Daemon::start(party.config()).await {
+        Err(Error::Store(StoreError::DatabaseTls(DbTlsError::UntrustedServer(_)))) => {}
+        Err(e) => panic!("expected an untrusted server, got {e}"),
+        Ok(_) => panic!("the daemon started with a CA that did not issue the server's certificate"),
+    }
+
+    net.configure(
+        &party,
+        &[],
+        &[],
+        &format!(
+            "\n[store]\nurl = \"{url}\"\nca = \"{}\"\n",
+            pg.ca().display()
+        ),
+    );
+    let daemon = common::start(&party).await;
+    let (tls, plain) = pg.connections("tls_daemon");
+    assert!(tls >= 1, "no TLS connection from the daemon");
+    assert_eq!(plain, 0);
+    daemon.shutdown().await;
+}
