@@ -72,6 +72,9 @@ pub(crate) struct VerifyStoreArgs {
     /// are read there, read-only, in one transaction. A password in the
     /// URL is visible to other local users (in the process list):
     /// prefer peer authentication over a Unix socket (host=/run/postgresql).
+    /// TLS as libpq takes it, in the URL: `sslmode=verify-full&sslrootcert=CA.pem`
+    /// (and `sslcert`, `sslkey` for a client certificate); without a CA,
+    /// only a database on this machine is reached in plain text.
     #[arg(long, value_name = "URL", conflicts_with = "config")]
     store: Option<String>,
     /// CA certificate (trust anchor); repeat for several.

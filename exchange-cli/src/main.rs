@@ -189,6 +189,9 @@ enum Command {
         /// are read there, read-only, in one transaction. A password in the
         /// URL is visible to other local users (in the process list):
         /// prefer peer authentication over a Unix socket (host=/run/postgresql).
+        /// TLS as libpq takes it, in the URL: `sslmode=verify-full&sslrootcert=CA.pem`
+        /// (and `sslcert`, `sslkey` for a client certificate); without a CA,
+        /// only a database on this machine is reached in plain text.
         #[arg(long, value_name = "URL")]
         store: Option<String>,
         /// The patient identifier, [SYSTEM|]VALUE as given to `exchange send --subject`.
@@ -351,6 +354,9 @@ enum AuditCommand {
         /// are read there, read-only, in one transaction. A password in the
         /// URL is visible to other local users (in the process list):
         /// prefer peer authentication over a Unix socket (host=/run/postgresql).
+        /// TLS as libpq takes it, in the URL: `sslmode=verify-full&sslrootcert=CA.pem`
+        /// (and `sslcert`, `sslkey` for a client certificate); without a CA,
+        /// only a database on this machine is reached in plain text.
         #[arg(long, value_name = "URL", conflicts_with = "data")]
         store: Option<String>,
         /// Only entries at or after this time (RFC 3339).

@@ -76,6 +76,17 @@ pub struct StoreConfig {
     /// Most connections this daemon opens to PostgreSQL (default 16).
     #[serde(default = "default_store_connections")]
     pub max_connections: usize,
+    /// PEM file of the CA that issued the PostgreSQL server's certificate.
+    /// Set: every connection to the database is TLS, the server's chain and
+    /// host name verified against it. Unset: plain connections, allowed
+    /// only to this machine (loopback, Unix socket) unless the URL says
+    /// `sslmode=disable` (see docs/operations.md §3.1).
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) presented to the server, for
+    /// PostgreSQL `cert` authentication; goes with `key` and needs `ca`.
+    pub cert: Option<PathBuf>,
+    /// PKCS#8 PEM private key of `cert`.
+    pub key: Option<PathBuf>,
 }
 
 fn default_store_connections() -> usize {
@@ -88,6 +99,9 @@ impl std::fmt::Debug for StoreConfig {
         f.debug_struct("StoreConfig")
             .field("url", &self.url.as_ref().map(|_| "(set)"))
             .field("max_connections", &self.max_connections)
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
             .finish()
     }
 }
@@ -685,6 +699,7 @@ impl Config {
                 self.log
             )));
         }
+        self.check_store()?;
         let d = &self.delivery;
         if d.max_lifetime_seconds == 0 || d.default_lifetime_seconds > d.max_lifetime_seconds {
             return Err(Error::Config(format!(
@@ -742,6 +757,31 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `[store]`: TLS settings only with a URL, and the URL and TLS settings
+    /// usable together (the CA and client files are read here, so a missing
+    /// one is a configuration error, not a failure at the first connection).
+    fn check_store(&self) -> Result<(), Error> {
+        let s = &self.store;
+        match &s.url {
+            None if s.ca.is_some() || s.cert.is_some() || s.key.is_some() => Err(Error::Config(
+                "[store] ca, cert and key are for a PostgreSQL store: set [store] url too".into(),
+            )),
+            None => Ok(()),
+            Some(url) => crate::store::postgres::check_tls(url, &self.store_tls())
+                .map_err(|e| Error::Config(format!("[store]: {e}"))),
+        }
+    }
+
+    /// The `[store]` TLS files, resolved against the file's directory.
+    pub fn store_tls(&self) -> crate::store::postgres::PgTls {
+        let s = &self.store;
+        crate::store::postgres::PgTls {
+            ca: s.ca.as_deref().map(|p| self.path(p)),
+            cert: s.cert.as_deref().map(|p| self.path(p)),
+            key: s.key.as_deref().map(|p| self.path(p)),
+        }
     }
 
     /// Anchor and CRL files of local client certificates, when they differ

@@ -315,6 +315,49 @@ pub enum StoreError {
         /// The missing file.
         path: PathBuf,
     },
+    /// TLS to the PostgreSQL server: settings that cannot be used, or a
+    /// server that could not be verified.
+    #[error("TLS to the database: {0}")]
+    DatabaseTls(#[from] DbTlsError),
+}
+
+/// Why TLS to the PostgreSQL server was refused (the kinds of
+/// [`StoreError::DatabaseTls`]). Every one fails closed: no statement is
+/// sent over a connection that did not pass.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbTlsError {
+    /// The settings contradict each other or leave the connection
+    /// unprotected without saying so (a database on another host with no CA
+    /// and no `sslmode=disable`, `sslmode=require` without a CA, ...).
+    #[error("{0}")]
+    Settings(String),
+    /// A CA, certificate or key file is unreadable or holds nothing usable.
+    #[error("{}: {problem}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The server's certificate does not chain to the configured CA, or the
+    /// chain is expired, not yet valid or otherwise invalid.
+    #[error("the server's certificate is not trusted: {0}")]
+    UntrustedServer(String),
+    /// The server's certificate is valid, but not for the host name (or
+    /// address) the store connects to.
+    #[error("the server's certificate is not valid for {host:?}: {detail}")]
+    WrongServerName {
+        /// The host the store connected to.
+        host: String,
+        /// What the certificate names instead.
+        detail: String,
+    },
+    /// The handshake failed otherwise (an alert from the server, for
+    /// example because it refused the client certificate; no common
+    /// protocol version; the connection dropped).
+    #[error("the TLS handshake failed: {0}")]
+    Handshake(String),
 }
 
 impl Error {

@@ -45,6 +45,6 @@ pub mod tls;
 
 pub use clock::{from_unix_ms, unix_ms};
 pub use config::Config;
-pub use error::{Error, StoreError};
+pub use error::{DbTlsError, Error, StoreError};
 pub use node::{Node, free_disk_bytes};
 pub use server::Daemon;

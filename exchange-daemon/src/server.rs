@@ -214,6 +214,7 @@ impl Daemon {
             Some(url) => Arc::new(
                 PgStore::open(PgOptions {
                     url: url.clone(),
+                    tls: config.store_tls(),
                     node_name: config.delivery.node_name.clone(),
                     max_connections: config.store.max_connections,
                     spool_dir: dir.join("spool"),

@@ -141,7 +141,7 @@ impl TlsIdentity {
         })
     }
 
-    fn resolver(&self) -> Arc<SingleCertAndKey> {
+    pub(crate) fn resolver(&self) -> Arc<SingleCertAndKey> {
         Arc::new(SingleCertAndKey::from(self.certified.clone()))
     }
 }

@@ -46,6 +46,7 @@ async fn postgres() -> Under {
     let db = TestDb::new();
     let store = PgStore::open(PgOptions {
         url: db.url(),
+        tls: Default::default(),
         node_name: "a".into(),
         max_connections: 4,
         spool_dir: dir.path().join("spool"),

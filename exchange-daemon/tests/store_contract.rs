@@ -42,6 +42,7 @@ async fn sqlite() -> Under {
 async fn replica(db: &TestDb, node: &str, dir: &std::path::Path) -> Result<PgStore, StoreError> {
     PgStore::open(PgOptions {
         url: db.url(),
+        tls: Default::default(),
         node_name: node.into(),
         max_connections: 8,
         spool_dir: dir.join(format!("spool-{node}")),

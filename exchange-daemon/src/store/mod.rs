@@ -879,16 +879,18 @@ pub enum StoreLocation {
     /// The SQLite store in this data directory.
     Dir(PathBuf),
     /// The PostgreSQL store at this URL (`postgres://user@host:port/database`
-    /// or the key=value form).
+    /// or the key=value form). TLS as its libpq parameters say (`sslmode`,
+    /// `sslrootcert`, `sslcert`, `sslkey`; see [`postgres::PgTls`]).
     Url(String),
 }
 
 impl StoreLocation {
     /// Where the daemon configured by `config` keeps its store: its
-    /// `[store] url` if set, else its data directory.
+    /// `[store] url` if set (with the `[store]` TLS files as the URL's
+    /// libpq parameters), else its data directory.
     pub fn of_config(config: &crate::config::Config) -> Self {
         match &config.store.url {
-            Some(url) => Self::Url(url.clone()),
+            Some(url) => Self::Url(postgres::url_with_files(url, &config.store_tls())),
             None => Self::Dir(config.path(&config.data_dir)),
         }
     }

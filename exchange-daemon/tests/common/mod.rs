@@ -32,6 +32,7 @@ use tonic::transport::Channel;
 
 pub mod openssl_pki;
 pub mod pg;
+pub mod pg_tls;
 pub mod replicas;
 
 pub const CLINIC: &str = "urn:jp:mhlw:facility:1310000013";

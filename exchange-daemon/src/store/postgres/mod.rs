@@ -44,6 +44,7 @@ mod purge;
 mod rows;
 pub mod schema;
 mod snapshot;
+mod tls;
 mod write;
 
 use std::collections::HashMap;
@@ -53,7 +54,6 @@ use std::sync::Arc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use exchange_core::audit::{AuditEntry, Pseudonym};
 use exchange_core::{MessageId, PartyUri};
-use tokio_postgres::NoTls;
 
 use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, DeliveryRecord, MessageKey, MessageKind,
@@ -76,6 +76,8 @@ use write::{
 pub use blobs::CHUNK;
 pub use schema::{MIGRATIONS, supported_schema_version};
 pub use snapshot::{PAGE as SNAPSHOT_PAGE, PgSnapshot, redacted_url};
+pub use tls::PgTls;
+pub(crate) use tls::{check as check_tls, url_with_files};
 
 /// A transaction on a pooled connection: every statement runs in one.
 pub(crate) type Conn<'a> = deadpool_postgres::Transaction<'a>;
@@ -120,6 +122,8 @@ pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 pub struct PgOptions {
     /// `postgres://user@host:port/database` (or key=value form).
     pub url: String,
+    /// TLS to the database (with the URL's `sslmode`; see [`PgTls`]).
+    pub tls: PgTls,
     /// This replica's name (unique among the running replicas).
     pub node_name: String,
     /// Most pooled connections.
@@ -132,6 +136,7 @@ impl std::fmt::Debug for PgOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password: it is never printed.
         f.debug_struct("PgOptions")
+            .field("tls", &self.tls)
             .field("node_name", &self.node_name)
             .field("max_connections", &self.max_connections)
             .field("spool_dir", &self.spool_dir)
@@ -166,10 +171,11 @@ impl Drop for PgStore {
     }
 }
 
-/// Opens a plain connection and drives it in a task of its own, which
-/// passes the changes announced on it to `changes`.
+/// Opens a connection (TLS as `tls::prepare` decided) and drives it in a
+/// task of its own, which passes the changes announced on it to `changes`.
 async fn connect(
     config: &tokio_postgres::Config,
+    connector: &tls::MakeRustls,
     changes: tokio::sync::broadcast::Sender<StoreChange>,
 ) -> Result<
     (
@@ -178,7 +184,10 @@ async fn connect(
     ),
     StoreError,
 > {
-    let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
+    let (client, connection) = config
+        .connect(connector.clone())
+        .await
+        .map_err(tls::connect_error)?;
     let task = tokio::spawn(drive(connection, changes));
     Ok((client, task))
 }
@@ -228,15 +237,16 @@ impl PgStore {
     /// Connects, migrates the schema, takes this replica's name (refused if
     /// another running replica holds it) and opens the pool.
     pub async fn open(options: PgOptions) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = options
-            .url
-            .parse()
-            .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
+        let tls::Prepared {
+            config,
+            tls: connector,
+            ..
+        } = tls::prepare(&options.url, &options.tls)?;
         let spool = &options.spool_dir;
         std::fs::create_dir_all(spool).map_err(|e| io_err("create", spool, e))?;
         clear_spool(&options.spool_dir)?;
         let (changes, _) = tokio::sync::broadcast::channel(CHANGES_BUFFER);
-        let (mut client, connection) = connect(&config, changes.clone()).await?;
+        let (mut client, connection) = connect(&config, &connector, changes.clone()).await?;
         schema::migrate(&mut client).await?;
         let name = options.node_name.clone();
         let id: i32 = client
@@ -289,7 +299,7 @@ impl PgStore {
         });
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -27,11 +27,12 @@ use std::sync::mpsc;
 
 use exchange_core::audit::Pseudonym;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{Client, Row, Statement};
 
 use super::pg_error;
 use super::rows::{col, digest, message_id, party, to_u64};
 use super::schema::supported_schema_version;
+use super::tls::{self, PgTls};
 use crate::error::StoreError;
 use crate::store::{
     CiphertextChunk, NamedBlob, ProvisionDirection, ProvisionRecord, RawAuditEntry, RawCheckpoint,
@@ -152,10 +153,14 @@ fn gone() -> StoreError {
 impl PgSnapshot {
     /// Connects to the store at `url` and checks its schema version (see
     /// [`crate::store::open_read_only`]), then opens the read transaction.
+    /// TLS is as the URL's libpq parameters (`sslmode`, `sslrootcert`,
+    /// `sslcert`, `sslkey`) say, decided as for the daemon (see [`PgTls`]).
     pub fn open(url: &str, schema: SchemaNeed) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Invalid(format!("store url: {e}")))?;
+        let tls::Prepared {
+            mut config,
+            tls: connector,
+            ..
+        } = tls::prepare(url, &PgTls::default())?;
         if config.get_connect_timeout().is_none() {
             // A tool should say the server is unreachable, not hang.
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -175,14 +180,14 @@ impl PgSnapshot {
                         return;
                     }
                 };
-                let connected = runtime.block_on(config.connect(NoTls));
+                let connected = runtime.block_on(config.connect(connector));
                 let client = match connected {
                     Ok((client, connection)) => {
                         runtime.spawn(connection);
                         client
                     }
                     Err(e) => {
-                        let _ = opened_tx.send(Err(pg_error(e)));
+                        let _ = opened_tx.send(Err(tls::connect_error(e)));
                         return;
                     }
                 };
