@@ -376,3 +376,65 @@ async fn a_receipt_taken_by_one_replica_wakes_a_status_watch_on_another() {
     );
     assert_eq!(processed_on_the_other, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_the_connection_holding_its_name_stops_and_starts_again() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:jp:example:app:emr-01");
+    let db = TestDb::new();
+    let clinics = replicas_of(&net, &clinic, 2);
+    let mut procs = Vec::new();
+    for (r, p) in clinics.iter().enumerate() {
+        net.configure(
+            p,
+            &[&hospital],
+            &[&emr],
+            &replica_settings(&format!("clinic-{r}"), &db, ""),
+        );
+        procs.push(Exchanged::new(p.clone(), emr.clone()));
+    }
+    for p in &mut procs {
+        p.spawn(None);
+        p.wait_ready(&net).await;
+    }
+    // The database ends the session holding clinic-0's name (as an
+    // administrator, a failover or a network cut would).
+    let holders: Vec<i32> = query(
+        &db.url(),
+        "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() \
+         AND l.objid = (SELECT id FROM nodes WHERE name = 'clinic-0')",
+        |r| r.get(0),
+    );
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let ended = count(
+        &db.url(),
+        &format!(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend({})) t",
+            holders[0]
+        ),
+    );
+    assert_eq!(ended, 1);
+    // It stops, non-zero, for its supervisor to start it again; the other
+    // replica serves on.
+    let status = procs[0]
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("still running:\n{}", procs[0].stderr()));
+    assert!(!status.success(), "{status}");
+    let log = procs[0].stderr();
+    assert!(
+        log.contains("lost the database connection that holds this replica's name"),
+        "{log}"
+    );
+    let mut other = client_of(&net, &clinics[1], &emr);
+    other
+        .list_inbox(exchange_daemon::proto::ListInboxRequest::default())
+        .await
+        .unwrap();
+    // Started again, it takes its name back and serves.
+    procs[0].spawn(None);
+    procs[0].wait_ready(&net).await;
+}

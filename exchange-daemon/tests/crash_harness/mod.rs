@@ -189,6 +189,23 @@ impl Exchanged {
         false
     }
 
+    /// Waits up to `limit` for the process to exit on its own: its exit
+    /// status, or `None` (then it is killed).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return None;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
     }
