@@ -391,6 +391,14 @@ pub(super) async fn append_audits(conn: &Conn<'_>, audits: Audits) -> Result<(),
     if audits.is_empty() {
         return Ok(());
     }
+    // Everything that does not need the head is done before taking it: the
+    // lock is held from here through the commit, so what it covers is kept
+    // to two pipelined statements.
+    let mut entries = Vec::with_capacity(audits.len());
+    for (mut entry, about) in audits {
+        fill_subjects(conn, &mut entry, about.as_ref()).await?;
+        entries.push(entry);
+    }
     let head = query_map(
         conn,
         &format!("SELECT next_seq, last_ms, {DB_NOW_MS} FROM audit_head WHERE id = 1 FOR UPDATE"),
@@ -398,36 +406,47 @@ pub(super) async fn append_audits(conn: &Conn<'_>, audits: Audits) -> Result<(),
         |r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?, col::<i64>(r, 2)?)),
     )
     .await?;
-    let Some(&(mut next, last_ms, now)) = head.first() else {
+    let Some(&(first, last_ms, now)) = head.first() else {
         return Err(StoreError::Corrupt("the audit head row is missing".into()));
     };
     let time_ms = now.max(last_ms);
-    let insert = conn
-        .prepare_cached(
-            "INSERT INTO audit_log (seq, time_ms, entry, leaf_hash) VALUES ($1, $2, $3, $4)",
-        )
-        .await
-        .map_err(pg_error)?;
-    for (mut entry, about) in audits {
+    let (mut seqs, mut jsons, mut leaves) = (Vec::new(), Vec::new(), Vec::new());
+    let mut next = first;
+    for mut entry in entries {
         entry.seq = to_u64(next, "audit seq")?;
         entry.time_ms = to_u64(time_ms, "audit time")?;
-        fill_subjects(conn, &mut entry, about.as_ref()).await?;
         entry
             .validate()
             .map_err(|e| StoreError::Invalid(format!("audit entry {}: {e}", entry.seq)))?;
         let json = entry.to_canonical_json();
-        let leaf = exchange_core::suite::merkle_leaf_hash(&json);
-        conn.execute(&insert, &[&next, &time_ms, &json, &leaf.as_slice()])
-            .await
-            .map_err(pg_error)?;
+        leaves.push(exchange_core::suite::merkle_leaf_hash(&json).to_vec());
+        jsons.push(json);
+        seqs.push(next);
         next += 1;
     }
-    conn.execute(
+    let entry_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&seqs, &time_ms, &jsons, &leaves];
+    let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&next, &time_ms];
+    let insert = conn.execute(
+        "INSERT INTO audit_log (seq, time_ms, entry, leaf_hash) \
+         SELECT seq, $2, entry, leaf FROM unnest($1::bigint[], $3::bytea[], $4::bytea[]) \
+         AS e (seq, entry, leaf)",
+        &entry_params,
+    );
+    let head = conn.execute(
         "UPDATE audit_head SET next_seq = $1, last_ms = $2 WHERE id = 1",
-        &[&next, &time_ms],
-    )
-    .await
-    .map_err(pg_error)?;
+        &head_params,
+    );
+    // Sent together: the connection pipelines them.
+    let (inserted, _) = futures_util::future::try_join(insert, head)
+        .await
+        .map_err(pg_error)?;
+    if inserted != seqs.len() as u64 {
+        return Err(StoreError::Corrupt(format!(
+            "{inserted} of {} audit entries written",
+            seqs.len()
+        )));
+    }
     Ok(())
 }
 
