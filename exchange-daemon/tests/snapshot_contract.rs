@@ -10,10 +10,11 @@ mod common;
 use std::io::Write;
 use std::sync::Arc;
 
+use common::fixtures::{audit_entry, relayed};
 use common::pg::{TestDb, execute};
-use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
-use exchange_core::suite::{merkle_leaf_hash, sha256};
-use exchange_core::{MessageId, PartyUri};
+use exchange_core::MessageId;
+use exchange_core::audit::AuditEntry;
+use exchange_core::suite::merkle_leaf_hash;
 use exchange_daemon::StoreError;
 use exchange_daemon::store::postgres::{CHUNK, PgOptions, PgStore, SNAPSHOT_PAGE};
 use exchange_daemon::store::sqlite::SqliteStore;
@@ -61,10 +62,6 @@ async fn postgres() -> Under {
     }
 }
 
-fn uri(s: &str) -> PartyUri {
-    PartyUri::new(s).unwrap()
-}
-
 fn mid(n: u32) -> MessageId {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&n.to_be_bytes());
@@ -74,44 +71,17 @@ fn mid(n: u32) -> MessageId {
 
 fn envelope(id: MessageId, ciphertext: Ciphertext, len: u64, received_ms: u64) -> NewEnvelope {
     NewEnvelope {
-        id,
-        header_sha256: sha256(id.as_bytes()),
         kind: MessageKind::Inbound,
-        head: b"head bytes".to_vec(),
-        ciphertext,
-        ciphertext_len: len,
-        sender: uri("urn:test:sender"),
-        upstream: Some(uri("urn:test:upstream")),
-        local_client: None,
-        content_type: "application/fhir+json".into(),
-        purpose: "treatment".into(),
-        created_ms: 1_000,
-        expires_ms: 9_000_000,
         received_ms,
         our_receipt: None,
         deliveries: Vec::new(),
-        awaited: Vec::new(),
-        meta: None,
-        provision: None,
         audit: Vec::new(),
-        send_key: None,
+        ..relayed(id, "urn:test:sender", ciphertext, len)
     }
 }
 
 fn entry(n: usize) -> AuditEntry {
-    AuditEntry {
-        seq: 0,
-        time_ms: 0,
-        party: "urn:test:us".into(),
-        actor: "admin".into(),
-        action: AuditAction::Receipt,
-        message_id: None,
-        subjects: Vec::new(),
-        outcome: AuditOutcome::Ok,
-        reason: None,
-        detail: Some(format!("entry {n}")),
-        subject_set: None,
-    }
+    audit_entry("admin", format!("entry {n}"))
 }
 
 fn page() -> usize {

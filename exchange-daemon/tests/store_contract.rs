@@ -10,10 +10,11 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+use common::fixtures::{audit_entry, relayed, uri};
 use common::pg::{TestDb, count, execute};
-use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
-use exchange_core::suite::{merkle_leaf_hash, sha256};
-use exchange_core::{MessageId, PartyUri};
+use exchange_core::MessageId;
+use exchange_core::audit::AuditEntry;
+use exchange_core::suite::merkle_leaf_hash;
 use exchange_daemon::StoreError;
 use exchange_daemon::store::postgres::{CHUNK, MIGRATIONS, PgOptions, PgStore};
 use exchange_daemon::store::sqlite::SqliteStore;
@@ -61,10 +62,6 @@ async fn postgres() -> Under {
     }
 }
 
-fn uri(s: &str) -> PartyUri {
-    PartyUri::new(s).unwrap()
-}
-
 fn mid(n: u32) -> MessageId {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&n.to_be_bytes());
@@ -72,56 +69,14 @@ fn mid(n: u32) -> MessageId {
     MessageId::from_bytes(b)
 }
 
-fn envelope(id: MessageId, sender: &str, ciphertext: Ciphertext, len: u64) -> NewEnvelope {
-    NewEnvelope {
-        id,
-        header_sha256: sha256(id.as_bytes()),
-        kind: MessageKind::Relay,
-        head: b"head bytes".to_vec(),
-        ciphertext,
-        ciphertext_len: len,
-        sender: uri(sender),
-        upstream: Some(uri("urn:test:upstream")),
-        local_client: None,
-        content_type: "application/fhir+json".into(),
-        purpose: "treatment".into(),
-        created_ms: 1_000,
-        expires_ms: 9_000_000,
-        received_ms: 2_000,
-        our_receipt: Some(b"our receipt".to_vec()),
-        deliveries: vec![NewDelivery {
-            target: uri("urn:test:next"),
-            kind: DeliveryKind::Envelope,
-            expires_ms: 9_000_000,
-        }],
-        awaited: Vec::new(),
-        meta: None,
-        provision: None,
-        audit: vec![entry(&format!("accepted {id}"))],
-        send_key: None,
-    }
+fn entry(detail: &str) -> AuditEntry {
+    audit_entry("daemon", detail.into())
 }
 
 fn inline(id: MessageId, sender: &str) -> NewEnvelope {
     let ct = format!("ciphertext of {id} from {sender}").into_bytes();
     let len = ct.len() as u64;
-    envelope(id, sender, Ciphertext::Inline(ct), len)
-}
-
-fn entry(detail: &str) -> AuditEntry {
-    AuditEntry {
-        seq: 0,
-        time_ms: 0,
-        party: "urn:test:us".into(),
-        actor: "daemon".into(),
-        action: AuditAction::Receipt,
-        message_id: None,
-        subjects: Vec::new(),
-        outcome: AuditOutcome::Ok,
-        reason: None,
-        detail: Some(detail.into()),
-        subject_set: None,
-    }
+    relayed(id, sender, Ciphertext::Inline(ct), len)
 }
 
 fn receipt(issuer: &str, signed: &[u8], forward: bool) -> NewReceipt {
@@ -250,7 +205,7 @@ async fn a_large_ciphertext_round_trips_and_a_wrong_length_stores_nothing(u: Und
     for (n, len) in sizes.iter().enumerate() {
         let data = pattern(*len);
         let id = mid(10 + n as u32);
-        let e = envelope(id, "urn:test:a", spooled(s, &data), *len as u64);
+        let e = relayed(id, "urn:test:a", spooled(s, &data), *len as u64);
         assert_eq!(s.accept(e).await.unwrap(), Accepted::Stored, "{len}");
         let key = s.find(uri("urn:test:a"), id).await.unwrap().unwrap().key;
         assert!(
@@ -264,7 +219,7 @@ async fn a_large_ciphertext_round_trips_and_a_wrong_length_stores_nothing(u: Und
         .enumerate()
     {
         let id = mid(20 + n as u32);
-        let e = envelope(
+        let e = relayed(
             id,
             "urn:test:a",
             spooled(s, &pattern(actual)),

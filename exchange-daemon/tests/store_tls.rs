@@ -9,70 +9,32 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::fixtures::{audit_entry, relayed};
 use common::pg_tls::{CERT_USER, TlsCluster};
-use exchange_core::audit::{AuditAction, AuditEntry, AuditOutcome};
-use exchange_core::suite::sha256;
-use exchange_core::{MessageId, PartyUri};
+use exchange_core::MessageId;
+use exchange_core::audit::AuditEntry;
 use exchange_daemon::store::postgres::{PgOptions, PgStore, PgTls};
 use exchange_daemon::store::{
-    Accepted, Ciphertext, DeliveryKind, MessageKind, NewDelivery, NewEnvelope, SchemaNeed, Store,
-    StoreLocation, open_read_only,
+    Accepted, Ciphertext, NewEnvelope, SchemaNeed, Store, StoreLocation, open_read_only,
 };
 use exchange_daemon::{Config, DbTlsError, Error, StoreError};
 
 /// A refusal must come at once, not after a connect timeout.
 const PROMPTLY: Duration = Duration::from_secs(20);
 
-fn uri(s: &str) -> PartyUri {
-    PartyUri::new(s).unwrap()
-}
-
 fn entry(detail: &str) -> AuditEntry {
-    AuditEntry {
-        seq: 0,
-        time_ms: 0,
-        party: "urn:test:us".into(),
-        actor: "daemon".into(),
-        action: AuditAction::Receipt,
-        message_id: None,
-        subjects: Vec::new(),
-        outcome: AuditOutcome::Ok,
-        reason: None,
-        detail: Some(detail.into()),
-        subject_set: None,
-    }
+    audit_entry("daemon", detail.into())
 }
 
 fn envelope(n: u8) -> NewEnvelope {
-    let id = MessageId::from_bytes([n; 16]);
     let ciphertext = format!("ciphertext {n} that crossed TLS").into_bytes();
-    NewEnvelope {
-        id,
-        header_sha256: sha256(id.as_bytes()),
-        kind: MessageKind::Relay,
-        head: b"head bytes".to_vec(),
-        ciphertext_len: ciphertext.len() as u64,
-        ciphertext: Ciphertext::Inline(ciphertext),
-        sender: uri("urn:test:sender"),
-        upstream: Some(uri("urn:test:upstream")),
-        local_client: None,
-        content_type: "application/fhir+json".into(),
-        purpose: "treatment".into(),
-        created_ms: 1_000,
-        expires_ms: 9_000_000,
-        received_ms: 2_000,
-        our_receipt: Some(b"our receipt".to_vec()),
-        deliveries: vec![NewDelivery {
-            target: uri("urn:test:next"),
-            kind: DeliveryKind::Envelope,
-            expires_ms: 9_000_000,
-        }],
-        awaited: Vec::new(),
-        meta: None,
-        provision: None,
-        audit: vec![entry(&format!("accepted {id}"))],
-        send_key: None,
-    }
+    let len = ciphertext.len() as u64;
+    relayed(
+        MessageId::from_bytes([n; 16]),
+        "urn:test:sender",
+        Ciphertext::Inline(ciphertext),
+        len,
+    )
 }
 
 fn ca_only(ca: &Path) -> PgTls {

@@ -30,6 +30,7 @@ use exchange_daemon::tls::{self, TlsIdentity};
 use exchange_daemon::{Config, Daemon};
 use tonic::transport::Channel;
 
+pub mod fixtures;
 pub mod openssl_pki;
 pub mod pg;
 pub mod pg_tls;
