@@ -276,7 +276,7 @@ CREATE TRIGGER receipts_announce AFTER INSERT ON receipts
 ];
 
 /// The channel on which the schema's triggers announce changes.
-pub(super) const CHANGES_CHANNEL: &str = "exchange_changes";
+pub const CHANGES_CHANNEL: &str = "exchange_changes";
 
 /// The newest schema version this build knows (and writes).
 pub fn supported_schema_version() -> u32 {
