@@ -1,10 +1,12 @@
 //! A daemon whose store can no longer write: health turns NOT_SERVING on
 //! both listeners and the daemon reports that it failed (the `exchanged`
 //! binary then stops and exits non-zero). The store is the real SQLite
-//! store behind a wrapper that can announce the writer's death.
+//! store behind a wrapper that can announce the writer's death; and an
+//! `exchanged` process whose real writer thread dies.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
+mod crash_harness;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -218,4 +220,49 @@ async fn a_store_that_cannot_write_turns_health_not_serving_and_fails_the_daemon
         assert_eq!(r.status, ServingStatus::NotServing as i32, "{name}");
     }
     h.shutdown().await;
+}
+
+/// The writer thread itself dies (a panic between two commits, where no
+/// single operation can take the blame): the `exchanged` process stops,
+/// exits non-zero for its supervisor, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanged_exits_non_zero_when_its_store_writer_dies() {
+    let net = Net::new();
+    let clinic = net.party("clinic", CLINIC);
+    let hospital = net.party("hospital", HOSPITAL);
+    let emr = net.client("emr", "urn:jp:example:app:emr-01");
+    net.configure(&clinic, &[&hospital], &[&emr], "");
+    let mut daemon = crash_harness::Exchanged::new(clinic.clone(), emr.clone());
+    // The writer panics after its 40th commit: after the start's few, on
+    // one of the Sends below.
+    daemon.spawn(Some(
+        "store::after-commit=40*off->panic(the writer is gone)",
+    ));
+    daemon.wait_ready(&net).await;
+    let mut app = client_of(&net, &clinic, &emr);
+    let mut refused = None;
+    for i in 0..200 {
+        let sent = send(
+            &mut app,
+            referral_start(&[&hospital], &[], "treatment"),
+            format!("referral {i}").as_bytes(),
+        )
+        .await;
+        if let Err(e) = sent {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("the writer never died");
+    assert_ne!(refused.code(), tonic::Code::Ok);
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("exchanged kept running:\n{}", daemon.stderr()));
+    assert!(!status.success(), "{status}");
+    let log = daemon.stderr();
+    assert!(
+        log.contains("the store writer stopped") && log.contains("the writer is gone"),
+        "{log}"
+    );
 }
