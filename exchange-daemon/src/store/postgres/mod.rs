@@ -57,16 +57,16 @@ use exchange_core::{MessageId, PartyUri};
 
 use super::{
     Accepted, AttemptOutcome, AuditTail, Ciphertext, DeliveryRecord, MessageKey, MessageKind,
-    MessageRecord, NewCheckpoint, NewEnvelope, NewReceipt, ProvisionDirection, ProvisionRecord,
-    PurgePolicy, PurgeSummary, ReceiptRecord, SendKeyRecord, SpoolFile, Store, StoreChange,
-    StoreFuture, StoredCiphertext,
+    MessageRecord, NewCheckpoint, NewEnvelope, NewReceipt, ProvisionRecord, PurgePolicy,
+    PurgeSummary, ReceiptRecord, SendKeyRecord, SpoolFile, Store, StoreChange, StoreFuture,
+    StoredCiphertext,
 };
 use crate::error::StoreError;
 use crate::store::sqlite::{create_private, io_err};
 use rows::{
-    DB_NOW_MS, DELIVERY_COLUMNS, MESSAGE_COLUMNS, col, delivery_from_row, digest, find_message,
-    load_kind_acked, load_message, message_from_row, message_id, message_key, party, query_map,
-    to_i64, to_u64,
+    DB_NOW_MS, DELIVERY_COLUMNS, MESSAGE_COLUMNS, PROVISIONS_OF_SUBJECT, col, delivery_from_row,
+    digest, find_message, load_kind_acked, load_message, message_from_row, message_id, message_key,
+    party, provision_from_row, query_map, to_i64, to_u64,
 };
 use write::{
     Audits, ReceiptRow, append_audits, check_envelope, insert_message_rest, insert_message_row,
@@ -1084,50 +1084,13 @@ async fn provisions_for(
     tx: &Conn<'_>,
     subject: &Pseudonym,
 ) -> Result<Vec<ProvisionRecord>, StoreError> {
-    let rows = query_map(
+    query_map(
         tx,
-        "SELECT p.id, p.direction, p.wire_id, p.time_ms, p.counterparty, p.counterparty_name, \
-         p.recipient, p.role, p.document_type, p.title, p.purpose, p.content_type, p.receipt \
-         FROM provisions p JOIN provision_subjects s ON s.provision_id = p.id \
-         WHERE s.pseudonym = $1 ORDER BY p.time_ms, p.id",
+        PROVISIONS_OF_SUBJECT,
         &[&subject.as_bytes().as_slice()],
-        |r| {
-            let direction: String = col(r, 1)?;
-            Ok((
-                col::<i64>(r, 0)?,
-                ProvisionRecord {
-                    direction: ProvisionDirection::parse(&direction).ok_or_else(|| {
-                        StoreError::Corrupt(format!("provision direction {direction:?}"))
-                    })?,
-                    message_id: message_id(col::<&[u8]>(r, 2)?)?,
-                    time_ms: to_u64(col(r, 3)?, "provision time_ms")?,
-                    counterparty: party(col(r, 4)?, "provision counterparty")?,
-                    counterparty_name: col(r, 5)?,
-                    recipient: party(col(r, 6)?, "provision recipient")?,
-                    role: col(r, 7)?,
-                    document_type: col(r, 8)?,
-                    title: col(r, 9)?,
-                    purpose: col(r, 10)?,
-                    content_type: col(r, 11)?,
-                    receipt: col(r, 12)?,
-                    subjects: Vec::new(),
-                },
-            ))
-        },
+        provision_from_row,
     )
-    .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (id, mut record) in rows {
-        record.subjects = query_map(
-            tx,
-            "SELECT pseudonym FROM provision_subjects WHERE provision_id = $1 ORDER BY pseudonym",
-            &[&id],
-            |r| digest(col::<&[u8]>(r, 0)?, "pseudonym").map(Pseudonym::from_bytes),
-        )
-        .await?;
-        out.push(record);
-    }
-    Ok(out)
+    .await
 }
 
 /// The pool, for the accept task (which outlives its caller).

@@ -1,6 +1,7 @@
 //! Rows read back as records, and the checks of values on their way into
 //! and out of `bigint` columns.
 
+use exchange_core::audit::Pseudonym;
 use exchange_core::{MessageId, PartyUri};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -10,7 +11,7 @@ use crate::error::StoreError;
 pub(super) use crate::store::values::{message_id, message_key, party, to_i64, to_u64};
 use crate::store::{
     DeliveryKind, DeliveryRecord, DeliveryState, MessageKey, MessageKind, MessageRecord,
-    PurgedRecord,
+    ProvisionDirection, ProvisionRecord, PurgedRecord,
 };
 
 pub(super) const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphertext_len, sender, \
@@ -21,6 +22,40 @@ pub(super) const MESSAGE_COLUMNS: &str = "id, header_sha256, kind, head, ciphert
 pub(super) const DELIVERY_COLUMNS: &str = "d.id, d.message_id, d.target, d.kind, d.payload, \
      d.state, d.failure, d.attempts, d.next_attempt_ms, d.last_error, d.expires_ms, d.claim, \
      (SELECT m.wire_id FROM messages m WHERE m.id = d.message_id)";
+
+/// The provision records naming the pseudonym `$1`, oldest first, each with
+/// all its subjects (read by [`provision_from_row`]).
+pub(super) const PROVISIONS_OF_SUBJECT: &str = "SELECT p.direction, p.wire_id, p.time_ms, \
+     p.counterparty, p.counterparty_name, p.recipient, p.role, p.document_type, p.title, \
+     p.purpose, p.content_type, p.receipt, \
+     ARRAY(SELECT a.pseudonym FROM provision_subjects a \
+           WHERE a.provision_id = p.id ORDER BY a.pseudonym) \
+     FROM provisions p JOIN provision_subjects s ON s.provision_id = p.id \
+     WHERE s.pseudonym = $1 ORDER BY p.time_ms, p.id";
+
+/// A row of [`PROVISIONS_OF_SUBJECT`].
+pub(super) fn provision_from_row(r: &Row) -> Result<ProvisionRecord, StoreError> {
+    let direction: String = col(r, 0)?;
+    Ok(ProvisionRecord {
+        direction: ProvisionDirection::parse(&direction)
+            .ok_or_else(|| StoreError::Corrupt(format!("provision direction {direction:?}")))?,
+        message_id: message_id(col::<&[u8]>(r, 1)?)?,
+        time_ms: to_u64(col(r, 2)?, "provision time_ms")?,
+        counterparty: party(col(r, 3)?, "provision counterparty")?,
+        counterparty_name: col(r, 4)?,
+        recipient: party(col(r, 5)?, "provision recipient")?,
+        role: col(r, 6)?,
+        document_type: col(r, 7)?,
+        title: col(r, 8)?,
+        purpose: col(r, 9)?,
+        content_type: col(r, 10)?,
+        receipt: col(r, 11)?,
+        subjects: col::<Vec<&[u8]>>(r, 12)?
+            .into_iter()
+            .map(|p| digest(p, "pseudonym").map(Pseudonym::from_bytes))
+            .collect::<Result<_, _>>()?,
+    })
+}
 
 /// The database's clock in Unix milliseconds: leases are reckoned by it,
 /// so that replicas whose clocks differ agree on when a lease lapses.

@@ -30,13 +30,13 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::pg_error;
-use super::rows::{col, digest, message_id, party, to_u64};
+use super::rows::{PROVISIONS_OF_SUBJECT, col, provision_from_row, to_u64};
 use super::schema::supported_schema_version;
 use super::tls::{self, PgTls};
 use crate::error::StoreError;
 use crate::store::{
-    CiphertextChunk, NamedBlob, ProvisionDirection, ProvisionRecord, RawAuditEntry, RawCheckpoint,
-    RawMessage, RawProvision, RawReceipt, ReadOnlyStore, RowCounts, Rows, SchemaNeed, paged,
+    CiphertextChunk, NamedBlob, ProvisionRecord, RawAuditEntry, RawCheckpoint, RawMessage,
+    RawProvision, RawReceipt, ReadOnlyStore, RowCounts, Rows, SchemaNeed, paged,
 };
 
 /// Rows one page of a walk reads.
@@ -501,41 +501,10 @@ impl ReadOnlyStore for PgSnapshot {
     }
 
     fn provisions_for(&self, subject: &Pseudonym) -> Result<Vec<ProvisionRecord>, StoreError> {
-        self.query(
-            "SELECT p.id, p.direction, p.wire_id, p.time_ms, p.counterparty, \
-             p.counterparty_name, p.recipient, p.role, p.document_type, p.title, p.purpose, \
-             p.content_type, p.receipt, \
-             ARRAY(SELECT a.pseudonym FROM provision_subjects a \
-                   WHERE a.provision_id = p.id ORDER BY a.pseudonym) \
-             FROM provisions p JOIN provision_subjects s ON s.provision_id = p.id \
-             WHERE s.pseudonym = $1 ORDER BY p.time_ms, p.id",
-            vec![key_param(subject.as_bytes())],
-        )?
-        .iter()
-        .map(|r| {
-            let direction: String = col(r, 1)?;
-            Ok(ProvisionRecord {
-                direction: ProvisionDirection::parse(&direction).ok_or_else(|| {
-                    StoreError::Corrupt(format!("provision direction {direction:?}"))
-                })?,
-                message_id: message_id(col::<&[u8]>(r, 2)?)?,
-                time_ms: to_u64(col(r, 3)?, "provision time_ms")?,
-                counterparty: party(col(r, 4)?, "provision counterparty")?,
-                counterparty_name: col(r, 5)?,
-                recipient: party(col(r, 6)?, "provision recipient")?,
-                role: col(r, 7)?,
-                document_type: col(r, 8)?,
-                title: col(r, 9)?,
-                purpose: col(r, 10)?,
-                content_type: col(r, 11)?,
-                receipt: col(r, 12)?,
-                subjects: col::<Vec<&[u8]>>(r, 13)?
-                    .into_iter()
-                    .map(|p| digest(p, "pseudonym").map(Pseudonym::from_bytes))
-                    .collect::<Result<_, _>>()?,
-            })
-        })
-        .collect()
+        self.query(PROVISIONS_OF_SUBJECT, vec![key_param(subject.as_bytes())])?
+            .iter()
+            .map(provision_from_row)
+            .collect()
     }
 
     fn audit_len(&self) -> Result<Option<u64>, StoreError> {
